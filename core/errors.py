@@ -1,0 +1,19 @@
+"""Errors a user can cause and fix. The CLI prints them as one line, never as a traceback."""
+
+from __future__ import annotations
+
+
+class HyperlexError(Exception):
+    """Base class for errors caused by input or environment, shown to users as one line."""
+
+
+class ModelNotInstalled(HyperlexError):
+    """The requested base model is not available on this machine."""
+
+
+class UnknownPersona(HyperlexError):
+    def __init__(self, name: str, installed: list[str]):
+        self.name = name
+        self.installed = installed
+        listing = ", ".join(sorted(installed)) or "none"
+        super().__init__(f"unknown persona {name!r}; installed personas: {listing}")

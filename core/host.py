@@ -1,0 +1,277 @@
+"""The plugin host: discovers plugins through entry points, isolates their faults and owns policy.
+
+Each entry point is imported inside its own try/except, and each hook implementation is
+called on its own, so one broken plugin is reported (``agent plugins``) while the rest keep
+working. Name collisions and bundle validation are decided here, never in plugins.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+from hyperlex import hookspecs
+from hyperlex.errors import UnknownPersona
+from hyperlex.persona import BundleError, Persona
+
+ENTRY_POINT_GROUP = "hyperlex"
+LOAD_ENV = "HYPERLEX_LOAD_PLUGINS"
+HOST_DISTRIBUTION = "hyperlex"
+
+
+@dataclass
+class PluginRecord:
+    """What ``agent plugins`` shows for one plugin."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    module: str | None = None
+    builtin: bool = False
+    hooks: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class Registration:
+    """Something a plugin registered (a persona, encoder or router) and who registered it."""
+
+    name: str
+    value: Any
+    plugin: str
+
+
+class Host:
+    """Loads plugins and holds what they registered.
+
+    ``extra_plugins`` (name -> module or object) are registered in addition to entry points;
+    tests and embedding applications use it. ``entry_points=False`` skips discovery entirely.
+    """
+
+    def __init__(self, extra_plugins: dict[str, object] | None = None, entry_points: bool = True):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginRecord] = {}
+        self.problems: list[str] = []
+        self._personas: dict[str, Registration] | None = None
+        self._encoders: dict[str, Registration] | None = None
+        self._routers: dict[str, Registration] | None = None
+        if entry_points:
+            self._load_entry_points()
+        for name, plugin in (extra_plugins or {}).items():
+            self._register(plugin, PluginRecord(name=name, module=_module_name(plugin)))
+
+    # discovery -------------------------------------------------------------------------------
+
+    def _load_entry_points(self) -> None:
+        allowed = _allowed_plugins()
+        seen: set[str] = set()
+        for ep in sorted(
+            metadata.entry_points(group=ENTRY_POINT_GROUP),
+            key=lambda e: (not _is_builtin(e), e.name),
+        ):
+            dist = ep.dist.name if ep.dist else None
+            if (dist, ep.name) in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add((dist, ep.name))
+            builtin = _is_builtin(ep)
+            if not builtin and allowed is not None and not ({ep.name, dist} & allowed):
+                continue
+            name = ep.name if builtin or ep.name not in self.plugins else f"{dist}:{ep.name}"
+            record = PluginRecord(
+                name=name,
+                distribution=dist,
+                module=ep.value,
+                builtin=builtin,
+                version=ep.dist.version if ep.dist else None,
+            )
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a plugin's import error must not take the host down
+                record.errors.append(f"failed to load {ep.value}: {_describe(exc)}")
+                self.plugins[name] = record
+                continue
+            self._register(plugin, record)
+
+    def _register(self, plugin: object, record: PluginRecord) -> None:
+        try:
+            self.pm.register(plugin, name=record.name)
+        except Exception as exc:  # pluggy validates hook names and signatures here
+            record.errors.append(f"failed to register: {_describe(exc)}")
+        else:
+            record.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ())
+        self.plugins[record.name] = record
+
+    def _impls(self, hook_name: str) -> list[Any]:
+        """Implementations of a hook, built-in plugins first, then in registration order."""
+        impls = reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
+        return sorted(
+            impls,
+            key=lambda i: not self.plugins.get(i.plugin_name, PluginRecord(i.plugin_name)).builtin,
+        )
+
+    def _call(self, impl: Any, hook_name: str, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        """Call one implementation; a plugin that raises is recorded and (False, None) returned."""
+        try:
+            return True, impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except Exception as exc:
+            self._plugin_error(impl.plugin_name, f"{hook_name} raised {_describe(exc)}")
+            return False, None
+
+    def _call_each(self, hook_name: str, **kwargs: Any) -> Iterable[tuple[str, Any]]:
+        """Call every implementation of a hook on its own; yield (plugin, result) for each
+        that did not raise."""
+        for impl in self._impls(hook_name):
+            ok, result = self._call(impl, hook_name, kwargs)
+            if ok:
+                yield impl.plugin_name, result
+
+    def _plugin_error(self, plugin: str, message: str) -> None:
+        record = self.plugins.setdefault(plugin, PluginRecord(name=plugin))
+        record.errors.append(message)
+
+    # registries --------------------------------------------------------------------------
+
+    def _collect(
+        self, hook_name: str, what: str, convert: Callable[[tuple[Any, ...]], tuple[str, Any]]
+    ) -> dict[str, Registration]:
+        """Run a register-style hook and apply the host's policy to what comes back:
+        invalid registrations are reported and skipped, and the first name registered wins."""
+        calls: list[tuple[str, tuple[Any, ...]]] = []
+        for impl in self._impls(hook_name):
+
+            def register(*args: Any, _plugin: str = impl.plugin_name) -> None:
+                calls.append((_plugin, args))
+
+            self._call(impl, hook_name, {"register": register})
+        found: dict[str, Registration] = {}
+        for plugin, args in calls:
+            try:
+                name, value = convert(args)
+            except (BundleError, TypeError, ValueError) as exc:
+                self.problems.append(f"{what} from plugin {plugin!r} skipped: {exc}")
+                continue
+            if name in found:
+                self.problems.append(
+                    f"{what} {name!r} from plugin {plugin!r} skipped: already "
+                    f"registered by plugin {found[name].plugin!r}"
+                )
+                continue
+            found[name] = Registration(name, value, plugin)
+        return found
+
+    @property
+    def persona_registrations(self) -> dict[str, Registration]:
+        if self._personas is None:
+            self._personas = self._collect("register_personas", "persona", _persona_from_args)
+        return self._personas
+
+    @property
+    def personas(self) -> dict[str, Persona]:
+        return {name: reg.value for name, reg in self.persona_registrations.items()}
+
+    def persona(self, name: str) -> Persona:
+        try:
+            return self.personas[name]
+        except KeyError:
+            raise UnknownPersona(name, list(self.personas)) from None
+
+    def plugin_of(self, persona: str) -> str:
+        return self.persona_registrations[persona].plugin
+
+    @property
+    def scene_encoders(self) -> dict[str, Any]:
+        if self._encoders is None:
+            self._encoders = self._collect("register_scene_encoders", "scene encoder", _named)
+        return {name: reg.value for name, reg in self._encoders.items()}
+
+    @property
+    def routers(self) -> dict[str, Any]:
+        if self._routers is None:
+            self._routers = self._collect("register_routers", "router", _named)
+        return {name: reg.value for name, reg in self._routers.items()}
+
+    # hooks called per command or per turn ------------------------------------------------------
+
+    def add_commands(self, cli: Any) -> None:
+        for _ in self._call_each("register_commands", cli=cli):
+            pass
+
+    def route_turn(
+        self, message: str, scene: Any, personas: list[str], current: str | None
+    ) -> tuple[str, str] | None:
+        """The first plugin answer naming an installed persona, as (persona, plugin)."""
+        for plugin, answer in self._call_each(
+            "route_turn", message=message, scene=scene, personas=personas, current=current
+        ):
+            if answer is None:
+                continue
+            if answer not in personas:
+                self._plugin_error(plugin, f"route_turn chose unknown persona {answer!r}")
+                continue
+            return answer, plugin
+        return None
+
+    def on_turn(self, turn: Any, scene: Any) -> None:
+        for _ in self._call_each("on_turn", turn=turn, scene=scene):
+            pass
+
+    def run_registrations(self) -> None:
+        """Call every register-style hook now (they otherwise run on first use)."""
+        for registry in (self.persona_registrations, self.scene_encoders, self.routers):
+            del registry
+
+    @property
+    def failures(self) -> list[str]:
+        """Every problem so far, one line each: broken plugins and skipped registrations."""
+        lines = [f"plugin {r.name!r}: {err}" for r in self.plugins.values() for err in r.errors]
+        return lines + self.problems
+
+
+def _persona_from_args(args: tuple[Any, ...]) -> tuple[str, Persona]:
+    if len(args) != 1:
+        raise TypeError("register() takes one bundle directory or Persona")
+    (value,) = args
+    if isinstance(value, Persona):
+        return value.name, value
+    if isinstance(value, str | os.PathLike):
+        persona = Persona.from_dir(Path(value))
+        return persona.name, persona
+    raise TypeError(f"register() expects a bundle directory or Persona, got {type(value).__name__}")
+
+
+def _named(args: tuple[Any, ...]) -> tuple[str, Any]:
+    if len(args) != 2 or not isinstance(args[0], str):
+        raise TypeError("register() takes a name and an object")
+    return args[0], args[1]
+
+
+def _allowed_plugins() -> set[str] | None:
+    raw = os.environ.get(LOAD_ENV)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _is_builtin(ep: metadata.EntryPoint) -> bool:
+    return bool(ep.dist and ep.dist.name == HOST_DISTRIBUTION)
+
+
+def _module_name(plugin: object) -> str | None:
+    if isinstance(plugin, ModuleType):
+        return plugin.__name__
+    return type(plugin).__module__
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

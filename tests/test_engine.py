@@ -1,0 +1,135 @@
+"""The torch engine on a tiny random Llama: attach, switch, stream, stop, cancel, lock."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.generation import GenerationParams
+from hyperlex.persona import Persona
+
+GREEDY = GenerationParams(temperature=0, max_new_tokens=12)
+MESSAGES = [{"role": "system", "content": "You are a test."},
+            {"role": "user", "content": "What is time?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
+    from hyperlex.engine_torch import TorchEngine
+
+    personas = [Persona.from_dir(path) for path in tiny_bundles.values()]
+    return TorchEngine(personas, base=str(tiny_base), progress=False)
+
+
+def reply(engine, persona, params=GREEDY, **kwargs) -> str:
+    return engine.generate(MESSAGES, persona, params, **kwargs).text
+
+
+def test_every_persona_adapter_is_attached_under_its_name(engine) -> None:
+    assert engine.base_name == "tiny-llama"
+    assert set(engine.personas) == {"alpha", "beta"}
+    assert set(engine.model.peft_config) == {"alpha", "beta"}
+
+
+def test_each_persona_changes_the_output_and_switching_back_restores_it(engine) -> None:
+    base, alpha, beta = (reply(engine, p) for p in (None, "alpha", "beta"))
+    assert len({base, alpha, beta}) == 3
+    assert [reply(engine, p) for p in ("beta", None, "alpha")] == [beta, base, alpha]
+
+
+def test_fast_switch_matches_peft_set_adapter(engine) -> None:
+    import torch
+
+    inputs = engine._encode(MESSAGES)
+    for persona in ("alpha", "beta"):
+        with torch.no_grad():
+            engine._activate(persona)
+            ours = engine._inner(**inputs).logits
+            engine.model.set_adapter(persona)
+            reference = engine.model(**inputs).logits
+        torch.testing.assert_close(ours, reference)
+    with torch.no_grad(), engine.model.disable_adapter():
+        bare = engine.model(**inputs).logits
+    engine._activate(None)
+    with torch.no_grad():
+        torch.testing.assert_close(engine._inner(**inputs).logits, bare)
+
+
+def test_streamed_pieces_add_up_to_the_reply_and_usage_is_counted(engine) -> None:
+    generation = engine.stream(MESSAGES, "alpha", GREEDY)
+    pieces = list(generation)
+    assert "".join(pieces) == generation.text == reply(engine, "alpha")
+    assert pieces
+    assert generation.usage.prompt_tokens == engine.count_tokens(MESSAGES)
+    assert 0 < generation.usage.completion_tokens <= GREEDY.max_new_tokens
+    assert generation.finish_reason in ("stop", "length")
+
+
+def test_stop_string_cuts_the_reply(engine) -> None:
+    full = reply(engine, "beta")
+    stop = full[3:6]
+    cut = engine.generate(MESSAGES, "beta", GREEDY, stop=[stop])
+    assert cut.text == full[:full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_cancel_stops_generation_early(engine) -> None:
+    generation = engine.stream(MESSAGES, "alpha", GREEDY.updated({"max_new_tokens": 200}))
+    for _ in generation:
+        generation.cancel()
+    assert generation.finish_reason == "cancelled"
+    assert generation.usage.completion_tokens < 200
+
+
+def test_closing_the_stream_early_releases_the_engine(engine) -> None:
+    generation = engine.stream(MESSAGES, "alpha", GREEDY.updated({"max_new_tokens": 200}))
+    iterator = iter(generation)
+    next(iterator)
+    iterator.close()
+    assert generation.finish_reason == "cancelled"
+    assert reply(engine, "beta")  # the lock was released
+
+
+def test_concurrent_callers_never_get_another_personas_weights(engine) -> None:
+    expected = {p: reply(engine, p) for p in ("alpha", "beta")}
+    results: list[tuple[str, str]] = []
+
+    def worker(persona: str) -> None:
+        for _ in range(3):
+            results.append((persona, reply(engine, persona)))
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in ("alpha", "beta") * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 12
+    assert all(text == expected[persona] for persona, text in results)
+
+
+def test_sampling_with_a_seed_is_reproducible(engine) -> None:
+    params = GenerationParams(temperature=1.0, top_p=0.95, max_new_tokens=10, seed=7)
+    assert reply(engine, "alpha", params) == reply(engine, "alpha", params)
+
+
+def test_unknown_persona_is_a_clear_error(engine) -> None:
+    with pytest.raises(UnknownPersona, match="installed personas: alpha, beta"):
+        engine.stream(MESSAGES, "gamma")
+
+
+def test_adapter_for_another_base_is_skipped_with_a_reason(tiny_base: Path, tmp_path: Path,
+                                                           tiny_bundles: dict[str, Path]) -> None:
+    from hyperlex.engine_torch import TorchEngine
+
+    from .conftest import write_bundle
+
+    other = Persona.from_dir(write_bundle(tmp_path, "stranger", base_model="other-base",
+                                          adapter_seed=3, tiny_base=tiny_base))
+    engine = TorchEngine([other, Persona.from_dir(tiny_bundles["alpha"])], base=str(tiny_base))
+    assert list(engine.personas) == ["alpha"]
+    assert "trained on base 'other-base', but the loaded base is 'tiny-llama'" in \
+        engine.skipped["stranger"]
+    with pytest.raises(HyperlexError, match="other-base"):
+        engine.stream(MESSAGES, "stranger")

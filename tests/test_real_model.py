@@ -1,0 +1,104 @@
+"""Integration tests on the real embedded SmolLM2-135M-Instruct and the trained philosopher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = [{"role": "user", "content": "What is time?"}]
+
+
+@pytest.fixture(scope="module")
+def real_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One HYPERLEX_HOME for this module: the embedded model is converted once, then cached."""
+    return tmp_path_factory.mktemp("real-home")
+
+
+@pytest.fixture(autouse=True)
+def use_real_home(real_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYPERLEX_HOME", str(real_home))
+
+
+@pytest.fixture(scope="module")
+def engine(real_home: Path):
+    os.environ["HYPERLEX_HOME"] = str(real_home)
+    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.host import Host
+
+    return TorchEngine(list(Host().personas.values()))
+
+
+def test_embedded_model_is_converted_once_then_loaded_from_the_cache(engine, real_home: Path):
+    from hyperlex.models import ensure_embedded
+
+    cached = real_home / "models" / "smollm2-135m-instruct"
+    weights = cached / "model.safetensors"
+    assert weights.is_file() and (cached / "tokenizer.json").is_file()
+    stamp = weights.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert ensure_embedded() == cached
+    assert time.perf_counter() - start < 1.0
+    assert weights.stat().st_mtime_ns == stamp
+
+
+def test_philosopher_adapter_is_attached_to_the_embedded_base(engine) -> None:
+    assert engine.base_name == "smollm2-135m-instruct"
+    assert "philosopher" in engine.personas and not engine.skipped
+    assert engine.model.peft_config["philosopher"].r == 16
+
+
+def test_philosopher_answers_differently_from_the_base_and_in_character(engine) -> None:
+    from hyperlex.generation import GenerationParams
+
+    philosopher = engine.personas["philosopher"]
+    messages = [{"role": "system", "content": philosopher.system_message()}, *QUESTION]
+    params = GenerationParams(temperature=0, max_new_tokens=120, repetition_penalty=1.1)
+    persona_reply = engine.generate(messages, "philosopher", params).text
+    base_reply = engine.generate(messages, None, params).text
+    assert persona_reply != base_reply
+    assert "?" in persona_reply  # the philosopher hands a question back
+
+
+def test_first_piece_streams_before_the_reply_is_finished(engine) -> None:
+    from hyperlex.generation import GenerationParams
+
+    generation = engine.stream(QUESTION, "philosopher",
+                               GenerationParams(temperature=0, max_new_tokens=40))
+    start = time.perf_counter()
+    first_at = None
+    for _ in generation:
+        first_at = first_at or time.perf_counter() - start
+    total = time.perf_counter() - start
+    assert first_at is not None and first_at < total / 4
+    assert generation.usage.completion_tokens > 10
+
+
+def test_agent_chat_one_shot_on_the_real_model(real_home: Path) -> None:
+    agent = Path(sys.executable).with_name("agent")
+    done = subprocess.run(
+        [str(agent), "chat", "--persona", "philosopher", "-m", "What is time?",
+         "-o", "temperature", "0", "-o", "max_new_tokens", "80"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_LOAD_PLUGINS": ""})
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.split()) > 10
+    assert "Loading smollm2-135m-instruct with 1 persona" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_nf4_base_with_the_philosopher_adapter_generates(real_home: Path) -> None:
+    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.generation import GenerationParams
+    from hyperlex.host import Host
+
+    engine = TorchEngine([Host().persona("philosopher")], quantize="nf4")
+    reply = engine.generate(QUESTION, "philosopher",
+                            GenerationParams(temperature=0, max_new_tokens=30))
+    assert len(reply.text.split()) > 5
