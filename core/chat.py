@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Iterable
 
 import click
+
 from hyperlex.controller import Controller
 from hyperlex.errors import HyperlexError
 
 HELP = """Commands:
-  /persona NAME   let NAME answer from now on (/persona auto: choose automatically)
-  @NAME message   address one persona
+  /persona NAME   pin NAME: it answers every turn (/persona auto unpins)
+  @NAME message   hand the conversation to NAME (when no persona is pinned)
   /personas       list the personas
   /help           this help
   /exit           leave (Ctrl-D works too); Ctrl-C cancels the reply being written"""
@@ -22,14 +24,19 @@ class ChatLoop:
     def __init__(self, controller: Controller, as_json: bool = False):
         self.controller = controller
         self.as_json = as_json
+        self._problems_shown = len(controller.host.failures)
 
     def interactive(self) -> None:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - gives input() line editing and history
         click.echo("Type /help for commands, /exit or Ctrl-D to leave.", err=True)
         while True:
+            prompt = f"{self.controller.pinned or self.controller.current or 'you'}> "
+            if not sys.stdout.isatty():  # keep stdout for replies only
+                click.echo(prompt, err=True, nl=False)
+                prompt = ""
             try:
-                line = input(f"{self.controller.pinned or self.controller.current or 'you'}> ")
+                line = input(prompt)
             except EOFError:
                 click.echo(err=True)
                 return
@@ -69,7 +76,9 @@ class ChatLoop:
                 click.echo(f"{mark} {persona}  {title}", err=True)
         elif name == "/persona":
             if not arg:
-                click.echo(f"current persona: {self.controller.current or '(auto)'}", err=True)
+                pinned, current = self.controller.pinned, self.controller.current
+                state = f"{pinned} (pinned)" if pinned else f"{current or 'none yet'} (routed)"
+                click.echo(f"persona: {state}", err=True)
                 return True
             try:
                 self.controller.pin(None if arg == "auto" else arg)
@@ -99,3 +108,11 @@ class ChatLoop:
             click.echo(json.dumps(stream.turn.as_dict(), ensure_ascii=False))
         else:
             click.echo()
+        self._show_new_problems()
+
+    def _show_new_problems(self) -> None:
+        """Report plugin failures from this turn's hooks (route_turn, on_turn) once each."""
+        failures = self.controller.host.failures
+        for line in failures[self._problems_shown:]:
+            click.secho(f"Warning: {line}", fg="yellow", err=True)
+        self._problems_shown = len(failures)

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import click
+
 from hyperlex import __version__
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.host import Host
@@ -141,6 +142,7 @@ def plugins(as_json: bool) -> None:
     """List plugins, their versions, hooks and failures."""
     host = get_host()
     host.run_registrations()  # so that failures inside registration hooks show
+    cli._load_plugin_commands()
     records = sorted(host.plugins.values(), key=lambda r: (not r.builtin, r.name))
     if as_json:
         _emit_json(
@@ -254,8 +256,8 @@ def chat(
     """Chat with the personas. Interactive on a terminal; reads one message per line from a
     pipe; -m sends a single message.
 
-    In a conversation: /persona NAME switches (/persona auto lets the router decide),
-    @NAME at the start of a message addresses one persona, /personas lists them, /help, /exit.
+    In a conversation: /persona NAME pins a persona (/persona auto unpins it), @NAME at the
+    start of a message hands the conversation to NAME, /personas lists them, /help, /exit.
     """
     from hyperlex.chat import ChatLoop
     from hyperlex.controller import Controller
@@ -263,10 +265,13 @@ def chat(
 
     host = get_host()
     overrides = parse_options(options)
-    if persona is not None and persona not in host.personas:
-        _report_problems(host)
-        raise UnknownPersona(persona, list(host.personas))
+    installed = host.personas  # runs the registration hooks, so their problems show below
     _report_problems(host)
+    if persona is not None and persona not in installed:
+        raise click.BadParameter(str(UnknownPersona(persona, list(installed))),
+                                 param_hint="'--persona'")
+    if not installed:
+        raise HyperlexError("no personas are installed (agent plugins shows why plugins failed)")
     engine = open_engine(host, base, dtype, quantize)
     controller = Controller(host, engine, persona=persona, overrides=overrides)
     loop = ChatLoop(controller, as_json=as_json)

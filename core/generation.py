@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -49,6 +50,8 @@ def _check(key: str, value: Any, where: str) -> Any:
             f"{where}: unknown generation option {key!r}; known options: {', '.join(KNOWN)}"
         )
     kind = _TYPES[key]
+    if key == "seed" and (value is None or str(value).lower() == "none"):
+        return None
     if isinstance(value, bool):
         raise InvalidParameter(f"{where}: {key} must be a number, got {value!r}")
     try:
@@ -63,6 +66,8 @@ def _check(key: str, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         noun = "an integer" if kind is int else "a number"
         raise InvalidParameter(f"{where}: {key} must be {noun}, got {value!r}") from None
+    if not math.isfinite(converted):
+        raise InvalidParameter(f"{where}: {key} must be a finite number, got {value!r}")
     problem = _range_problem(key, converted)
     if problem:
         raise InvalidParameter(f"{where}: {key} {problem}, got {value!r}")

@@ -7,6 +7,7 @@ working. Name collisions and bundle validation are decided here, never in plugin
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as metadata
 import os
 from collections.abc import Callable, Iterable
@@ -16,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
+
 from hyperlex import hookspecs
 from hyperlex.errors import UnknownPersona
 from hyperlex.persona import BundleError, Persona
@@ -75,7 +77,7 @@ class Host:
 
     def _load_entry_points(self) -> None:
         allowed = _allowed_plugins()
-        seen: set[str] = set()
+        seen: set[tuple[str | None, str]] = set()
         for ep in sorted(
             metadata.entry_points(group=ENTRY_POINT_GROUP),
             key=lambda e: (not _is_builtin(e), e.name),
@@ -85,7 +87,7 @@ class Host:
                 continue
             seen.add((dist, ep.name))
             builtin = _is_builtin(ep)
-            if not builtin and allowed is not None and not ({ep.name, dist} & allowed):
+            if not builtin and allowed is not None and not {_norm(ep.name), _norm(dist)} & allowed:
                 continue
             name = ep.name if builtin or ep.name not in self.plugins else f"{dist}:{ep.name}"
             record = PluginRecord(
@@ -109,12 +111,19 @@ class Host:
         except Exception as exc:  # pluggy validates hook names and signatures here
             record.errors.append(f"failed to register: {_describe(exc)}")
         else:
-            record.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ())
+            callers = self.pm.get_hookcallers(plugin) or []
+            record.hooks = sorted(c.name for c in callers if c.spec is not None)
+            for caller in callers:
+                problem = _hook_problem(caller, plugin)
+                if problem:
+                    record.errors.append(problem)
         self.plugins[record.name] = record
 
     def _impls(self, hook_name: str) -> list[Any]:
-        """Implementations of a hook, built-in plugins first, then in registration order."""
-        impls = reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
+        """Implementations of a hook in pluggy's call order (tryfirst/trylast honoured, otherwise
+        the most recently registered first), with built-in plugins moved to the front."""
+        impls = [i for i in reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
+                 if not (i.wrapper or i.hookwrapper)]
         return sorted(
             impls,
             key=lambda i: not self.plugins.get(i.plugin_name, PluginRecord(i.plugin_name)).builtin,
@@ -238,6 +247,23 @@ class Host:
         return lines + self.problems
 
 
+def _hook_problem(caller: Any, plugin: object) -> str | None:
+    """Why a plugin's implementation of ``caller`` can never be called, if it can't."""
+    if caller.spec is None:
+        close = difflib.get_close_matches(caller.name, _HOOK_NAMES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"implements unknown hook {caller.name!r}{hint}"
+    wrappers = [i for i in caller.get_hookimpls()
+                if i.plugin is plugin and (i.wrapper or i.hookwrapper)]
+    if wrappers:
+        return (f"{caller.name}: hook wrappers are not supported (each implementation is called "
+                "on its own so that one failing plugin cannot break the others)")
+    return None
+
+
+_HOOK_NAMES = [n for n in dir(hookspecs) if n.startswith(("register_", "route_", "on_"))]
+
+
 def _persona_from_args(args: tuple[Any, ...]) -> tuple[str, Persona]:
     if len(args) != 1:
         raise TypeError("register() takes one bundle directory or Persona")
@@ -260,7 +286,12 @@ def _allowed_plugins() -> set[str] | None:
     raw = os.environ.get(LOAD_ENV)
     if raw is None:
         return None
-    return {part.strip() for part in raw.split(",") if part.strip()}
+    return {_norm(part) for part in raw.split(",") if part.strip()}
+
+
+def _norm(name: str | None) -> str:
+    """Distribution-style normalisation, so hyperlex_stoic and hyperlex-stoic both match."""
+    return (name or "").strip().lower().replace("_", "-").replace(".", "-")
 
 
 def _is_builtin(ep: metadata.EntryPoint) -> bool:
@@ -274,4 +305,4 @@ def _module_name(plugin: object) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import GenerationParams, InvalidParameter
 from hyperlex.scene import Scene
@@ -103,21 +104,7 @@ class Persona:
     def from_dir(cls, path: str | Path) -> Persona:
         """Load and validate a bundle directory; raise :class:`BundleError` on any problem."""
         root = Path(path).resolve()
-        file = root / BUNDLE_FILE
-        if not root.is_dir():
-            raise BundleError(root, None, "not a directory")
-        if not file.is_file():
-            raise BundleError(file, None, "missing; a persona bundle needs a persona.yaml")
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f"line {mark.line + 1}: " if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise BundleError(file, None, f"{line}invalid YAML: {problem}") from None
-        except UnicodeDecodeError:
-            raise BundleError(file, None, "not UTF-8 text") from None
-        return cls.from_mapping(data, root=root, file=file)
+        return cls.from_mapping(read_bundle_yaml(root), root=root, file=root / BUNDLE_FILE)
 
     @classmethod
     def from_mapping(
@@ -168,6 +155,26 @@ class Persona:
 
     def system_message(self, scene: Scene | None = None) -> str:
         return self.contract.render(self, scene)
+
+
+def read_bundle_yaml(root: Path) -> Any:
+    """The parsed ``persona.yaml`` of a bundle, or a :class:`BundleError` saying why not."""
+    file = root / BUNDLE_FILE
+    if not root.is_dir():
+        raise BundleError(root, None, "not a directory")
+    if not file.is_file():
+        raise BundleError(file, None, "missing; a persona bundle needs a persona.yaml")
+    try:
+        return yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise BundleError(file, None, f"{line}invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise BundleError(file, None, "not UTF-8 text") from None
+    except OSError as exc:
+        raise BundleError(file, None, f"cannot be read: {exc.strerror or exc}") from None
 
 
 class _Validator:
@@ -223,7 +230,11 @@ class _Validator:
 
 def _contract(v: _Validator, data: dict[str, Any]) -> Contract:
     system = v.string(data, "system", required=True, name="contract.system")
-    for _, slot, _, _ in string.Formatter().parse(system):
+    try:
+        slots = [slot for _, slot, _, _ in string.Formatter().parse(system)]
+    except ValueError as exc:  # a lone "{" or "}"
+        raise v.fail("contract.system", f"{exc}; write {{{{ and }}}} for literal braces") from None
+    for slot in slots:
         if slot is not None and slot not in TEMPLATE_SLOTS:
             raise v.fail(
                 "contract.system",
@@ -252,6 +263,9 @@ def _contract(v: _Validator, data: dict[str, Any]) -> Contract:
 
 
 def _adapter_dir(root: Path, relative: str, file: Path | str) -> Path:
+    if not relative.strip():
+        raise BundleError(file, "adapter", "must not be empty; omit the field for a persona "
+                                           "without an adapter")
     path = (root / relative).resolve()
     if not path.is_relative_to(root):
         raise BundleError(file, "adapter", f"{relative!r} points outside the bundle directory")
@@ -273,8 +287,9 @@ def _adapter_dir(root: Path, relative: str, file: Path | str) -> Path:
                 "safetensors.torch.save_file",
             )
         raise BundleError(weights, None, "missing; adapters are loaded from safetensors only")
-    if weights.is_symlink() and not weights.resolve().is_relative_to(root):
-        raise BundleError(weights, None, "symlink points outside the bundle directory")
+    for member in (weights, path / ADAPTER_CONFIG):
+        if not member.resolve().is_relative_to(root):
+            raise BundleError(member, None, "symlink points outside the bundle directory")
     _check_adapter_config(path / ADAPTER_CONFIG)
     return path
 
@@ -302,6 +317,9 @@ def _check_adapter_config(file: Path) -> None:
             "modules_to_save",
             "full-module copies are not supported; train a plain LoRA adapter",
         )
+    if config.get("bias", "none") != "none":
+        raise BundleError(file, "bias", f"LoRA bias is not supported, got {config['bias']!r}; "
+                                        "train with bias='none'")
     rank = config.get("r")
     if not isinstance(rank, int) or rank < 1:
         raise BundleError(file, "r", f"must be a positive integer, got {rank!r}")

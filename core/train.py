@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperlex.errors import HyperlexError
-from hyperlex.persona import Persona
+from hyperlex.persona import BUNDLE_FILE, Persona, read_bundle_yaml
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,8 +30,8 @@ class TrainConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
-    learning_rate: float = 2e-4
-    epochs: int = 3
+    learning_rate: float = 1e-3
+    epochs: int = 4
     batch_size: int = 8
     max_length: int = 320
     seed: int = 0
@@ -120,22 +120,29 @@ def _mean_loss(model: Any, examples: list, batch_size: int, pad_id: int) -> floa
 
 def train(bundle: Path, config: TrainConfig, base: str | None = None) -> dict[str, Any]:
     import torch
-    from hyperlex.models import load_base, resolve_base
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
+    from hyperlex.models import load_base, resolve_base
+
     bundle = bundle.resolve()
-    persona = Persona.from_mapping(
-        _bundle_yaml_without_adapter(bundle), root=bundle, file=bundle / "persona.yaml"
-    )
+    data = read_bundle_yaml(bundle)
+    if isinstance(data, dict):
+        data.pop("adapter", None)  # the adapter is what this run produces
+    persona = Persona.from_mapping(data, root=bundle, file=bundle / BUNDLE_FILE)
+    resolved = resolve_base(base)
+    if persona.base_model.lower() != resolved.name:
+        raise HyperlexError(f"{bundle / BUNDLE_FILE}: base_model is {persona.base_model!r} but "
+                            f"training would use {resolved.name!r}; change base_model or --base")
     data_path = bundle / config.data
+    if not data_path.is_file():
+        raise HyperlexError(f"{data_path}: training data not found")
     records = read_records(data_path)
     heldout_path = bundle / config.heldout
     heldout = read_records(heldout_path) if heldout_path.is_file() else []
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    resolved = resolve_base(base)
     model, tokenizer = load_base(resolved)
     system = persona.system_message()
     examples = [
@@ -200,15 +207,6 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None) -> dict[st
     }
     (adapter_dir / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
-
-
-def _bundle_yaml_without_adapter(bundle: Path) -> dict[str, Any]:
-    """The bundle's persona.yaml, minus the adapter it is about to produce."""
-    import yaml
-
-    data = yaml.safe_load((bundle / "persona.yaml").read_text(encoding="utf-8"))
-    data.pop("adapter", None)
-    return data
 
 
 def main(argv: list[str] | None = None) -> int:

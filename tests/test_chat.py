@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from hyperlex import hookimpl
 from hyperlex.chat import ChatLoop
 from hyperlex.controller import Controller

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from hyperlex.cli import cli
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
@@ -122,6 +123,7 @@ def test_unknown_persona_exits_2_listing_installed_ones(runner: CliRunner, tiny_
                                                         tiny_base: Path) -> None:
     result = chat(runner, tiny_base, "--persona", "poet", "-m", "hi")
     assert result.exit_code == 2
+    assert "Usage: cli chat" in result.stderr
     assert "unknown persona 'poet'; installed personas: alpha, beta, philosopher" in result.stderr
     assert result.stdout == ""
 

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.persona import Persona
@@ -133,3 +134,15 @@ def test_adapter_for_another_base_is_skipped_with_a_reason(tiny_base: Path, tmp_
         engine.skipped["stranger"]
     with pytest.raises(HyperlexError, match="other-base"):
         engine.stream(MESSAGES, "stranger")
+
+
+def test_bfloat16_base_runs_the_same_personas(tiny_base: Path,
+                                             tiny_bundles: dict[str, Path]) -> None:
+    import torch
+
+    from hyperlex.engine_torch import TorchEngine
+
+    engine = TorchEngine([Persona.from_dir(tiny_bundles["alpha"])], base=str(tiny_base),
+                         dtype="bfloat16")
+    assert engine._inner.dtype == torch.bfloat16
+    assert engine.generate(MESSAGES, "alpha", GREEDY).usage.completion_tokens > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from hyperlex import hookimpl
 from hyperlex.host import Host
 from hyperlex.scene import Scene
@@ -160,4 +161,16 @@ def test_plugin_with_an_unknown_hook_is_reported() -> None:
 
     host = Host(extra_plugins={"typo": Typo()}, entry_points=False)
     [error] = host.plugins["typo"].errors
-    assert "failed to register" in error and "register_persona" in error
+    assert error == "implements unknown hook 'register_persona'; did you mean 'register_personas'?"
+
+
+def test_hook_wrappers_are_refused_with_a_reason() -> None:
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def on_turn(self, turn, scene):
+            return (yield)
+
+    host = Host(extra_plugins={"wrapping": Wrapping()}, entry_points=False)
+    host.on_turn(turn=None, scene=Scene())
+    [error] = host.plugins["wrapping"].errors
+    assert error.startswith("on_turn: hook wrappers are not supported")

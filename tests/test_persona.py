@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from hyperlex.persona import BundleError, Persona
 from hyperlex.scene import Hyperlexeme, Scene
 
@@ -80,6 +81,8 @@ def test_invalid_yaml_names_the_line(bundle: Path) -> None:
         ("keywords: [alpha]", "keywords: alpha", "routing.keywords", "list of strings"),
         ("adapter: adapter/", "adapter: ../../etc", "adapter", "outside the bundle"),
         ("adapter: adapter/", "adapter: missing/", "adapter", "does not exist"),
+        ("adapter: adapter/", "adapter: ''", "adapter", "must not be empty"),
+        ("Scene: {scene}", "Scene: {scene", "contract.system", "literal braces"),
     ],
 )
 def test_bad_field_is_named(bundle: Path, old: str, new: str, field: str, problem: str) -> None:
@@ -111,6 +114,13 @@ def test_dora_adapter_is_refused(bundle: Path) -> None:
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "use_dora": True}))
     assert "use_dora: DoRA adapters are not supported" in load_error(bundle)
+
+
+def test_lora_bias_is_refused(bundle: Path) -> None:
+    config_file = bundle / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "bias": "all"}))
+    assert "bias: LoRA bias is not supported" in load_error(bundle)
 
 
 def test_symlinked_weights_cannot_escape_the_bundle(bundle: Path, tmp_path: Path) -> None:

@@ -1,0 +1,37 @@
+"""Generation options: one validation for persona contracts and `-o`."""
+
+from __future__ import annotations
+
+import pytest
+
+from hyperlex.generation import GenerationParams, InvalidParameter, parse_options
+
+
+def test_command_line_values_are_converted() -> None:
+    options = parse_options([("temperature", "0"), ("max_new_tokens", "64"), ("seed", "3")])
+    assert options == {"temperature": 0.0, "max_new_tokens": 64, "seed": 3}
+    params = GenerationParams().updated(options)
+    assert params.greedy and params.max_new_tokens == 64
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("temprature", "1", "unknown generation option 'temprature'"),
+        ("temperature", "-1", "temperature must be >= 0"),
+        ("temperature", "nan", "temperature must be a finite number"),
+        ("top_p", "1.5", "top_p must be in (0, 1]"),
+        ("max_new_tokens", "2.5", "max_new_tokens must be an integer"),
+        ("max_new_tokens", "0", "max_new_tokens must be >= 1"),
+        ("repetition_penalty", "0", "repetition_penalty must be > 0"),
+    ],
+)
+def test_bad_values_name_the_option_and_the_rule(key: str, value: str, problem: str) -> None:
+    with pytest.raises(InvalidParameter, match=r"^-o: ") as info:
+        parse_options([(key, value)])
+    assert problem in str(info.value)
+
+
+def test_seed_can_be_reset_to_none() -> None:
+    assert parse_options([("seed", "none")]) == {"seed": None}
+    assert GenerationParams(seed=4).updated({"seed": None}, "contract.generation").seed is None
