@@ -188,7 +188,10 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None) -> dict[st
                 bar.update()
 
     adapter_dir = bundle / "adapter"
+    # Name the base as bundles do, not by this machine's cache path.
+    model.peft_config["default"].base_model_name_or_path = resolved.name
     model.save_pretrained(adapter_dir, safe_serialization=True)
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
     card = {
         "persona": persona.name,
         "base_model": resolved.name,

@@ -69,7 +69,7 @@ def test_bad_bundle_is_shown_and_the_rest_still_list(runner: CliRunner, plugin_s
                                                      tmp_path: Path, tiny_bundles: dict[str, Path],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     bad = write_bundle(tmp_path, "bad", adapter_seed=None)
-    (bad / "persona.yaml").write_text("name: bad\ndescription: x\n")
+    (bad / "persona.yaml").write_text("name: bad\ndescription: x\ncontract: {system: hi}\n")
     install_plugin(plugin_site, "hyperlex-mixed", "hx_mixed",
                    bundles_plugin(bad, tiny_bundles["alpha"]))
     monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-mixed")
