@@ -55,9 +55,7 @@ class AgentGroup(click.Group):
             for name, command in list(self.commands.items()):
                 if name in before and before[name] is not command:
                     self.commands[name] = before[name]
-                    host.problems.append(
-                        f"a plugin tried to replace the built-in command {name!r}; ignored"
-                    )
+                    host.report(f"a plugin tried to replace the built-in command {name!r}; ignored")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands()

@@ -64,7 +64,8 @@ class Host:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginRecord] = {}
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # registrations skipped by the host's policy
+        self._failures: list[str] = []  # every problem, in the order it happened
         self._personas: dict[str, Registration] | None = None
         self._encoders: dict[str, Registration] | None = None
         self._routers: dict[str, Registration] | None = None
@@ -100,24 +101,24 @@ class Host:
             try:
                 plugin = ep.load()
             except Exception as exc:  # a plugin's import error must not take the host down
-                record.errors.append(f"failed to load {ep.value}: {_describe(exc)}")
                 self.plugins[name] = record
+                self._plugin_error(name, f"failed to load {ep.value}: {_describe(exc)}")
                 continue
             self._register(plugin, record)
 
     def _register(self, plugin: object, record: PluginRecord) -> None:
+        self.plugins[record.name] = record
         try:
             self.pm.register(plugin, name=record.name)
         except Exception as exc:  # pluggy validates hook names and signatures here
-            record.errors.append(f"failed to register: {_describe(exc)}")
-        else:
-            callers = self.pm.get_hookcallers(plugin) or []
-            record.hooks = sorted(c.name for c in callers if c.spec is not None)
-            for caller in callers:
-                problem = _hook_problem(caller, plugin)
-                if problem:
-                    record.errors.append(problem)
-        self.plugins[record.name] = record
+            self._plugin_error(record.name, f"failed to register: {_describe(exc)}")
+            return
+        callers = self.pm.get_hookcallers(plugin) or []
+        record.hooks = sorted(c.name for c in callers if c.spec is not None)
+        for caller in callers:
+            problem = _hook_problem(caller, plugin)
+            if problem:
+                self._plugin_error(record.name, problem)
 
     def _impls(self, hook_name: str) -> list[Any]:
         """Implementations of a hook in pluggy's call order (tryfirst/trylast honoured, otherwise
@@ -146,8 +147,13 @@ class Host:
                 yield impl.plugin_name, result
 
     def _plugin_error(self, plugin: str, message: str) -> None:
-        record = self.plugins.setdefault(plugin, PluginRecord(name=plugin))
-        record.errors.append(message)
+        self.plugins.setdefault(plugin, PluginRecord(name=plugin)).errors.append(message)
+        self._failures.append(f"plugin {plugin!r}: {message}")
+
+    def report(self, message: str) -> None:
+        """Record a problem found while applying the host's policy (shown by every command)."""
+        self.problems.append(message)
+        self._failures.append(message)
 
     # registries --------------------------------------------------------------------------
 
@@ -168,13 +174,11 @@ class Host:
             try:
                 name, value = convert(args)
             except (BundleError, TypeError, ValueError) as exc:
-                self.problems.append(f"{what} from plugin {plugin!r} skipped: {exc}")
+                self.report(f"{what} from plugin {plugin!r} skipped: {exc}")
                 continue
             if name in found:
-                self.problems.append(
-                    f"{what} {name!r} from plugin {plugin!r} skipped: already "
-                    f"registered by plugin {found[name].plugin!r}"
-                )
+                self.report(f"{what} {name!r} from plugin {plugin!r} skipped: already "
+                              f"registered by plugin {found[name].plugin!r}")
                 continue
             found[name] = Registration(name, value, plugin)
         return found
@@ -237,14 +241,13 @@ class Host:
 
     def run_registrations(self) -> None:
         """Call every register-style hook now (they otherwise run on first use)."""
-        for registry in (self.persona_registrations, self.scene_encoders, self.routers):
-            del registry
+        _ = (self.persona_registrations, self.scene_encoders, self.routers)
 
     @property
     def failures(self) -> list[str]:
-        """Every problem so far, one line each: broken plugins and skipped registrations."""
-        lines = [f"plugin {r.name!r}: {err}" for r in self.plugins.values() for err in r.errors]
-        return lines + self.problems
+        """Every problem so far, one line each and in the order they happened: broken plugins
+        and skipped registrations."""
+        return list(self._failures)
 
 
 def _hook_problem(caller: Any, plugin: object) -> str | None:

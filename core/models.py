@@ -128,10 +128,22 @@ def _convert_gguf(gguf: Path, target: Path, source: dict[str, Any], progress: bo
         hf_logging.disable_progress_bar()
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that users cannot act on (the optional bitsandbytes CPU kernel
+    package, deprecation notices between transformers and peft), so stderr stays useful."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+
+
 def load_base(
     base: BaseModel, dtype: str = "float32", quantize: str | None = None, progress: bool = True
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) for a resolved base. Never runs remote code."""
+    quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
