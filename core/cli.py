@@ -298,8 +298,4 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
 
 
 def main() -> None:
-    try:
-        cli(prog_name="agent")
-    except KeyboardInterrupt:  # Ctrl-C outside a reply (e.g. while loading): leave quietly
-        click.echo("\nInterrupted.", err=True)
-        sys.exit(130)
+    cli(prog_name="agent")

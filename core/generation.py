@@ -63,7 +63,7 @@ def _check(key: str, value: Any, where: str) -> Any:
                 raise ValueError
         else:
             converted = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         noun = "an integer" if kind is int else "a number"
         raise InvalidParameter(f"{where}: {key} must be {noun}, got {value!r}") from None
     if not math.isfinite(converted):

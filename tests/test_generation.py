@@ -23,6 +23,7 @@ def test_command_line_values_are_converted() -> None:
         ("top_p", "1.5", "top_p must be in (0, 1]"),
         ("max_new_tokens", "2.5", "max_new_tokens must be an integer"),
         ("max_new_tokens", "0", "max_new_tokens must be >= 1"),
+        ("max_new_tokens", float("inf"), "max_new_tokens must be an integer"),
         ("repetition_penalty", "0", "repetition_penalty must be > 0"),
     ],
 )
