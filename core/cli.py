@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -206,17 +207,17 @@ def _engine_options(func: Any) -> Any:
     return func
 
 
-def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None) -> Any:
-    """Load the base once and attach every installed persona's adapter."""
+def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
+                only: list[str] | None = None) -> Any:
+    """Load the base once and attach every installed persona's adapter (or ``only`` these)."""
     from hyperlex.engine_torch import TorchEngine
     from hyperlex.models import resolve_base
 
     resolved = resolve_base(base)
-    count = len(host.personas)
+    personas = [p for n, p in host.personas.items() if only is None or n in only]
+    count = len(personas)
     click.echo(f"Loading {resolved.name} with {count} persona{'s' * (count != 1)}...", err=True)
-    engine = TorchEngine(
-        list(host.personas.values()), base=resolved, dtype=dtype, quantize=quantize
-    )
+    engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize)
     for reason in engine.skipped.values():
         warn(reason)
     return engine
@@ -279,6 +280,195 @@ def chat(
         loop.interactive()
     else:
         loop.piped(sys.stdin)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--r", "r", type=int, help="LoRA rank.")
+@click.option("--alpha", type=int, help="LoRA alpha.")
+@click.option("--dropout", type=float, help="LoRA dropout.")
+@click.option("--target-modules", help="Comma-separated module names, e.g. q_proj,v_proj.")
+@click.option("--lr", "learning_rate", type=float, help="Learning rate.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--max-length", type=int, help="Tokens per exchange (longer ones are cut).")
+@click.option("--seed", type=int)
+@click.option("--save-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Dtype the adapter weights are stored in.")
+@click.option("--data", help="Training set, relative to the bundle.")
+@click.option("--heldout", help="Held-out set, relative to the bundle.")
+@click.option("--qlora", is_flag=True, default=None,
+              help="QLoRA: 4-bit NF4 base through bitsandbytes.")
+@click.option("--base", default=None, metavar="MODEL", help="Base model (default: embedded).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint Ctrl-C saved.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training card as JSON.")
+def train(bundle: Path, base: str | None, resume: bool, as_json: bool, **options: Any) -> None:
+    """Train the LoRA adapter of the persona bundle BUNDLE.
+
+    Options come from BUNDLE/train.yaml, then these overrides. Ctrl-C saves a checkpoint;
+    --resume continues from it.
+    """
+    from hyperlex.train import TrainingInterrupted, load_config
+    from hyperlex.train import train as run_training
+
+    config = load_config(bundle, options)
+    click.echo(f"Training {bundle} ({'QLoRA' if config.qlora else 'LoRA'} r={config.r} "
+               f"alpha={config.alpha}, {config.epochs} epochs)", err=True)
+    try:
+        card = run_training(bundle, config, base=base, resume=resume)
+    except TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+    if as_json:
+        _emit_json(card)
+        return
+    click.echo(f"adapter written to {bundle / 'adapter'} ({_size(card['adapter_bytes'])})")
+    click.echo(f"loss {card['first_loss']:.3f} -> {card['final_loss']:.3f}"
+               + (f", held-out {card['heldout_loss']:.3f}" if card["heldout_loss"] else "")
+               + f"; {card['wall_seconds']:.0f} s, peak memory {card['peak_memory_mb']:.0f} MB")
+
+
+@cli.group()
+def data() -> None:
+    """Validate and build training data."""
+
+
+@data.command("validate")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def data_validate(files: tuple[Path, ...], as_json: bool) -> None:
+    """Check JSONL datasets; every bad record is listed with its line number."""
+    from hyperlex.data import DataError, read_dataset
+
+    report, failed = [], False
+    for file in files:
+        try:
+            report.append({"file": str(file), "records": len(read_dataset(file)), "problems": []})
+        except DataError as exc:
+            report.append({"file": str(file), "records": None, "problems": exc.problems})
+            failed = True
+        except HyperlexError as exc:
+            report.append({"file": str(file), "records": None, "problems": [str(exc)]})
+            failed = True
+    if as_json:
+        _emit_json(report)
+    else:
+        for entry in report:
+            if entry["problems"]:
+                for line in entry["problems"]:
+                    click.echo(line)
+            else:
+                click.echo(f"{entry['file']}: {entry['records']} records OK")
+    if failed:
+        sys.exit(1)
+
+
+@data.command("distill")
+@click.option("-p", "--persona", required=True, help="Persona whose contract prompts the teacher.")
+@click.option("--prompts", "prompts_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="One prompt per line, or JSONL with human/prompt fields.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL to append to; existing prompts in it are skipped (resume).")
+@click.option("--teacher-url", default=None,
+              help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); default: the "
+                   "local base model.")
+@click.option("--teacher-model", default="gpt-4o-mini", show_default=True,
+              help="Model name sent to --teacher-url.")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Environment variable holding the teacher's API key.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256))
+@click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
+              help="Generation option for the teacher.")
+@_engine_options
+def data_distill(persona: str, prompts_file: Path, out: Path, teacher_url: str | None,
+                 teacher_model: str, api_key_env: str, batch_size: int,
+                 options: tuple[tuple[str, str], ...], base: str | None, dtype: str,
+                 quantize: str | None) -> None:
+    """Build a dataset by asking a teacher to answer prompts with PERSONA's full contract."""
+    from tqdm import tqdm
+
+    from hyperlex.distill import LocalTeacher, OpenAITeacher, api_key_from, distill, read_prompts
+    from hyperlex.generation import parse_options
+
+    host = get_host()
+    chosen = host.persona(persona)
+    params = chosen.contract.params().updated(parse_options(options), "-o")
+    prompts = read_prompts(prompts_file)
+    if teacher_url:
+        teacher: Any = OpenAITeacher(teacher_url, teacher_model, api_key_from(api_key_env))
+    else:
+        from hyperlex.engine_torch import TorchEngine
+
+        teacher = LocalTeacher(TorchEngine([], base=base, dtype=dtype, quantize=quantize))
+    with tqdm(total=len(prompts), desc=f"distilling {persona}", unit="prompt",
+              file=sys.stderr) as bar:
+        stats = distill(prompts, chosen.system_message(), teacher, out, params, batch_size,
+                        on_batch=bar.update)
+    click.echo(f"{out}: {stats['written']} new records ({stats['skipped_existing']} prompts "
+               f"already done, {stats['empty_replies']} empty replies dropped)", err=True)
+
+
+@data.command("synth")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--direction", type=click.Choice(["output", "input", "both"]), default="output",
+              show_default=True,
+              help="output: scene -> text records; input: text -> scene records.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="Sample this many combinations (default: all).")
+@click.option("--seed", default=0, show_default=True)
+def data_synth(out: Path, direction: str, count: int | None, seed: int) -> None:
+    """Write a synthetic scene <-> text corpus: scene templates x emotions x rhythms."""
+    from hyperlex.data import write_records
+    from hyperlex.synth import synth_records
+
+    written = write_records(out, synth_records(count, direction, seed))
+    click.echo(f"{out}: {written} records", err=True)
+
+
+@cli.group(name="eval")
+def eval_group() -> None:
+    """Verify persona adapters."""
+
+
+@eval_group.command("fidelity")
+@click.option("-p", "--persona", "names", multiple=True,
+              help="Persona to evaluate (repeatable; default: every persona with an adapter "
+                   "and a data/heldout.jsonl).")
+@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@_engine_options
+def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int, as_json: bool,
+                  base: str | None, dtype: str, quantize: str | None) -> None:
+    """Base vs prompted base vs adapter on each persona's held-out prompts: blind persona
+    identification (macro-F1), prompt-gain recovery, and neutral perplexity."""
+    from hyperlex.evaluate import TARGETS, fidelity, load_sets
+    from hyperlex.generation import GenerationParams
+
+    host = get_host()
+    _report_problems(host)
+    chosen = {n: host.persona(n) for n in names} or {
+        n: p for n, p in host.personas.items()
+        if p.adapter_dir is not None and p.root and (p.root / "data" / "heldout.jsonl").is_file()}
+    if len(chosen) < 2:
+        raise HyperlexError("fidelity needs at least two personas with adapters and held-out "
+                            f"sets; found: {', '.join(chosen) or 'none'}")
+    sets = {name: load_sets(persona) for name, persona in chosen.items()}
+    engine = open_engine(host, base, dtype, quantize, only=list(chosen))
+    report = fidelity(engine, chosen, {n: s[0] for n, s in sets.items()},
+                      {n: s[1] for n, s in sets.items()},
+                      params=GenerationParams(temperature=0, max_new_tokens=max_new_tokens,
+                                              repetition_penalty=1.1),
+                      batch_size=batch_size, progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    click.echo(report.table())
+    click.echo()
+    for metric, met in report.verdicts().items():
+        click.echo(f"{metric}: {'met' if met else 'NOT met'} (target {TARGETS[metric]})")
 
 
 BUILTIN_COMMANDS = frozenset(cli.commands)

@@ -133,6 +133,12 @@ class Engine(ABC):
     ) -> Completion:
         return self.stream(messages, persona, params, stop).complete()
 
+    def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
+                       params: GenerationParams | None = None) -> list[Completion]:
+        """Replies to several (messages, persona) requests; backends that can run different
+        personas in one batch override this. The default runs them one after another."""
+        return [self.generate(messages, persona, params) for messages, persona in requests]
+
     @abstractmethod
     def count_tokens(self, messages: Sequence[Message]) -> int:
         """Prompt tokens ``messages`` take once rendered through the chat template."""

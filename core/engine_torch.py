@@ -12,13 +12,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from hyperlex.engine import Engine, Generation, Message
+from hyperlex.engine import Completion, Engine, Generation, Message, Usage
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.models import BaseModel, load_base, resolve_base
-from hyperlex.persona import Persona
+from hyperlex.persona import ADAPTER_WEIGHTS, Persona
 
 
 class TorchEngine(Engine):
@@ -56,8 +57,16 @@ class TorchEngine(Engine):
                 f"loaded base is {self.base_name!r}"
             )
             return
+        import torch
         from peft import PeftModel
 
+        if hasattr(torch.nn.ModuleDict(), persona.name) or persona.name == "default":
+            # PEFT keeps adapters in ModuleDicts keyed by name: "half" or "train" would
+            # shadow a torch method and break every layer.
+            self.skipped[persona.name] = (
+                f"persona name {persona.name!r} clashes with a torch module attribute; rename "
+                "the persona")
+            return
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(persona.adapter_dir), adapter_name=persona.name)
@@ -73,6 +82,7 @@ class TorchEngine(Engine):
         self.model.eval()
         self.personas[persona.name] = persona
         self._lora_layers = _lora_layers(self.model)
+        _keep_stored_dtype(self._lora_layers, persona.name, persona.adapter_dir)
 
     def _activate(self, persona: str | None) -> None:
         """Make ``persona``'s adapter the only active one (``None``: the bare base)."""
@@ -101,6 +111,46 @@ class TorchEngine(Engine):
             list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
 
+    def reply_nll(self, messages: Sequence[Message], reply: str,
+                  persona: str | None) -> tuple[float, int]:
+        """Summed negative log-likelihood of ``reply`` as the assistant's answer to
+        ``messages`` with ``persona`` active, and the number of reply tokens scored."""
+        prompt = self._encode(messages)["input_ids"][0].tolist()
+        full = self.tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": reply}], tokenize=True,
+            return_dict=True)["input_ids"]
+        if full[:len(prompt)] != prompt:
+            raise HyperlexError("the chat template does not render the prompt as a prefix")
+        return self._nll(full, len(prompt), persona)
+
+    def text_nll(self, text: str, persona: str | None) -> tuple[float, int]:
+        """Summed NLL of plain ``text`` (no chat template) and its scored token count."""
+        ids = self.tokenizer(text)["input_ids"][: self.context_length]
+        return self._nll(ids, 1, persona)
+
+    def _nll(self, ids: list[int], start: int, persona: str | None) -> tuple[float, int]:
+        import torch
+
+        tokens = torch.tensor([ids])
+        with self._lock, torch.inference_mode():
+            self._activate(persona)
+            logits = self._inner(input_ids=tokens).logits[0, start - 1:-1].float()
+        targets = tokens[0, start:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return float(nll), int(targets.numel())
+
+    def adapter_bytes(self) -> dict[str, int]:
+        """Resident bytes of each attached adapter's weights (``"__base__"``: the base)."""
+        sizes = {name: 0 for name in self.personas}
+        for layer in self._lora_layers:
+            for modules in (layer.lora_A, layer.lora_B):
+                for name, module in modules.items():
+                    sizes[name] = sizes.get(name, 0) + sum(
+                        p.numel() * p.element_size() for p in module.parameters())
+        base = sum(p.numel() * p.element_size() for n, p in self._inner.named_parameters()
+                   if "lora_" not in n)
+        return {"__base__": base, **sizes}
+
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return int(self._encode(messages)["input_ids"].shape[1])
 
@@ -120,6 +170,52 @@ class TorchEngine(Engine):
                 raise HyperlexError(self.skipped[persona])
             raise UnknownPersona(persona, list(self.personas))
         return _TorchGeneration(self, messages, persona, params or GenerationParams(), stop)
+
+
+    def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
+                       params: GenerationParams | None = None) -> list[Completion]:
+        """One left-padded ``generate`` call for all requests; each row runs with its own
+        persona's adapter (PEFT ``adapter_names``; ``"__base__"`` for the bare base)."""
+        import torch
+        from peft import PeftModel
+
+        params = params or GenerationParams()
+        if not requests:
+            return []
+        for _, persona in requests:
+            if persona is not None and persona not in self.personas:
+                raise UnknownPersona(persona, list(self.personas))
+        rows = [self._encode(messages)["input_ids"][0].tolist() for messages, _ in requests]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        names = [p if p is not None and self.personas[p].adapter_dir is not None else "__base__"
+                 for _, p in requests]
+        kwargs = _generate_kwargs(params, self.tokenizer)
+        start = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            if isinstance(self.model, PeftModel):
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                                             adapter_names=names, **kwargs)
+            else:
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                                             **kwargs)
+        seconds = time.perf_counter() - start
+        eos = set(_eos_ids(self.tokenizer, self._inner))
+        completions = []
+        for (_, persona), row, prompt in zip(requests, output.tolist(), rows, strict=True):
+            new = row[width:]
+            ended = next((i for i, t in enumerate(new) if t in eos), None)
+            tokens = new if ended is None else new[:ended]
+            reason = "stop" if ended is not None or len(new) < params.max_new_tokens else "length"
+            completions.append(Completion(
+                self.tokenizer.decode(tokens, skip_special_tokens=True), persona, reason,
+                Usage(len(prompt), len(tokens) + (ended is not None)), seconds))
+        return completions
 
 
 class _TorchGeneration(Generation):
@@ -261,6 +357,27 @@ def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
     eos = model.generation_config.eos_token_id
     ids = eos if isinstance(eos, list) else [eos]
     return [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+
+
+def _keep_stored_dtype(layers: list[Any], name: str, adapter_dir: Path) -> None:
+    """Hold the adapter's weights in the dtype they were stored in (PEFT upcasts them to the
+    base's dtype). A bfloat16 adapter then costs half the memory; the LoRA layer casts its
+    input to that dtype and adds the result to the base output in full precision."""
+    from safetensors import safe_open
+
+    with safe_open(adapter_dir / ADAPTER_WEIGHTS, "pt") as weights:
+        first = next(iter(weights.keys()), None)
+        stored = weights.get_slice(first).get_dtype() if first else None
+    dtype = {"BF16": "bfloat16", "F16": "float16"}.get(stored or "")
+    if dtype is None:
+        return
+    import torch
+
+    target = getattr(torch, dtype)
+    for layer in layers:
+        for modules in (layer.lora_A, layer.lora_B):
+            if name in modules:
+                modules[name].to(target)
 
 
 def _lora_layers(model: Any) -> list[Any]:

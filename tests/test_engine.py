@@ -146,3 +146,47 @@ def test_bfloat16_base_runs_the_same_personas(tiny_base: Path,
                          dtype="bfloat16")
     assert engine._inner.dtype == torch.bfloat16
     assert engine.generate(MESSAGES, "alpha", GREEDY).usage.completion_tokens > 0
+
+
+def test_bfloat16_adapter_stays_bfloat16_resident_and_agrees_with_float32(
+        tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hyperlex.engine_torch import TorchEngine
+
+    half = Path(shutil.copytree(tiny_bundles["alpha"], tmp_path / "halved"))
+    text = (half / "persona.yaml").read_text().replace("name: alpha", "name: halved")
+    (half / "persona.yaml").write_text(text)
+    weights = half / "adapter" / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
+    engine = TorchEngine([Persona.from_dir(tiny_bundles["alpha"]), Persona.from_dir(half)],
+                         base=str(tiny_base))
+    assert not engine.skipped, engine.skipped
+    sizes = engine.adapter_bytes()
+    assert sizes["halved"] * 2 == sizes["alpha"]
+    assert sizes["__base__"] > sizes["alpha"]
+    inputs = engine._encode(MESSAGES)
+    logits = {}
+    for persona in ("alpha", "halved"):
+        engine._activate(persona)
+        with torch.no_grad():
+            logits[persona] = engine._inner(**inputs).logits
+    torch.testing.assert_close(logits["halved"], logits["alpha"], atol=0.05, rtol=0.05)
+
+
+def test_persona_named_like_a_torch_method_is_skipped_with_a_reason(
+        tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from hyperlex.engine_torch import TorchEngine
+
+    clash = Path(shutil.copytree(tiny_bundles["alpha"], tmp_path / "train"))
+    (clash / "persona.yaml").write_text(
+        (clash / "persona.yaml").read_text().replace("name: alpha", "name: train"))
+    engine = TorchEngine([Persona.from_dir(clash), Persona.from_dir(tiny_bundles["beta"])],
+                         base=str(tiny_base))
+    assert list(engine.personas) == ["beta"]
+    assert "clashes with a torch module attribute" in engine.skipped["train"]

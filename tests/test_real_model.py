@@ -89,7 +89,7 @@ def test_agent_chat_one_shot_on_the_real_model(real_home: Path) -> None:
         env={**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_LOAD_PLUGINS": ""})
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) > 10
-    assert "Loading smollm2-135m-instruct with 1 persona" in done.stderr
+    assert "Loading smollm2-135m-instruct with" in done.stderr
     assert "Traceback" not in done.stderr
 
 

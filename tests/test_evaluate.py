@@ -1,0 +1,62 @@
+"""`agent eval fidelity` pieces on the tiny model, with the real MiniLM embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hyperlex.data import Example
+from hyperlex.evaluate import PersonaClassifier, fidelity, gain_recovery, macro_f1, minilm_embedder
+from hyperlex.generation import GenerationParams
+from hyperlex.persona import Persona
+
+REFERENCES = {
+    "alpha": ["The sea is wide and blue and the waves sing.",
+              "Moonlight on the water, a song of tides.",
+              "Waves and salt and the long blue horizon."],
+    "beta": ["The derivative of x squared is two x.",
+             "Multiply both sides by three and solve for y.",
+             "The integral of a constant is linear in x."],
+}
+
+
+@pytest.fixture(scope="module")
+def embed():
+    return minilm_embedder()
+
+
+def test_gain_recovery_formula() -> None:
+    assert gain_recovery(3.0, 2.0, 2.2) == pytest.approx(0.8)
+    assert gain_recovery(3.0, 2.0, 1.5) == pytest.approx(1.5)
+    assert gain_recovery(3.0, 3.1, 2.0) is None  # the prompt gains nothing
+
+
+def test_classifier_identifies_personas_from_minilm_embeddings(embed) -> None:
+    classifier = PersonaClassifier(REFERENCES, embed)
+    predicted = classifier.predict(["Tides whisper to the shore under the moon.",
+                                    "Solve the equation by dividing both sides by two."])
+    assert predicted == ["alpha", "beta"]
+    score, matrix = macro_f1(["alpha", "beta"], predicted, ["alpha", "beta"])
+    assert score == 1.0 and matrix == [[1, 0], [0, 1]]
+
+
+def test_fidelity_report_covers_every_condition(embed, tiny_base: Path,
+                                                tiny_bundles: dict[str, Path]) -> None:
+    from hyperlex.engine_torch import TorchEngine
+
+    personas = {n: Persona.from_dir(p) for n, p in tiny_bundles.items()}
+    engine = TorchEngine(list(personas.values()), base=str(tiny_base))
+    heldout = {n: [Example(human="What is time?", text=REFERENCES[n][0])] for n in personas}
+    report = fidelity(engine, personas, heldout, REFERENCES, embed=embed,
+                      params=GenerationParams(temperature=0, max_new_tokens=6))
+    assert set(report.macro_f1) == {"base", "prompted", "adapter"}
+    assert all(0 <= v <= 1 for v in report.macro_f1.values())
+    assert all(len(m) == 2 for m in report.confusion.values())
+    for name in personas:
+        assert set(report.nll[name]) == {"base", "prompted", "adapter"}
+        assert report.neutral_ppl_ratio[name] > 0
+    assert "| alpha |" in report.table()
+    assert set(json.loads(json.dumps(report.as_dict()))["met"]) == {
+        "macro_f1", "gain_recovery", "neutral_ppl_ratio"}

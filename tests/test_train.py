@@ -1,0 +1,155 @@
+"""`agent train` on the tiny model: loss goes down, the adapter loads, Ctrl-C and --resume,
+QLoRA on the CPU, configuration from train.yaml with overrides, refusal of bad data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hyperlex.cli import cli
+from hyperlex.errors import HyperlexError
+from hyperlex.persona import Persona
+from hyperlex.train import TrainConfig, TrainingInterrupted, load_config, train
+
+from .conftest import write_bundle
+
+EXCHANGES = [("What is time?", "Time is the measure of change."),
+             ("What is truth?", "Truth is what holds."),
+             ("Who are you?", "A quick brown fox."),
+             ("Sing", "A poem about the sea and the moon.")]
+FAST = TrainConfig(r=4, alpha=8, epochs=6, batch_size=2, learning_rate=5e-3, max_length=256,
+                   dropout=0.0)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, tiny_base: Path) -> Path:
+    root = write_bundle(tmp_path, "trainee", adapter_seed=None)
+    (root / "data").mkdir()
+    lines = [json.dumps({"human": h, "text": t}) for h, t in EXCHANGES]
+    (root / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "data" / "heldout.jsonl").write_text(lines[0] + "\n")
+    (root / "persona.yaml").write_text((root / "persona.yaml").read_text())
+    return root
+
+
+def test_training_lowers_the_loss_and_writes_an_adapter_that_loads(bundle: Path,
+                                                                   tiny_base: Path) -> None:
+    from hyperlex.engine_torch import TorchEngine
+
+    card = train(bundle, FAST, base=str(tiny_base), progress=False)
+    assert card["final_loss"] < card["first_loss"]
+    assert card["heldout_loss"] is not None and card["peak_memory_mb"] > 0
+    assert card["data"]["records"] == 4 and len(card["data"]["sha256"]) == 64
+    assert card["base_model"] == "tiny-llama" and card["config"]["r"] == 4
+    persona = Persona.from_dir(bundle)  # the prompt-only bundle now declares its adapter
+    assert persona.adapter_info().rank == 4
+    saved = json.loads((bundle / "adapter" / "training_card.json").read_text())
+    assert saved["final_loss"] == card["final_loss"]
+    engine = TorchEngine([persona], base=str(tiny_base))
+    assert engine.generate([{"role": "user", "content": "What is time?"}], "trainee").text
+
+
+def test_adapter_is_stored_in_the_configured_dtype(bundle: Path, tiny_base: Path) -> None:
+    from safetensors import safe_open
+
+    train(bundle, TrainConfig(r=2, epochs=1, batch_size=4, max_length=256,
+                              save_dtype="bfloat16"), base=str(tiny_base), progress=False)
+    with safe_open(bundle / "adapter" / "adapter_model.safetensors", "pt") as weights:
+        dtypes = {str(weights.get_tensor(k).dtype) for k in weights.keys()}  # noqa: SIM118
+    assert dtypes == {"torch.bfloat16"}
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
+        bundle: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    twin = Path(shutil.copytree(bundle, tmp_path / "twin"))
+    config = TrainConfig(r=4, alpha=8, epochs=3, batch_size=2, max_length=256, dropout=0.0,
+                         save_dtype="float32")
+    train(twin, config, base=str(tiny_base), progress=False)
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3/6"):
+        train(bundle, config, base=str(tiny_base), progress=False, on_step=interrupt)
+    assert (bundle / ".checkpoint" / "state.pt").is_file()
+    assert not (bundle / "adapter").exists()
+    card = train(bundle, config, base=str(tiny_base), progress=False, resume=True)
+    assert card["steps"] == 6 and not (bundle / ".checkpoint").exists()
+    resumed = load_file(bundle / "adapter" / "adapter_model.safetensors")
+    straight = load_file(twin / "adapter" / "adapter_model.safetensors")
+    for key, tensor in straight.items():
+        assert (resumed[key] - tensor).abs().max() < 1e-5, key
+
+
+def test_resume_refuses_a_checkpoint_from_another_configuration(bundle: Path,
+                                                                tiny_base: Path) -> None:
+    config = TrainConfig(r=4, epochs=2, batch_size=2, max_length=256)
+
+    def interrupt(step: int, loss: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(bundle, config, base=str(tiny_base), progress=False, on_step=interrupt)
+    with pytest.raises(HyperlexError, match="another configuration or dataset"):
+        train(bundle, TrainConfig(r=8, epochs=2, batch_size=2, max_length=256),
+              base=str(tiny_base), progress=False, resume=True)
+
+
+def test_qlora_trains_on_the_cpu(bundle: Path, tiny_base: Path) -> None:
+    card = train(bundle, TrainConfig(r=4, alpha=8, epochs=2, batch_size=2, max_length=256,
+                                     qlora=True, learning_rate=5e-3), base=str(tiny_base),
+                 progress=False)
+    assert card["config"]["qlora"] and card["final_loss"] < card["first_loss"]
+    assert Persona.from_dir(bundle).adapter_info().rank == 4
+
+
+def test_train_yaml_is_read_and_overridden(bundle: Path) -> None:
+    (bundle / "train.yaml").write_text("r: 8\nepochs: 2\ntarget_modules: [q_proj, v_proj]\n")
+    config = load_config(bundle, {"epochs": 5, "alpha": None})
+    assert (config.r, config.epochs, config.target_modules) == (8, 5, ("q_proj", "v_proj"))
+    (bundle / "train.yaml").write_text("rank: 8\n")
+    with pytest.raises(HyperlexError, match="train.yaml: unknown training option 'rank'"):
+        load_config(bundle)
+    (bundle / "train.yaml").write_text("dropout: 2\n")
+    with pytest.raises(HyperlexError, match=r"dropout must be in \[0, 1\)"):
+        load_config(bundle)
+
+
+def test_agent_train_refuses_bad_data_with_line_numbers(bundle: Path, tiny_base: Path) -> None:
+    with (bundle / "data" / "train.jsonl").open("a") as data:
+        data.write('{"human": "oops"}\n')
+    result = CliRunner().invoke(cli, ["train", str(bundle), "--base", str(tiny_base),
+                                      "--epochs", "1"])
+    assert result.exit_code == 1
+    assert "train.jsonl:5: text is missing" in result.stderr
+    assert not (bundle / "adapter").exists()
+
+
+def test_agent_train_cli_trains_with_overrides(bundle: Path, tiny_base: Path) -> None:
+    result = CliRunner().invoke(cli, ["train", str(bundle), "--base", str(tiny_base), "--r", "2",
+                                      "--epochs", "1", "--batch-size", "4",
+                                      "--target-modules", "q_proj,v_proj", "--json"])
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.stdout)
+    assert card["config"]["r"] == 2 and card["config"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_base_model_mismatch_is_refused(bundle: Path, tmp_path: Path, tiny_base: Path) -> None:
+    text = (bundle / "persona.yaml").read_text().replace("base_model: tiny-llama",
+                                                         "base_model: other")
+    (bundle / "persona.yaml").write_text(text)
+    with pytest.raises(HyperlexError, match="base_model is 'other' but training would use"):
+        train(bundle, FAST, base=str(tiny_base), progress=False)
+
+
+def test_records_cut_off_by_max_length_are_refused(bundle: Path, tiny_base: Path) -> None:
+    with pytest.raises(HyperlexError, match=r"4 record\(s\) have no reply tokens within "
+                                            r"max_length=8 \(lines 1, 2, 3, 4\)"):
+        train(bundle, TrainConfig(max_length=8), base=str(tiny_base), progress=False)
