@@ -259,7 +259,7 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
-                losses.append(float(loss))
+                losses.append(loss.detach().item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
                 bar.update()
                 if on_step is not None:
@@ -305,10 +305,14 @@ def _save_adapter(model: Any, adapter_dir: Path, base_name: str, save_dtype: str
     import torch
     from safetensors.torch import load_file, save_file
 
-    # Name the base as bundles do, not by this machine's cache path.
-    model.peft_config["default"].base_model_name_or_path = base_name
     model.save_pretrained(adapter_dir, safe_serialization=True)
     (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+    # Name the base as bundles do, not by this machine's cache path. (Set before saving,
+    # PEFT would try to look the name up on the hub.)
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = adapter_dir / "adapter_model.safetensors"
     tensors = load_file(weights)
     dtype = getattr(torch, save_dtype)

@@ -51,7 +51,7 @@ def test_embedded_model_is_converted_once_then_loaded_from_the_cache(engine, rea
 def test_philosopher_adapter_is_attached_to_the_embedded_base(engine) -> None:
     assert engine.base_name == "smollm2-135m-instruct"
     assert "philosopher" in engine.personas and not engine.skipped
-    assert engine.model.peft_config["philosopher"].r == 16
+    assert engine.model.peft_config["philosopher"].r == 6
 
 
 def test_philosopher_answers_differently_from_the_base_and_in_character(engine) -> None:
@@ -102,3 +102,27 @@ def test_nf4_base_with_the_philosopher_adapter_generates(real_home: Path) -> Non
     reply = engine.generate(QUESTION, "philosopher",
                             GenerationParams(temperature=0, max_new_tokens=30))
     assert len(reply.text.split()) > 5
+
+
+def test_every_shipped_persona_loads_and_answers(engine) -> None:
+    from hyperlex.generation import GenerationParams
+
+    trained = {n: p for n, p in engine.personas.items() if p.adapter_dir is not None}
+    assert "philosopher" in trained
+    for name, persona in trained.items():
+        messages = [{"role": "system", "content": persona.system_message()},
+                    {"role": "user", "content": "Hello! What can you tell me about rain?"}]
+        reply = engine.generate(messages, name, GenerationParams(temperature=0,
+                                                                 max_new_tokens=24)).text
+        assert len(reply.split()) > 3, (name, reply)
+
+
+def test_the_cast_shares_one_vllm_portable_configuration(engine) -> None:
+    configs = {name: engine.model.peft_config[name] for name, p in engine.personas.items()
+               if p.adapter_dir is not None}
+    assert len({(c.r, c.lora_alpha) for c in configs.values()}) == 1
+    for name, config in configs.items():
+        assert not config.use_dora and config.bias == "none" and not config.modules_to_save, name
+    sizes = engine.adapter_bytes()
+    per_persona = max(sizes[name] for name in configs)
+    assert 32 * per_persona <= 0.25 * sizes["__base__"]
