@@ -297,8 +297,8 @@ def chat(
               help="Dtype the adapter weights are stored in.")
 @click.option("--data", help="Training set, relative to the bundle.")
 @click.option("--heldout", help="Held-out set, relative to the bundle.")
-@click.option("--qlora", is_flag=True, default=None,
-              help="QLoRA: 4-bit NF4 base through bitsandbytes.")
+@click.option("--qlora/--no-qlora", default=None,
+              help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
 @click.option("--base", default=None, metavar="MODEL", help="Base model (default: embedded).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint Ctrl-C saved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training card as JSON.")
@@ -389,7 +389,14 @@ def data_distill(persona: str, prompts_file: Path, out: Path, teacher_url: str |
     """Build a dataset by asking a teacher to answer prompts with PERSONA's full contract."""
     from tqdm import tqdm
 
-    from hyperlex.distill import LocalTeacher, OpenAITeacher, api_key_from, distill, read_prompts
+    from hyperlex.distill import (
+        LocalTeacher,
+        OpenAITeacher,
+        api_key_from,
+        distill,
+        pending,
+        read_prompts,
+    )
     from hyperlex.generation import parse_options
 
     host = get_host()
@@ -402,7 +409,7 @@ def data_distill(persona: str, prompts_file: Path, out: Path, teacher_url: str |
         from hyperlex.engine_torch import TorchEngine
 
         teacher = LocalTeacher(TorchEngine([], base=base, dtype=dtype, quantize=quantize))
-    with tqdm(total=len(prompts), desc=f"distilling {persona}", unit="prompt",
+    with tqdm(total=len(pending(prompts, out)), desc=f"distilling {persona}", unit="prompt",
               file=sys.stderr) as bar:
         stats = distill(prompts, chosen.system_message(), teacher, out, params, batch_size,
                         on_batch=bar.update)
@@ -446,12 +453,14 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int, 
     identification (macro-F1), prompt-gain recovery, and neutral perplexity."""
     from hyperlex.evaluate import TARGETS, fidelity, load_sets
     from hyperlex.generation import GenerationParams
+    from hyperlex.train import load_config
 
     host = get_host()
     _report_problems(host)
     chosen = {n: host.persona(n) for n in names} or {
         n: p for n, p in host.personas.items()
-        if p.adapter_dir is not None and p.root and (p.root / "data" / "heldout.jsonl").is_file()}
+        if p.adapter_dir is not None and p.root
+        and (p.root / load_config(p.root).heldout).is_file()}
     if len(chosen) < 2:
         raise HyperlexError("fidelity needs at least two personas with adapters and held-out "
                             f"sets; found: {', '.join(chosen) or 'none'}")

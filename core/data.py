@@ -114,7 +114,7 @@ def _scene(record: dict[str, Any]) -> Scene | None:
             raise ValueError("field must be an object")
         try:
             scene.field = Field(**field_data)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"field: {exc}") from None
     return scene
 

@@ -74,7 +74,7 @@ class OpenAITeacher:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     data = json.loads(response.read())
-                return data["choices"][0]["message"]["content"]
+                return data["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode(errors="replace")[:200]
                 if exc.code < 500 or attempt == self.retries:
@@ -102,7 +102,7 @@ def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise HyperlexError(f"{path}: prompts file not found")
     prompts, seen, problems = [], set(), []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -130,20 +130,32 @@ def already_done(out: Path) -> set[str]:
     if not out.is_file():
         return set()
     done = set()
-    for line in out.read_text(encoding="utf-8").splitlines():
+    for line in _read_text(out).splitlines():
         try:
             done.add(normalize_prompt(json.loads(line)["human"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue  # a line cut by an interrupted run: its prompt is asked again
     return done
+
+
+def pending(prompts: list[str], out: Path) -> list[str]:
+    """The prompts that still need a teacher's reply."""
+    done = already_done(out)
+    return [p for p in prompts if normalize_prompt(p) not in done]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise HyperlexError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def distill(prompts: list[str], system: str, teacher: Teacher, out: Path,
             params: GenerationParams, batch_size: int = 8,
             on_batch: Callable[[int], None] | None = None) -> dict[str, int]:
     """Ask ``teacher`` for each prompt not yet in ``out`` and append the records."""
-    done = already_done(out)
-    todo = [p for p in prompts if normalize_prompt(p) not in done]
+    todo = pending(prompts, out)
     written = empty = 0
     for batch in _chunks(todo, batch_size):
         conversations = [[{"role": "system", "content": system},

@@ -165,12 +165,15 @@ class TorchEngine(Engine):
         params: GenerationParams | None = None,
         stop: Sequence[str] = (),
     ) -> Generation:
+        self._check_persona(persona)
+        return _TorchGeneration(self, messages, persona, params or GenerationParams(), stop)
+
+
+    def _check_persona(self, persona: str | None) -> None:
         if persona is not None and persona not in self.personas:
             if persona in self.skipped:
                 raise HyperlexError(self.skipped[persona])
             raise UnknownPersona(persona, list(self.personas))
-        return _TorchGeneration(self, messages, persona, params or GenerationParams(), stop)
-
 
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                        params: GenerationParams | None = None) -> list[Completion]:
@@ -183,8 +186,7 @@ class TorchEngine(Engine):
         if not requests:
             return []
         for _, persona in requests:
-            if persona is not None and persona not in self.personas:
-                raise UnknownPersona(persona, list(self.personas))
+            self._check_persona(persona)
         rows = [self._encode(messages)["input_ids"][0].tolist() for messages, _ in requests]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \

@@ -188,8 +188,12 @@ def _mean(pairs: Any) -> float:
 
 
 def load_sets(persona: Persona) -> tuple[list[Example], list[str]]:
-    """A bundle's held-out examples and its reference replies (the training set's)."""
+    """A bundle's held-out examples and its reference replies (its training set's), from the
+    files its train.yaml names."""
+    from hyperlex.train import load_config
+
     root = persona.root or Path(".")
-    heldout = read_dataset(root / "data" / "heldout.jsonl")
-    references = [e.text for e in read_dataset(root / "data" / "train.jsonl")]
+    config = load_config(root)
+    heldout = read_dataset(root / config.heldout)
+    references = [e.text for e in read_dataset(root / config.data)]
     return heldout, references

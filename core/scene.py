@@ -59,6 +59,15 @@ class Field:
     line_length: str = "medium"
     tone: str = "neutral"
 
+    def __post_init__(self) -> None:
+        for name in ("valence", "arousal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"field.{name} must be a number, got {value!r}")
+        for name in ("emotion", "tempo", "line_length", "tone"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"field.{name} must be a string, got {getattr(self, name)!r}")
+
     def render(self) -> str:
         return (
             f"emotion={self.emotion} (valence {self.valence:+.2f}, arousal {self.arousal:.2f}); "

@@ -17,7 +17,9 @@ import math
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -169,11 +171,38 @@ def _digest(*paths: Path) -> str:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 class TrainingInterrupted(HyperlexError):
     pass
+
+
+class _StopAfterStep:
+    """The first Ctrl-C asks training to stop after the current step, so the checkpoint is
+    taken between steps (exactly resumable); a second Ctrl-C aborts at once."""
+
+    def __init__(self, bar: Any):
+        self.requested = False
+        self.aborted = False
+        self.bar = bar
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.aborted = True
+            raise KeyboardInterrupt
+        self.requested = True
+        self.bar.write("Stopping after this step to save a checkpoint (Ctrl-C again to abort "
+                       "without one)")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bool = False,
@@ -181,16 +210,17 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
           ) -> dict[str, Any]:
     """Train the bundle's adapter; return the training card. Raises TrainingInterrupted after
     saving a checkpoint when interrupted (Ctrl-C)."""
+    from hyperlex.models import load_base, quiet_libraries, resolve_base
+
+    quiet_libraries()
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm import tqdm
 
-    from hyperlex.models import load_base, resolve_base
-
     bundle = bundle.resolve()
     data = read_bundle_yaml(bundle)
-    declared = isinstance(data, dict) and data.pop("adapter", None) is not None
+    declared = data.pop("adapter", None) if isinstance(data, dict) else None
     # (the adapter is what this run produces, so it need not exist yet)
     persona = Persona.from_mapping(data, root=bundle, file=bundle / BUNDLE_FILE)
     resolved = resolve_base(base)
@@ -245,6 +275,7 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     start = time.time() - elapsed
     bar = tqdm(total=steps, initial=step, desc=f"training {persona.name}", unit="step",
                file=sys.stderr, disable=not progress)
+    stop = _StopAfterStep(bar)
     try:
         for epoch in range(step // per_epoch, config.epochs):
             order = examples[:]
@@ -264,8 +295,14 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
                 bar.update()
                 if on_step is not None:
                     on_step(step, losses[-1])
+                if stop.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
+        stop.restore()
         bar.close()
+        if stop.aborted:
+            raise TrainingInterrupted(f"aborted during step {step + 1}/{steps}; no checkpoint "
+                                      "saved") from None
         _write_checkpoint(checkpoint, config, data_hash, {
             "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -273,9 +310,13 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         raise TrainingInterrupted(
             f"interrupted at step {step}/{steps}; checkpoint saved in {checkpoint}. Continue "
             f"with: agent train {bundle} --resume") from None
+    stop.restore()
     bar.close()
 
-    adapter_dir = bundle / "adapter"
+    adapter_dir = (bundle / (declared or "adapter")).resolve()
+    if not adapter_dir.is_relative_to(bundle):
+        raise HyperlexError(f"{bundle / BUNDLE_FILE}: adapter: {declared!r} points outside the "
+                            "bundle directory")
     _save_adapter(model, adapter_dir, resolved.name, config.save_dtype)
     card = {
         "persona": persona.name,
@@ -293,8 +334,10 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         "torch": torch.__version__,
     }
     if not declared:  # a prompt-only bundle becomes an adapter-backed one
-        with (bundle / BUNDLE_FILE).open("a", encoding="utf-8") as file:
-            file.write("adapter: adapter/\n")
+        yaml_file = bundle / BUNDLE_FILE
+        text = yaml_file.read_text(encoding="utf-8")
+        yaml_file.write_text(text + ("" if text.endswith("\n") else "\n") + "adapter: adapter/\n",
+                             encoding="utf-8")
         card["persona_yaml"] = "added adapter: adapter/"
     (adapter_dir / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
     shutil.rmtree(checkpoint, ignore_errors=True)

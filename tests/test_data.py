@@ -52,15 +52,17 @@ def test_every_bad_record_is_reported_with_its_line(tmp_path: Path) -> None:
         json.dumps({"messages": [{"role": "user", "content": "u"},
                                  {"role": "user", "content": "again"}]}),
         json.dumps({"human": "x", "text": "y", "field": {"color": "red"}}),
+        json.dumps({"human": "x", "text": "y", "field": {"valence": "high"}}),
         json.dumps({"human": "x", "text": "y", "scene": {"hyperlexemes": [{"id": "h1"}]}}),
         json.dumps(["not", "an", "object"]),
     ])
     with pytest.raises(DataError) as info:
         read_dataset(path)
     problems = info.value.problems
-    assert [p.split(":")[1] for p in problems] == [str(n) for n in range(2, 11)]
+    assert [p.split(":")[1] for p in problems] == [str(n) for n in range(2, 12)]
     for expected in ("invalid JSON", "text is missing", "text is empty", "unknown field(s) mood",
                      "no system message", "expected role 'assistant'", "field:",
+                     "field.valence must be a number",
                      "scene is not a valid scene", "must be a JSON object"):
         assert any(expected in p for p in problems), expected
 

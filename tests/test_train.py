@@ -153,3 +153,28 @@ def test_records_cut_off_by_max_length_are_refused(bundle: Path, tiny_base: Path
     with pytest.raises(HyperlexError, match=r"4 record\(s\) have no reply tokens within "
                                             r"max_length=8 \(lines 1, 2, 3, 4\)"):
         train(bundle, TrainConfig(max_length=8), base=str(tiny_base), progress=False)
+
+
+def test_a_real_ctrl_c_stops_after_the_current_step(bundle: Path, tiny_base: Path) -> None:
+    import os
+    import signal
+
+    def press_ctrl_c(step: int, loss: float) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 2/"):
+        train(bundle, TrainConfig(r=2, epochs=2, batch_size=2, max_length=256),
+              base=str(tiny_base), progress=False, on_step=press_ctrl_c)
+    assert (bundle / ".checkpoint" / "state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_declared_adapter_folder_is_where_the_adapter_goes(bundle: Path,
+                                                            tiny_base: Path) -> None:
+    yaml_file = bundle / "persona.yaml"
+    yaml_file.write_text(yaml_file.read_text() + "adapter: weights/\n")
+    train(bundle, TrainConfig(r=2, epochs=1, batch_size=4, max_length=256), base=str(tiny_base),
+          progress=False)
+    assert Persona.from_dir(bundle).adapter_dir == (bundle / "weights").resolve()
+    assert not (bundle / "adapter").exists()
