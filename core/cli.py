@@ -445,10 +445,13 @@ def eval_group() -> None:
                    "and a data/heldout.jsonl).")
 @click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Use only the first N held-out examples of each persona (a quick check).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @_engine_options
-def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int, as_json: bool,
-                  base: str | None, dtype: str, quantize: str | None) -> None:
+def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
+                  limit: int | None, as_json: bool, base: str | None, dtype: str,
+                  quantize: str | None) -> None:
     """Base vs prompted base vs adapter on each persona's held-out prompts: blind persona
     identification (macro-F1), prompt-gain recovery, and neutral perplexity."""
     from hyperlex.evaluate import TARGETS, fidelity, load_sets
@@ -466,7 +469,7 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int, 
                             f"sets; found: {', '.join(chosen) or 'none'}")
     sets = {name: load_sets(persona) for name, persona in chosen.items()}
     engine = open_engine(host, base, dtype, quantize, only=list(chosen))
-    report = fidelity(engine, chosen, {n: s[0] for n, s in sets.items()},
+    report = fidelity(engine, chosen, {n: s[0][:limit] for n, s in sets.items()},
                       {n: s[1] for n, s in sets.items()},
                       params=GenerationParams(temperature=0, max_new_tokens=max_new_tokens,
                                               repetition_penalty=1.1),
