@@ -115,12 +115,7 @@ class TorchEngine(Engine):
                   persona: str | None) -> tuple[float, int]:
         """Summed negative log-likelihood of ``reply`` as the assistant's answer to
         ``messages`` with ``persona`` active, and the number of reply tokens scored."""
-        prompt = self._encode(messages)["input_ids"][0].tolist()
-        full = self.tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": reply}], tokenize=True,
-            return_dict=True)["input_ids"]
-        if full[:len(prompt)] != prompt:
-            raise HyperlexError("the chat template does not render the prompt as a prefix")
+        prompt, full = encode_exchange(self.tokenizer, messages, reply)
         return self._nll(full, len(prompt), persona)
 
     def text_nll(self, text: str, persona: str | None) -> tuple[float, int]:
@@ -359,6 +354,21 @@ def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
     eos = model.generation_config.eos_token_id
     ids = eos if isinstance(eos, list) else [eos]
     return [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+
+
+def encode_exchange(tokenizer: Any, messages: Sequence[Message],
+                    reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (with the generation prompt) and of prompt + ``reply``; the
+    first is checked to be a prefix of the second, so the reply's tokens can be told apart."""
+    prompt_ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": reply}], tokenize=True,
+        return_dict=True)["input_ids"]
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        raise HyperlexError("the chat template does not render the prompt as a prefix of the "
+                            "full exchange; cannot tell the reply's tokens apart")
+    return prompt_ids, full_ids
 
 
 def _keep_stored_dtype(layers: list[Any], name: str, adapter_dir: Path) -> None:

@@ -164,6 +164,11 @@ def read_bundle_yaml(root: Path) -> Any:
         raise BundleError(root, None, "not a directory")
     if not file.is_file():
         raise BundleError(file, None, "missing; a persona bundle needs a persona.yaml")
+    return read_yaml(file)
+
+
+def read_yaml(file: Path) -> Any:
+    """A parsed YAML file, or a :class:`BundleError` naming the file (and line) on failure."""
     try:
         return yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -26,11 +26,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hyperlex.data import Example, read_dataset
+from hyperlex.engine_torch import encode_exchange
 from hyperlex.errors import HyperlexError
-from hyperlex.persona import BUNDLE_FILE, Persona, read_bundle_yaml
+from hyperlex.persona import BUNDLE_FILE, Persona, read_bundle_yaml, read_yaml
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_FILE = "train.yaml"
@@ -100,12 +99,7 @@ def load_config(bundle: Path, overrides: dict[str, Any] | None = None) -> TrainC
     config = TrainConfig()
     file = bundle / TRAIN_FILE
     if file.is_file():
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f"line {mark.line + 1}: " if mark else ""
-            raise HyperlexError(f"{file}: {line}invalid YAML") from None
+        data = read_yaml(file) or {}
         if not isinstance(data, dict):
             raise HyperlexError(f"{file}: must be a mapping of training options")
         config = config.updated(data, str(file))
@@ -118,13 +112,7 @@ def encode_example(tokenizer: Any, system: str, example: Example,
     """Token ids for one exchange, and labels that mask everything but the reply."""
     prompt = [{"role": "system", "content": system}, *example.history,
               {"role": "user", "content": example.human}]
-    full = [*prompt, {"role": "assistant", "content": example.text}]
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
-    full_ids = tokenizer.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"]
-    if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise HyperlexError("the chat template does not render the prompt as a prefix of the "
-                            "full exchange; cannot mask the prompt")
+    prompt_ids, full_ids = encode_exchange(tokenizer, prompt, example.text)
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
     return full_ids[:max_length], labels[:max_length]
 
