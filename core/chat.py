@@ -13,9 +13,14 @@ from hyperlex.controller import Controller
 from hyperlex.errors import HyperlexError
 
 HELP = """Commands:
-  /persona NAME   pin NAME: it answers every turn (/persona auto unpins)
+  /persona NAME   pin NAME: it answers every turn (/persona auto routes again)
   @NAME message   hand the conversation to NAME (when no persona is pinned)
+                  ("let the poet answer: ...", "switch to the scientist" work too)
   /personas       list the personas
+  /why            why the last turn went to its persona, with the router's scores
+  /scene [tree|json]  the shared scene: hyperlexemes, links, field (default: a table)
+  /mood NAME[:W]  compose a mood layer over every persona (/mood off removes it)
+  /session        the session this conversation is saved in
   /help           this help
   /exit           leave (Ctrl-D works too); Ctrl-C cancels the reply being written"""
 
@@ -86,9 +91,50 @@ class ChatLoop:
                 click.secho(f"Error: {exc}", fg="red", err=True)
             else:
                 click.echo(f"persona: {arg}", err=True)
+        elif name == "/why":
+            self.why()
+        elif name == "/scene":
+            self.show_scene(arg or "table")
+        elif name == "/mood":
+            self.mood(arg)
+        elif name == "/session":
+            click.echo(f"session: {self.controller.session or 'not saved (--no-store)'}",
+                       err=True)
         else:
             click.secho(f"unknown command {name}; /help lists the commands", fg="red", err=True)
         return True
+
+    def why(self) -> None:
+        decision = self.controller.last_decision
+        if decision is None:
+            click.echo("no turn yet", err=True)
+            return
+        click.echo(f"{decision.persona}: {decision.reason}", err=True)
+        for persona, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
+            click.echo(f"  {persona:<12} {score:.3f}", err=True)
+
+    def show_scene(self, style: str) -> None:
+        from hyperlex.scene_display import scene_table, scene_tree
+
+        scene = self.controller.scene
+        views = {"table": scene_table, "tree": scene_tree, "json": lambda s: s.to_json()}
+        if style not in views:
+            click.secho(f"/scene {style}: choose table, tree or json", fg="red", err=True)
+            return
+        click.echo(views[style](scene))
+
+    def mood(self, arg: str) -> None:
+        if not arg:
+            moods = ", ".join(sorted(self.controller.engine.moods)) or "none installed"
+            click.echo(f"mood: {self.controller.mood_label or 'off'} (available: {moods})",
+                       err=True)
+            return
+        try:
+            self.controller.set_mood(arg)
+        except HyperlexError as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+        else:
+            click.echo(f"mood: {self.controller.mood_label or 'off'}", err=True)
 
     def turn(self, message: str, show_persona: bool = False) -> None:
         stream = self.controller.send(message)

@@ -104,6 +104,7 @@ def personas(as_json: bool) -> None:
         rows.append(
             {
                 "name": name,
+                "kind": persona.kind,
                 "title": persona.title,
                 "description": persona.description,
                 "base_model": persona.base_model,
@@ -122,7 +123,7 @@ def personas(as_json: bool) -> None:
         return
     table = [
         (
-            r["name"],
+            r["name"] + (" (mood)" if r["kind"] == "mood" else ""),
             r["title"],
             r["base_model"],
             f"r={r['adapter_rank']}" if r["adapter_rank"] else "-",
@@ -224,7 +225,8 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
 
 
 @cli.command()
-@click.option("-p", "--persona", default=None, help="Persona to answer every turn.")
+@click.option("-p", "--persona", default="auto", show_default=True,
+              help="Persona to answer every turn; 'auto' routes each turn.")
 @click.option("-m", "--message", default=None, help="Send one message, print the reply, exit.")
 @click.option(
     "-o",
@@ -235,18 +237,30 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     metavar="KEY VALUE",
     help="Generation option, e.g. -o temperature 0 -o max_new_tokens 64.",
 )
+@click.option("--mood", default=None, metavar="NAME[:WEIGHT]",
+              help="Compose a mood layer over every persona, e.g. --mood melancholic:0.7.")
+@click.option("--router", default="embedding", show_default=True,
+              help="Automatic router for unaddressed turns ('none': keep the current persona).")
+@click.option("-s", "--session", default=None, metavar="NAME",
+              help="Save the conversation as session NAME, resuming it (history, scene, "
+              "persona, mood) if it exists. Default: a new session.")
+@click.option("--no-store", is_flag=True, help="Do not save this conversation.")
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="Print each turn as a JSON line (persona, reason, reply, usage) instead of "
+    help="Print each turn as a JSON line (persona, route, reply, usage) instead of "
     "streaming text.",
 )
 @_engine_options
 def chat(
-    persona: str | None,
+    persona: str,
     message: str | None,
     options: tuple[tuple[str, str], ...],
+    mood: str | None,
+    router: str,
+    session: str | None,
+    no_store: bool,
     as_json: bool,
     base: str | None,
     dtype: str,
@@ -255,24 +269,37 @@ def chat(
     """Chat with the personas. Interactive on a terminal; reads one message per line from a
     pipe; -m sends a single message.
 
-    In a conversation: /persona NAME pins a persona (/persona auto unpins it), @NAME at the
-    start of a message hands the conversation to NAME, /personas lists them, /help, /exit.
+    Each turn goes to the pinned persona, an @NAME address, a request in words ("let the
+    poet answer: ..."), or the automatic router. In a conversation: /persona NAME pins a
+    persona (/persona auto routes again), /why explains the last choice, /scene shows the
+    shared scene, /mood NAME adds a mood layer, /help lists the rest.
     """
     from hyperlex.chat import ChatLoop
     from hyperlex.controller import Controller
     from hyperlex.generation import parse_options
+    from hyperlex.store import Store
 
     host = get_host()
     overrides = parse_options(options)
     installed = host.personas  # runs the registration hooks, so their problems show below
     _report_problems(host)
-    if persona is not None and persona not in installed:
-        raise click.BadParameter(str(UnknownPersona(persona, list(installed))),
-                                 param_hint="'--persona'")
-    if not installed:
+    speakers = [n for n, p in installed.items() if not p.is_mood]
+    if persona != "auto" and persona not in speakers:
+        raise click.BadParameter(str(UnknownPersona(persona, speakers)), param_hint="'--persona'")
+    if not speakers:
         raise HyperlexError("no personas are installed (agent plugins shows why plugins failed)")
+    if no_store and session:
+        raise click.UsageError("--session and --no-store contradict each other")
+    store = None if no_store else Store()
+    if store is not None and session is None:
+        session = store.open_session().info.name
     engine = open_engine(host, base, dtype, quantize)
-    controller = Controller(host, engine, persona=persona, overrides=overrides)
+    controller = Controller(host, engine, persona=persona, overrides=overrides,
+                            router=None if router == "none" else router, mood=mood,
+                            store=store, session=session)
+    if session is not None:
+        resumed = f", resumed at turn {controller.first_index}" if controller.first_index else ""
+        click.echo(f"session {session}{resumed}", err=True)
     loop = ChatLoop(controller, as_json=as_json)
     if message is not None:
         loop.turn(message)
@@ -280,6 +307,47 @@ def chat(
         loop.interactive()
     else:
         loop.piped(sys.stdin)
+
+
+@cli.command()
+@click.argument("text")
+@click.option("--current", default=None, metavar="NAME",
+              help="The persona that answered the previous turn (hysteresis keeps it).")
+@click.option("-s", "--session", default=None, metavar="NAME",
+              help="Route as the next turn of a saved session (its scene and current persona).")
+@click.option("--router", default="embedding", show_default=True,
+              help="Automatic router ('none': only explicit choices and requests in words).")
+@click.option("--json", "as_json", is_flag=True, help="Print the decision with all scores.")
+def route(text: str, current: str | None, session: str | None, router: str,
+          as_json: bool) -> None:
+    """Show which persona would answer TEXT and why, without loading a language model."""
+    from hyperlex.router import TurnRouter
+    from hyperlex.scene import Scene
+
+    host = get_host()
+    speakers = {n: p for n, p in host.personas.items() if not p.is_mood}
+    _report_problems(host)
+    scene = None
+    if session is not None:
+        from hyperlex.store import Store
+
+        with Store() as store:
+            record = store.session(session)
+        saved = record.latest_scene()
+        scene = Scene.from_json(saved) if saved else None
+        if current is None and record.turns:
+            current = record.turns[-1]["persona"]
+    if current is not None and current not in speakers:
+        raise click.BadParameter(str(UnknownPersona(current, list(speakers))),
+                                 param_hint="'--current'")
+    decision = TurnRouter(host, speakers, None if router == "none" else router).decide(
+        text, scene, current)
+    if as_json:
+        _emit_json(decision.as_dict())
+        return
+    click.echo(f"{decision.persona}  ({decision.reason})")
+    for name, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {name:<12} {score:.3f}", err=True)
 
 
 @cli.command()
@@ -462,7 +530,7 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
     _report_problems(host)
     chosen = {n: host.persona(n) for n in names} or {
         n: p for n, p in host.personas.items()
-        if p.adapter_dir is not None and p.root
+        if p.adapter_dir is not None and p.root and not p.is_mood
         and (p.root / load_config(p.root).heldout).is_file()}
     if len(chosen) < 2:
         raise HyperlexError("fidelity needs at least two personas with adapters and held-out "
@@ -481,6 +549,30 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
     click.echo()
     for metric, met in report.verdicts().items():
         click.echo(f"{metric}: {'met' if met else 'NOT met'} (target {TARGETS[metric]})")
+
+
+@eval_group.command("routing")
+@click.argument("cases", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--router", default="embedding", show_default=True, help="Automatic router.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (with errors) as JSON.")
+def eval_routing(cases: Path, router: str, as_json: bool) -> None:
+    """Routing accuracy on the labelled set CASES (JSON lines: message, expected, kind,
+    current), per kind: explicit @addresses, requests in words, implicit messages."""
+    from hyperlex.route_eval import evaluate_routing, load_cases
+    from hyperlex.router import TurnRouter
+
+    host = get_host()
+    speakers = {n: p for n, p in host.personas.items() if not p.is_mood}
+    _report_problems(host)
+    report = evaluate_routing(TurnRouter(host, speakers, None if router == "none" else router),
+                              load_cases(cases, set(speakers)))
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    click.echo(report.table())
+    for error in report.errors:
+        click.echo(f"  {error['kind']}: {error['message']!r} -> {error['got']} "
+                   f"(expected {error['expected']})", err=True)
 
 
 BUILTIN_COMMANDS = frozenset(cli.commands)

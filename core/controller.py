@@ -1,26 +1,29 @@
-"""The meta-controller: decides who speaks each turn, builds the prompt and records the turn.
+"""The meta-controller: decides who speaks each turn, keeps the scene and records the turn.
 
-Routing order: a pinned persona (``--persona``, ``/persona NAME``), an ``@name`` address at the
-start of the message, a plugin's ``route_turn`` answer, the persona of the previous turn, then
-the default persona. Every decision carries its reason.
+Routing is :class:`hyperlex.router.TurnRouter`'s (explicit choices, requests in words, the
+``route_turn`` hook, the automatic router). Per turn the user's message is encoded into the
+scene before the persona speaks (so the prompt shows it) and the reply is encoded after; all
+personas read and write that one scene. With a store, each finished turn and the scene it
+left are saved in one transaction.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hyperlex.engine import Engine, Generation, Message
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
+from hyperlex.router import DEFAULT_ROUTER, RouteDecision, TurnRouter
 from hyperlex.scene import Scene
 
-DEFAULT_PERSONA = "philosopher"
-_ADDRESS = re.compile(r"^@([a-z][a-z0-9_-]*)[\s,:]+(.*)$", re.DOTALL)
+if TYPE_CHECKING:
+    from hyperlex.store import Store
+
 
 
 @dataclass
@@ -36,6 +39,9 @@ class Turn:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    route: dict[str, Any] = field(default_factory=dict)
+    mood: str | None = None
+    scene_version: int | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -51,6 +57,9 @@ class Turn:
                 "completion_tokens": self.completion_tokens,
             },
             "seconds": round(self.seconds, 3),
+            "route": self.route,
+            "mood": self.mood,
+            "scene_version": self.scene_version,
             "annotations": self.annotations,
         }
 
@@ -62,21 +71,48 @@ class Controller:
         engine: Engine,
         persona: str | None = None,
         overrides: dict[str, Any] | None = None,
+        *,
+        router: str | None = DEFAULT_ROUTER,
+        mood: str | None = None,
+        store: Store | None = None,
+        session: str | None = None,
     ):
+        """``persona`` pins a persona (None or "auto": route). ``router`` names a registered
+        router (None: no automatic routing). With ``store`` and ``session`` the conversation
+        is saved turn by turn and an existing session resumes with its history and scene."""
         self.host = host
         self.engine = engine
         self.overrides = dict(overrides or {})
         self.scene = Scene()
         self.history: list[Message] = []
         self.turns: list[Turn] = []
+        self.first_index = 0  # turns a resumed session already had
         self.pinned: str | None = None
         self.current: str | None = None
-        if persona is not None:
+        self.mood: tuple[str, float] | None = None
+        self.last_decision: RouteDecision | None = None
+        self.store = store
+        self.session = session
+        self.turn_router = TurnRouter(host, engine.personas, router)
+        if store is not None and session is not None:
+            self._resume(persona, mood)
+        if persona not in (None, "auto"):
             self.pin(persona)
+        if mood is not None:
+            self.set_mood(mood)
+
+    # state -----------------------------------------------------------------------------------
 
     @property
     def personas(self) -> list[str]:
         return sorted(self.engine.personas)
+
+    @property
+    def mood_label(self) -> str | None:
+        if self.mood is None:
+            return None
+        name, weight = self.mood
+        return name if weight == 1.0 else f"{name}:{weight:g}"
 
     def _check(self, name: str) -> str:
         if name in self.engine.personas:
@@ -86,37 +122,93 @@ class Controller:
         raise UnknownPersona(name, self.personas)
 
     def pin(self, name: str | None) -> None:
-        """Make ``name`` answer every turn until unpinned (``None``: route automatically)."""
-        self.pinned = None if name is None else self._check(name)
-        if name is not None:
+        """Make ``name`` answer every turn until unpinned (``None``/"auto": route)."""
+        self.pinned = None if name in (None, "auto") else self._check(name)
+        if self.pinned is not None:
             self.current = self.pinned
+        self._save_session_state()
 
-    def route(self, message: str) -> tuple[str, str, str]:
-        """Choose who answers: (persona, reason, message with any @address removed)."""
-        if self.pinned:
-            return self.pinned, "pinned persona", message
-        match = _ADDRESS.match(message.strip())
-        if match and match.group(1) in self.engine.personas:
-            return match.group(1), f"addressed as @{match.group(1)}", match.group(2).strip()
-        chosen = self.host.route_turn(message, self.scene, self.personas, self.current)
-        if chosen:
-            return chosen[0], f"route_turn hook of plugin {chosen[1]!r}", message
-        if self.current:
-            return self.current, "continuing with the current persona", message
-        if not self.personas:
-            raise HyperlexError("no personas are installed")
-        default = DEFAULT_PERSONA if DEFAULT_PERSONA in self.personas else self.personas[0]
-        return default, "default persona", message
+    def set_mood(self, spec: str | None) -> None:
+        """Compose a mood layer over every persona: ``NAME`` or ``NAME:WEIGHT`` (``None`` or
+        "off": no mood)."""
+        if spec in (None, "off", "none"):
+            self.mood = None
+        else:
+            name, _, weight_text = spec.partition(":")
+            if name not in self.engine.moods:
+                raise UnknownPersona(name, list(self.engine.moods), kind="mood")
+            try:
+                weight = float(weight_text) if weight_text else 1.0
+            except ValueError:
+                raise HyperlexError(f"mood weight in {spec!r} must be a number") from None
+            if not 0.0 < weight <= 2.0:
+                raise HyperlexError(f"mood weight in {spec!r} must be in (0, 2]")
+            self.mood = (name, weight)
+        self._save_session_state()
+
+    def _save_session_state(self) -> None:
+        if self.store is not None and self.session is not None:
+            self.store.update_session(self.session, persona=self.pinned, mood=self.mood_label)
+
+    def _resume(self, persona: str | None, mood: str | None) -> None:
+        assert self.store is not None and self.session is not None
+        record = self.store.open_session(self.session, persona=persona, mood=mood)
+        for saved in record.turns:
+            self.history += [{"role": "user", "content": saved["user"]},
+                             {"role": "assistant", "content": saved["reply"]}]
+            self.current = saved["persona"] if saved["persona"] in self.engine.personas else None
+        self.first_index = len(record.turns)
+        scene = record.latest_scene()
+        if scene is not None:
+            self.scene = Scene.from_json(scene)
+        if persona is None and record.info.persona in self.engine.personas:
+            self.pinned = self.current = record.info.persona
+        if mood is None and record.info.mood:
+            try:
+                self.set_mood(record.info.mood)
+            except HyperlexError as exc:
+                self.host.report(f"session {self.session!r}: mood not restored: {exc}")
+
+    # routing ---------------------------------------------------------------------------------
+
+    def route(self, message: str) -> RouteDecision:
+        """Choose who answers ``message`` (see :class:`hyperlex.router.TurnRouter`)."""
+        return self.turn_router.decide(message, self.scene, self.current, self.pinned)
+
+    # the scene -------------------------------------------------------------------------------
+
+    def encode(self, text: str, persona: str, turn: int) -> None:
+        """Merge what ``text`` says into the scene with ``persona``'s encoder."""
+        wanted = self.engine.personas[persona].scene_encoder
+        encoders = self.host.scene_encoders
+        encoder = encoders.get(wanted) or encoders.get("default")
+        if encoder is None:
+            return
+        try:
+            self.scene = self.scene.apply(encoder(text), turn=turn)
+        except Exception as exc:  # plugin code: report it and keep the conversation going
+            self.host.report(f"scene encoder {wanted!r} failed: {type(exc).__name__}: {exc}")
+
+    # turns -----------------------------------------------------------------------------------
 
     def params_for(self, persona: str) -> GenerationParams:
         return self.engine.personas[persona].contract.params().updated(self.overrides, "-o")
 
+    def system_message(self, persona: str) -> str:
+        bundle = self.engine.personas[persona]
+        text = bundle.system_message(self.scene, self._count_text_tokens)
+        if self.mood is not None:
+            mood = self.engine.moods[self.mood[0]]
+            if mood.adapter_dir is None:  # a prompt-only mood speaks through the prompt
+                text += "\n" + mood.system_message(self.scene, self._count_text_tokens)
+        return text
+
+    def _count_text_tokens(self, text: str) -> int:
+        return max(0, self.engine.count_tokens([{"role": "user", "content": text}]) - 4)
+
     def _prompt(self, persona: str, message: str, params: GenerationParams) -> list[Message]:
         """System message + as much recent history as fits the context window + the message."""
-        system = {
-            "role": "system",
-            "content": self.engine.personas[persona].system_message(self.scene),
-        }
+        system = {"role": "system", "content": self.system_message(persona)}
         user = {"role": "user", "content": message}
         history = list(self.history)
         while True:
@@ -132,39 +224,59 @@ class Controller:
     def send(self, message: str) -> TurnStream:
         """Start a turn. Iterate the result for the streamed reply; the turn is recorded
         (and ``on_turn`` hooks run) when the reply finishes, unless it was cancelled."""
-        persona, reason, text = self.route(message)
+        decision = self.route(message)
+        self.last_decision = decision
+        persona = decision.persona
         self.current = persona
         params = self.params_for(persona)
-        turn = Turn(index=len(self.turns), user=text, persona=persona, reason=reason)
-        generation = self.engine.stream(self._prompt(persona, text, params), persona, params)
-        return TurnStream(self, turn, generation)
+        index = self.first_index + len(self.turns)
+        turn = Turn(index=index, user=decision.message, persona=persona, reason=decision.reason,
+                    route=decision.as_dict(), mood=self.mood_label)
+        scene_before = self.scene
+        self.encode(decision.message, persona, index)
+        layers = [self.mood] if self.mood and self.engine.moods[self.mood[0]].adapter_dir else []
+        generation = self.engine.stream(
+            self._prompt(persona, decision.message, params), persona, params, layers=layers
+        )
+        return TurnStream(self, turn, generation, scene_before)
 
     def _record(self, turn: Turn) -> None:
+        self.encode(turn.reply, turn.persona, turn.index)
+        turn.scene_version = self.scene.version
         self.history += [
             {"role": "user", "content": turn.user},
             {"role": "assistant", "content": turn.reply},
         ]
         self.turns.append(turn)
         self.host.on_turn(turn, self.scene)
+        if self.store is not None and self.session is not None:
+            self.store.record_turn(self.session, turn.as_dict(), self.scene.to_json(),
+                                   self.scene.version)
 
 
 class TurnStream:
-    def __init__(self, controller: Controller, turn: Turn, generation: Generation):
+    def __init__(self, controller: Controller, turn: Turn, generation: Generation,
+                 scene_before: Scene):
         self.controller = controller
         self.turn = turn
         self.generation = generation
+        self._scene_before = scene_before
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
-        yield from self.generation
-        gen, turn = self.generation, self.turn
-        turn.reply = gen.text.strip()
-        turn.finish_reason = gen.finish_reason
-        turn.prompt_tokens = gen.usage.prompt_tokens
-        turn.completion_tokens = gen.usage.completion_tokens
-        turn.seconds = time.perf_counter() - start
-        if gen.finish_reason != "cancelled":
-            self.controller._record(turn)
+        try:
+            yield from self.generation
+        finally:
+            gen, turn = self.generation, self.turn
+            turn.reply = gen.text.strip()
+            turn.finish_reason = gen.finish_reason
+            turn.prompt_tokens = gen.usage.prompt_tokens
+            turn.completion_tokens = gen.usage.completion_tokens
+            turn.seconds = time.perf_counter() - start
+            if gen.finish_reason in ("stop", "length"):
+                self.controller._record(turn)
+            else:  # cancelled or failed: the turn never happened
+                self.controller.scene = self._scene_before
 
     def cancel(self) -> None:
         self.generation.cancel()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from hyperlex.persona import Persona
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+Layers = Sequence[tuple[str, float]]  # (mood name, weight) composed over the persona
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -112,6 +113,7 @@ class Engine(ABC):
 
     base_name: str
     personas: dict[str, Persona]
+    moods: dict[str, Persona]  # contextual layers (bundles of kind "mood")
     skipped: dict[str, str]  # persona name -> why its adapter was not attached
 
     @abstractmethod
@@ -121,8 +123,10 @@ class Engine(ABC):
         persona: str | None,
         params: GenerationParams | None = None,
         stop: Sequence[str] = (),
+        layers: Layers = (),
     ) -> Generation:
-        """Start generating a reply to ``messages`` with ``persona``'s adapter active."""
+        """Start generating a reply to ``messages`` with ``persona``'s adapter active and each
+        mood adapter in ``layers`` added on top at its weight."""
 
     def generate(
         self,
@@ -130,8 +134,9 @@ class Engine(ABC):
         persona: str | None,
         params: GenerationParams | None = None,
         stop: Sequence[str] = (),
+        layers: Layers = (),
     ) -> Completion:
-        return self.stream(messages, persona, params, stop).complete()
+        return self.stream(messages, persona, params, stop, layers).complete()
 
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                        params: GenerationParams | None = None) -> list[Completion]:

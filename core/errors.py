@@ -12,8 +12,8 @@ class ModelNotInstalled(HyperlexError):
 
 
 class UnknownPersona(HyperlexError):
-    def __init__(self, name: str, installed: list[str]):
+    def __init__(self, name: str, installed: list[str], kind: str = "persona"):
         self.name = name
         self.installed = installed
         listing = ", ".join(sorted(installed)) or "none"
-        super().__init__(f"unknown persona {name!r}; installed personas: {listing}")
+        super().__init__(f"unknown {kind} {name!r}; installed {kind}s: {listing}")

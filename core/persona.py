@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 SCENE_VIEWS = ("all", "focus", "none")
+KINDS = ("persona", "mood")
+DEFAULT_SCENE_BUDGET = 160
 TEMPLATE_SLOTS = ("scene", "field", "persona")
 TOP_LEVEL_FIELDS = (
     "name",
+    "kind",
     "title",
     "description",
     "base_model",
@@ -37,7 +40,7 @@ TOP_LEVEL_FIELDS = (
     "scene_encoder",
     "routing",
 )
-CONTRACT_FIELDS = ("system", "style", "scene_view", "generation")
+CONTRACT_FIELDS = ("system", "style", "scene_view", "scene_budget", "generation")
 ROUTING_FIELDS = ("keywords", "examples")
 
 
@@ -59,14 +62,25 @@ class Contract:
     system: str
     style: tuple[str, ...] = ()
     scene_view: str = "focus"
+    scene_budget: int = DEFAULT_SCENE_BUDGET
     generation: Mapping[str, Any] = field(default_factory=dict)
 
-    def render(self, persona: Persona, scene: Scene | None = None) -> str:
-        """The system message: the template with its slots filled, then the style rules."""
+    def render(
+        self,
+        persona: Persona,
+        scene: Scene | None = None,
+        count_tokens: Callable[[str], int] | None = None,
+    ) -> str:
+        """The system message: the template with its slots filled, then the style rules.
+
+        The scene shows what ``scene_view`` allows, its least salient parts dropped until it
+        fits ``scene_budget`` tokens (counted with ``count_tokens``, or estimated)."""
         scene = scene or Scene()
+        shown = scene.render(self.scene_view, max_tokens=self.scene_budget,
+                             count_tokens=count_tokens)
         text = self.system.format(
             persona=persona.title,
-            scene=scene.render(self.scene_view) or "(empty)",
+            scene=shown or "(empty)",
             field=scene.field.render(),
         ).strip()
         if self.style:
@@ -95,6 +109,7 @@ class Persona:
     base_model: str
     contract: Contract
     adapter_dir: Path | None = None
+    kind: str = "persona"
     scene_encoder: str = "default"
     keywords: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
@@ -120,6 +135,9 @@ class Persona:
                 f"{name!r} must be lowercase letters, digits, '-' or"
                 " '_', starting with a letter (at most 64 characters)",
             )
+        kind = v.string(data, "kind") or "persona"
+        if kind not in KINDS:
+            raise BundleError(file, "kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
         contract_data = v.mapping(data.get("contract"), "contract", CONTRACT_FIELDS, required=True)
         routing = v.mapping(data.get("routing", {}), "routing", ROUTING_FIELDS)
         adapter_rel = v.string(data, "adapter")
@@ -135,6 +153,7 @@ class Persona:
             base_model=v.string(data, "base_model", required=True),
             contract=_contract(v, contract_data),
             adapter_dir=adapter_dir,
+            kind=kind,
             scene_encoder=v.string(data, "scene_encoder") or "default",
             keywords=v.strings(routing, "routing.keywords"),
             examples=v.strings(routing, "routing.examples"),
@@ -153,8 +172,15 @@ class Persona:
             size_bytes=(self.adapter_dir / ADAPTER_WEIGHTS).stat().st_size,
         )
 
-    def system_message(self, scene: Scene | None = None) -> str:
-        return self.contract.render(self, scene)
+    @property
+    def is_mood(self) -> bool:
+        """A mood is a contextual layer composed over a persona, never a speaker itself."""
+        return self.kind == "mood"
+
+    def system_message(
+        self, scene: Scene | None = None, count_tokens: Callable[[str], int] | None = None
+    ) -> str:
+        return self.contract.render(self, scene, count_tokens)
 
 
 def read_bundle_yaml(root: Path) -> Any:
@@ -252,6 +278,10 @@ def _contract(v: _Validator, data: dict[str, Any]) -> Contract:
         raise v.fail(
             "contract.scene_view", f"must be one of {', '.join(SCENE_VIEWS)}, got {scene_view!r}"
         )
+    budget = data.get("scene_budget", DEFAULT_SCENE_BUDGET)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise v.fail("contract.scene_budget", f"must be a positive whole number of tokens, "
+                     f"got {budget!r}")
     generation = data.get("generation") or {}
     if not isinstance(generation, dict):
         raise v.fail("contract.generation", "must be a mapping of generation options")
@@ -263,6 +293,7 @@ def _contract(v: _Validator, data: dict[str, Any]) -> Contract:
         system=system,
         style=v.strings(data, "contract.style"),
         scene_view=scene_view,
+        scene_budget=budget,
         generation=dict(generation),
     )
 

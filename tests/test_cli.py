@@ -143,7 +143,7 @@ def test_json_output_reports_persona_reason_and_usage(runner: CliRunner, tiny_pl
     result = chat(runner, tiny_base, "--persona", "beta", "--json", "-m", "hello")
     assert result.exit_code == 0, result.output
     turn = json.loads(result.stdout)
-    assert (turn["persona"], turn["reason"], turn["user"]) == ("beta", "pinned persona", "hello")
+    assert (turn["persona"], turn["reason"], turn["user"]) == ("beta", "pinned to beta", "hello")
     assert turn["usage"]["prompt_tokens"] > 0
     assert 0 < turn["usage"]["completion_tokens"] <= 6
 
@@ -165,9 +165,10 @@ def test_at_address_routes_one_turn_when_nothing_is_pinned(runner: CliRunner, ti
                                                            tiny_base: Path) -> None:
     result = chat(runner, tiny_base, "--json", input="@beta hi there\nand you?\n")
     turns = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(t["persona"], t["reason"], t["user"]) for t in turns] == [
-        ("beta", "addressed as @beta", "hi there"),
-        ("beta", "continuing with the current persona", "and you?")]
+    assert [(t["persona"], t["user"]) for t in turns] == [("beta", "hi there"),
+                                                           ("beta", "and you?")]
+    assert turns[0]["reason"] == "addressed as @beta"
+    assert turns[1]["route"]["source"] == "router"  # the follow-up stays: hysteresis
 
 
 def test_bad_generation_option_is_a_clear_error(runner: CliRunner, tiny_plugin: str,

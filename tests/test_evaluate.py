@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hyperlex.data import Example
-from hyperlex.evaluate import PersonaClassifier, fidelity, gain_recovery, macro_f1, minilm_embedder
+from hyperlex.embeddings import minilm_embedder
+from hyperlex.evaluate import PersonaClassifier, fidelity, gain_recovery, macro_f1
 from hyperlex.generation import GenerationParams
 from hyperlex.persona import Persona
 

@@ -1,0 +1,11 @@
+"""Registers the automatic router (sentence-embedding scores with hysteresis)."""
+
+from __future__ import annotations
+
+from hyperlex import hookimpl
+from hyperlex.router import EmbeddingRouter
+
+
+@hookimpl
+def register_routers(register):
+    register("embedding", EmbeddingRouter())
