@@ -575,6 +575,13 @@ def eval_routing(cases: Path, router: str, as_json: bool) -> None:
                    f"(expected {error['expected']})", err=True)
 
 
+def _add_command_groups() -> None:
+    from hyperlex.cli_sessions import sessions
+
+    cli.add_command(sessions)
+
+
+_add_command_groups()
 BUILTIN_COMMANDS = frozenset(cli.commands)
 
 

@@ -117,6 +117,15 @@ def _sentence(text: str) -> str:
 # --- the automatic router ---------------------------------------------------------------------
 
 
+# Continuations carry no topic of their own; a message closer to these than to any persona
+# stays with the current one.
+FOLLOW_UPS = (
+    "continue", "say more", "please elaborate", "can you expand on that?", "how so?",
+    "really?", "and?", "what happens next?", "go ahead", "one more", "again", "okay, next",
+    "I don't understand", "explain that part again", "thanks!", "hmm", "yes", "no",
+)
+
+
 @dataclass
 class AutoRoute:
     """What a router returns: its choice (None: keep the current persona), scores, and why."""
@@ -146,8 +155,10 @@ class EmbeddingRouter:
         temperature: float = 0.05,
         focus_weight: float = 0.25,
         keyword_bonus: float = 0.03,
+        follow_ups: Sequence[str] = FOLLOW_UPS,
     ):
         self._embed = embed
+        self.follow_ups = tuple(follow_ups)
         self.threshold = threshold
         self.margin = margin
         self.temperature = temperature
@@ -163,11 +174,20 @@ class EmbeddingRouter:
         return self._embed(texts)
 
     def _prototype(self, persona: Persona) -> Any:
-        texts = (persona.description, *persona.examples)
-        key = (persona.name, texts)
+        return self._vectors(persona.name, (persona.description, *persona.examples))
+
+    def _vectors(self, name: str, texts: tuple[str, ...]) -> Any:
+        key = (name, texts)
         if key not in self._prototypes:
             self._prototypes[key] = self.embed(list(texts))
         return self._prototypes[key]
+
+    def follow_up_score(self, message: str) -> float:
+        """How much ``message`` reads like a topic-free continuation (mean of the two most
+        similar continuation phrases)."""
+        if not self.follow_ups:
+            return float("-inf")
+        return _top2(self._vectors(" follow-ups", self.follow_ups) @ self.embed([message])[0])
 
     def scores(self, message: str, personas: Mapping[str, Persona],
                scene: Scene | None = None) -> dict[str, float]:
@@ -177,13 +197,9 @@ class EmbeddingRouter:
         words = set(re.findall(r"[a-z']+", message.lower()))
         result = {}
         for name, persona in sorted(personas.items()):
-            similarities = sorted((float(v) for v in self._prototype(persona) @ vectors[0]),
-                                  reverse=True)
-            score = sum(similarities[:2]) / len(similarities[:2])
+            score = _top2(self._prototype(persona) @ vectors[0])
             if focus:
-                with_focus = sorted((float(v) for v in self._prototype(persona) @ vectors[1]),
-                                    reverse=True)
-                focus_score = sum(with_focus[:2]) / len(with_focus[:2])
+                focus_score = _top2(self._prototype(persona) @ vectors[1])
                 score = (1 - self.focus_weight) * score + self.focus_weight * focus_score
             hits = sum(1 for k in persona.keywords if k.lower() in words)
             result[name] = score + self.keyword_bonus * min(hits, 3)
@@ -202,6 +218,10 @@ class EmbeddingRouter:
         if best == current:
             return AutoRoute(current, f"router: current persona is the best match ({top})",
                              scores, confidence)
+        follow_up = self.follow_up_score(message)
+        if follow_up >= scores[best]:
+            return AutoRoute(current, f"router: kept {current} (a follow-up: {follow_up:.2f} "
+                             f"against best {top})", scores, confidence)
         lead = scores[best] - scores[current]
         if confidence >= self.threshold and lead >= self.margin:
             return AutoRoute(best, f"router: {best} clearly fits better than {current} "
@@ -209,6 +229,11 @@ class EmbeddingRouter:
         return AutoRoute(current, f"router: kept {current} (best {top}; lead {lead:.2f} < "
                          f"{self.margin:.2f} or confidence < {self.threshold:.2f})",
                          scores, confidence)
+
+
+def _top2(similarities: Any) -> float:
+    best = sorted((float(v) for v in similarities), reverse=True)[:2]
+    return sum(best) / len(best)
 
 
 def _focus_text(scene: Scene | None) -> str:

@@ -30,9 +30,11 @@ class Recorder:
         self.turns.append(turn)
 
 
-def make_controller(engine, *plugins, persona=None, **overrides) -> Controller:
+def make_controller(engine, *plugins, persona=None, store=None, session=None,
+                    **overrides) -> Controller:
     host = Host(extra_plugins={f"p{i}": p for i, p in enumerate(plugins)}, entry_points=False)
-    return Controller(host, engine, persona=persona, overrides={"max_new_tokens": 6, **overrides})
+    return Controller(host, engine, persona=persona, overrides={"max_new_tokens": 6, **overrides},
+                      store=store, session=session)
 
 
 def test_finished_turns_are_recorded_and_shown_to_on_turn_hooks(engine) -> None:
@@ -103,3 +105,122 @@ def test_ctrl_c_during_a_reply_cancels_it_and_the_chat_goes_on(engine, monkeypat
     assert interrupted
     assert "(reply cancelled)" in capsys.readouterr().err
     assert [t.user for t in controller.turns] == ["and now a short one"]
+
+
+class WordEncoder:
+    """A tiny input adapter for the tiny model's gibberish: every word of five letters or more
+    is a concept; "X not Y" is a negated link."""
+
+    @hookimpl
+    def register_scene_encoders(self, register):
+        register("default", self.encode)
+
+    @staticmethod
+    def encode(text: str):
+        import re
+
+        from hyperlex.scene import Delta, Hyperlexeme, Link
+
+        words = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]{5,}", text)))
+        ids = {w: f"h{i}" for i, w in enumerate(words)}
+        links = [Link(ids[a.lower()], "is", ids[b.lower()], -1)
+                 for a, b in re.findall(r"([A-Za-z]{5,}) not ([A-Za-z]{5,})", text)]
+        return Delta([Hyperlexeme(ids[w], w) for w in words], links)
+
+
+def labels(controller) -> set[str]:
+    return {h.label for h in controller.scene.hyperlexemes.values()}
+
+
+def test_personas_share_one_scene_across_a_handoff(engine) -> None:
+    controller = make_controller(engine, WordEncoder())
+    first = controller.send("@alpha harbour lighthouse not tempest").complete()
+    assert {"harbour", "lighthouse", "tempest"} <= labels(controller)
+    assert first.scene_version == controller.scene.version == 2  # the message, then the reply
+    link = controller.scene.links[0]
+    assert (link.rel, link.polarity) == ("is", -1)
+    # beta takes over and its prompt carries what was established under alpha
+    assert "harbour" in controller.system_message("beta")
+    second = controller.send("@beta and the gulls?").complete()
+    assert second.persona == "beta" and {"harbour", "gulls"} <= labels(controller)
+    assert controller.scene.version == 4
+
+
+def test_a_cancelled_turn_leaves_the_scene_as_it_was(engine) -> None:
+    controller = make_controller(engine, WordEncoder(), persona="beta", max_new_tokens=50)
+    controller.send("remember the orchard").complete()
+    before = controller.scene.to_json()
+    stream = controller.send("forget everything about lanterns")
+    for _ in stream:
+        stream.cancel()
+    assert controller.scene.to_json() == before
+
+
+def test_a_failing_encoder_is_reported_and_the_turn_goes_on(engine) -> None:
+    class Broken:
+        @hookimpl
+        def register_scene_encoders(self, register):
+            register("default", lambda text: 1 / 0)
+
+    controller = make_controller(engine, Broken(), persona="alpha")
+    assert controller.send("hello there").complete().reply is not None
+    assert controller.scene.empty
+    assert "scene encoder 'default' failed: ZeroDivisionError" in controller.host.failures[-1]
+
+
+def test_turns_scene_and_routing_are_stored_and_a_session_resumes(engine, tmp_path) -> None:
+    from hyperlex.store import Store
+
+    store = Store(tmp_path / "hyperlex.db")
+    controller = make_controller(engine, WordEncoder(), store=store, session="walk")
+    controller.send("@beta meadow river").complete()
+    controller.send("and the willows").complete()
+    record = store.session("walk")
+    assert [(t["index"], t["persona"]) for t in record.turns] == [(0, "beta"), (1, "beta")]
+    assert record.turns[0]["reason"] == "addressed as @beta"
+    assert record.turns[0]["route"]["source"] == "address"
+    assert record.turns[1]["usage"]["completion_tokens"] > 0
+
+    resumed = make_controller(engine, WordEncoder(), store=Store(tmp_path / "hyperlex.db"),
+                              session="walk")
+    assert resumed.scene.to_json() == controller.scene.to_json()
+    assert resumed.history == controller.history and resumed.current == "beta"
+    assert resumed.first_index == 2
+    assert resumed.send("more about the meadow").complete().index == 2
+    assert len(store.session("walk").turns) == 3
+
+
+def test_pinned_persona_and_mood_are_part_of_the_session(engine, tmp_path) -> None:
+    from hyperlex.store import Store
+
+    controller = make_controller(engine, store=Store(tmp_path / "db"), session="s")
+    controller.pin("alpha")
+    resumed = make_controller(engine, store=Store(tmp_path / "db"), session="s")
+    assert resumed.pinned == "alpha"
+    resumed.pin(None)
+    assert make_controller(engine, store=Store(tmp_path / "db"), session="s").pinned is None
+
+
+def test_unknown_mood_is_a_clear_error(engine) -> None:
+    from hyperlex.errors import HyperlexError
+
+    controller = make_controller(engine)
+    with pytest.raises(HyperlexError, match="unknown mood 'gloomy'; installed moods: none"):
+        controller.set_mood("gloomy")
+
+
+def test_slash_commands_show_the_scene_the_routing_and_the_mood(engine, capsys) -> None:
+    controller = make_controller(engine, WordEncoder(), persona="alpha")
+    loop = ChatLoop(controller)
+    loop.piped(["/why\n", "orchard blossom not winter\n", "/why\n", "/scene\n",
+                "/scene tree\n", "/scene json\n", "/scene sideways\n", "/mood\n",
+                "/mood gloomy\n", "/session\n"])
+    out, err = capsys.readouterr()
+    assert "no turn yet" in err and "alpha: pinned to alpha" in err
+    assert "orchard" in out and "blossom NOT is winter" in out  # the table's links
+    assert "└─ NOT is → winter" in out  # the tree
+    assert '"hyperlexemes":[' in out  # canonical JSON
+    assert "/scene sideways: choose table, tree or json" in err
+    assert "mood: off (available: none installed)" in err
+    assert "unknown mood 'gloomy'" in err
+    assert "session: not saved (--no-store)" in err

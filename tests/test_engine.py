@@ -11,6 +11,8 @@ from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.persona import Persona
 
+from .conftest import write_bundle
+
 GREEDY = GenerationParams(temperature=0, max_new_tokens=12)
 MESSAGES = [{"role": "system", "content": "You are a test."},
             {"role": "user", "content": "What is time?"}]
@@ -190,3 +192,43 @@ def test_persona_named_like_a_torch_method_is_skipped_with_a_reason(
                          base=str(tiny_base))
     assert list(engine.personas) == ["beta"]
     assert "clashes with a torch module attribute" in engine.skipped["train"]
+
+
+@pytest.fixture(scope="module")
+def mood_engine(tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path_factory):
+    from hyperlex.engine_torch import TorchEngine
+
+    gloom = write_bundle(tmp_path_factory.mktemp("moods"), "gloom", adapter_seed=7,
+                         tiny_base=tiny_base, extra_yaml="kind: mood\n")
+    bundles = [Persona.from_dir(tiny_bundles["alpha"]), Persona.from_dir(gloom)]
+    return TorchEngine(bundles, base=str(tiny_base), progress=False)
+
+
+def test_a_mood_is_a_layer_not_a_persona(mood_engine) -> None:
+    assert set(mood_engine.personas) == {"alpha"} and set(mood_engine.moods) == {"gloom"}
+    with pytest.raises(UnknownPersona, match="unknown persona 'gloom'"):
+        mood_engine.stream(MESSAGES, "gloom")
+    with pytest.raises(UnknownPersona, match="unknown mood 'alpha'; installed moods: gloom"):
+        mood_engine.stream(MESSAGES, "alpha", layers=[("alpha", 1.0)])
+
+
+def test_a_mood_layer_adds_its_adapter_on_top_of_the_persona(mood_engine) -> None:
+    import torch
+
+    inputs = mood_engine._encode(MESSAGES)
+    with torch.no_grad():
+        mood_engine._activate("alpha", [("gloom", 1.0)])
+        composed = mood_engine._inner(**inputs).logits
+        mood_engine.model.base_model.set_adapter(["alpha", "gloom"])
+        reference = mood_engine.model(**inputs).logits
+        mood_engine._activate("alpha", [("gloom", 0.5)])
+        half = mood_engine._inner(**inputs).logits
+        mood_engine._activate("alpha")
+        alone = mood_engine._inner(**inputs).logits
+    torch.testing.assert_close(composed, reference)
+    assert not torch.allclose(composed, alone, atol=1e-4)
+    assert not torch.allclose(half, composed, atol=1e-4)
+    assert not torch.allclose(half, alone, atol=1e-4)
+    with_mood = reply(mood_engine, "alpha", layers=[("gloom", 1.0)])
+    assert reply(mood_engine, "alpha") != with_mood
+    assert reply(mood_engine, "alpha", layers=[("gloom", 1.0)]) == with_mood
