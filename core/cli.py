@@ -576,8 +576,10 @@ def eval_routing(cases: Path, router: str, as_json: bool) -> None:
 
 
 def _add_command_groups() -> None:
+    from hyperlex.cli_scene import scene
     from hyperlex.cli_sessions import sessions
 
+    cli.add_command(scene)
     cli.add_command(sessions)
 
 

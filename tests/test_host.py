@@ -37,10 +37,11 @@ def test_load_plugins_variable_restricts_third_party_plugins(
         plugin_site: Path, tiny_bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     install_plugin(plugin_site, "hyperlex-alpha", "hx_alpha", bundles_plugin(tiny_bundles["alpha"]))
     install_plugin(plugin_site, "hyperlex-beta", "hx_beta", bundles_plugin(tiny_bundles["beta"]))
+    builtins = {"personas", "encoders", "routers"}
     monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-beta")
-    assert set(Host().plugins) == {"personas", "hyperlex-beta"}
+    assert set(Host().plugins) == builtins | {"hyperlex-beta"}
     monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "")
-    assert set(Host().plugins) == {"personas"}
+    assert set(Host().plugins) == builtins
     monkeypatch.delenv("HYPERLEX_LOAD_PLUGINS")
     assert {"hyperlex-alpha", "hyperlex-beta"} <= set(Host().plugins)
 
