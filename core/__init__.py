@@ -21,6 +21,9 @@ _LAZY = {
     "Hyperlexeme": "hyperlex.scene",
     "Link": "hyperlex.scene",
     "Field": "hyperlex.scene",
+    "Delta": "hyperlex.scene",
+    "RouteDecision": "hyperlex.router",
+    "AutoRoute": "hyperlex.router",
     "Turn": "hyperlex.controller",
     "GenerationParams": "hyperlex.generation",
     "HyperlexError": "hyperlex.errors",
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
     from hyperlex.errors import HyperlexError  # noqa: F401
     from hyperlex.generation import GenerationParams  # noqa: F401
     from hyperlex.persona import BundleError, Contract, Persona  # noqa: F401
-    from hyperlex.scene import Field, Hyperlexeme, Link, Scene  # noqa: F401
+    from hyperlex.router import AutoRoute, RouteDecision  # noqa: F401
+    from hyperlex.scene import Delta, Field, Hyperlexeme, Link, Scene  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

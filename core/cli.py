@@ -216,8 +216,11 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
 
     resolved = resolve_base(base)
     personas = [p for n, p in host.personas.items() if only is None or n in only]
-    count = len(personas)
-    click.echo(f"Loading {resolved.name} with {count} persona{'s' * (count != 1)}...", err=True)
+    speakers = sum(not p.is_mood for p in personas)
+    moods = len(personas) - speakers
+    also = f" and {moods} mood{'s' * (moods != 1)}" if moods else ""
+    click.echo(f"Loading {resolved.name} with {speakers} persona{'s' * (speakers != 1)}{also}...",
+               err=True)
     engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize)
     for reason in engine.skipped.values():
         warn(reason)
@@ -225,8 +228,9 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
 
 
 @cli.command()
-@click.option("-p", "--persona", default="auto", show_default=True,
-              help="Persona to answer every turn; 'auto' routes each turn.")
+@click.option("-p", "--persona", default=None,
+              help="Persona to answer every turn; 'auto' routes each turn. Default: auto, or "
+              "the persona a resumed session had pinned.")
 @click.option("-m", "--message", default=None, help="Send one message, print the reply, exit.")
 @click.option(
     "-o",
@@ -254,7 +258,7 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
 )
 @_engine_options
 def chat(
-    persona: str,
+    persona: str | None,
     message: str | None,
     options: tuple[tuple[str, str], ...],
     mood: str | None,
@@ -284,16 +288,28 @@ def chat(
     installed = host.personas  # runs the registration hooks, so their problems show below
     _report_problems(host)
     speakers = [n for n, p in installed.items() if not p.is_mood]
-    if persona != "auto" and persona not in speakers:
+    if persona not in (None, "auto") and persona not in speakers:
         raise click.BadParameter(str(UnknownPersona(persona, speakers)), param_hint="'--persona'")
     if not speakers:
         raise HyperlexError("no personas are installed (agent plugins shows why plugins failed)")
+    moods = [n for n, p in installed.items() if p.is_mood]
+    if mood is not None and mood.partition(":")[0] not in (*moods, "off", "none"):
+        raise click.BadParameter(str(UnknownPersona(mood.partition(":")[0], moods, kind="mood")),
+                                 param_hint="'--mood'")
+    if router != "none" and router not in host.routers:
+        known = ", ".join(sorted(host.routers)) or "none"
+        raise click.BadParameter(f"unknown router {router!r}; registered routers: {known}",
+                                 param_hint="'--router'")
     if no_store and session:
         raise click.UsageError("--session and --no-store contradict each other")
+    if session is not None:
+        from hyperlex.store import check_name
+
+        check_name(session)
+    engine = open_engine(host, base, dtype, quantize)
     store = None if no_store else Store()
     if store is not None and session is None:
         session = store.open_session().info.name
-    engine = open_engine(host, base, dtype, quantize)
     controller = Controller(host, engine, persona=persona, overrides=overrides,
                             router=None if router == "none" else router, mood=mood,
                             store=store, session=session)
@@ -524,14 +540,10 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
     identification (macro-F1), prompt-gain recovery, and neutral perplexity."""
     from hyperlex.evaluate import TARGETS, fidelity, load_sets
     from hyperlex.generation import GenerationParams
-    from hyperlex.train import load_config
 
     host = get_host()
     _report_problems(host)
-    chosen = {n: host.persona(n) for n in names} or {
-        n: p for n, p in host.personas.items()
-        if p.adapter_dir is not None and p.root and not p.is_mood
-        and (p.root / load_config(p.root).heldout).is_file()}
+    chosen = {n: host.persona(n) for n in names} or _evaluable_personas(host)
     if len(chosen) < 2:
         raise HyperlexError("fidelity needs at least two personas with adapters and held-out "
                             f"sets; found: {', '.join(chosen) or 'none'}")
@@ -549,6 +561,16 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
     click.echo()
     for metric, met in report.verdicts().items():
         click.echo(f"{metric}: {'met' if met else 'NOT met'} (target {TARGETS[metric]})")
+
+
+def _evaluable_personas(host: Host) -> dict[str, Any]:
+    """Personas (not moods) with a trained adapter and the held-out set their train.yaml
+    names."""
+    from hyperlex.train import load_config
+
+    return {n: p for n, p in host.personas.items()
+            if not p.is_mood and p.adapter_dir is not None and p.root
+            and (p.root / load_config(p.root).heldout).is_file()}
 
 
 @eval_group.command("routing")
@@ -573,6 +595,62 @@ def eval_routing(cases: Path, router: str, as_json: bool) -> None:
     for error in report.errors:
         click.echo(f"  {error['kind']}: {error['message']!r} -> {error['got']} "
                    f"(expected {error['expected']})", err=True)
+
+
+@eval_group.command("mood")
+@click.option("--mood", "mood", default="melancholic", show_default=True,
+              help="The mood layer to measure.")
+@click.option("--weight", default=1.0, show_default=True, type=click.FloatRange(0, 2,
+              min_open=True), help="Weight of the mood adapter.")
+@click.option("-p", "--persona", "names", multiple=True,
+              help="Persona to measure (repeatable; default: every persona with an adapter "
+                   "and held-out data).")
+@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Use only the first N held-out prompts of each persona.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (with samples) as JSON.")
+@_engine_options
+def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: int,
+              batch_size: int, limit: int | None, as_json: bool, base: str | None, dtype: str,
+              quantize: str | None) -> None:
+    """How far a mood layer shifts each persona's valence, and whether the persona stays
+    recognisable (fidelity classifier accuracy), on the held-out prompts."""
+    from hyperlex.embeddings import minilm_embedder
+    from hyperlex.evaluate import load_sets
+    from hyperlex.generation import GenerationParams
+    from hyperlex.mood_eval import mood_shift
+
+    host = get_host()
+    _report_problems(host)
+    installed = host.personas
+    if mood not in installed or not installed[mood].is_mood:
+        moods = [n for n, p in installed.items() if p.is_mood]
+        raise click.BadParameter(str(UnknownPersona(mood, moods, kind="mood")),
+                                 param_hint="'--mood'")
+    if installed[mood].adapter_dir is None:
+        raise HyperlexError(f"mood {mood!r} has no adapter to measure; train it with "
+                            f"agent train {installed[mood].root}")
+    candidates = _evaluable_personas(host)
+    for name in names:
+        if name not in candidates:
+            raise click.BadParameter(f"{name!r} is not a persona with an adapter and held-out "
+                                     f"data; choose from {', '.join(sorted(candidates))}",
+                                     param_hint="'--persona'")
+    chosen = {n: candidates[n] for n in names} or candidates
+    sets = {name: load_sets(persona) for name, persona in candidates.items()}
+    engine = open_engine(host, base, dtype, quantize, only=[*candidates, mood])
+    report = mood_shift(
+        engine, chosen, {n: sets[n][0][:limit] for n in chosen},
+        {n: s[1] for n, s in sets.items()}, mood, weight, load_sets(installed[mood])[1],
+        host.scene_encoders["default"], minilm_embedder(),
+        params=GenerationParams(temperature=0, max_new_tokens=max_new_tokens,
+                                repetition_penalty=1.1),
+        batch_size=batch_size, progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    click.echo(report.table())
 
 
 def _add_command_groups() -> None:

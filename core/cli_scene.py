@@ -39,6 +39,9 @@ def _run(encoder: Any, text: str) -> Any:
         delta = encoder(text)
     except HyperlexError as exc:
         raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # plugin code: one line, not a traceback
+        raise click.ClickException(
+            f"scene encoder failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(delta, Delta):
         raise click.ClickException(
             f"scene encoder returned {type(delta).__name__}, not a hyperlex.scene.Delta")

@@ -77,9 +77,10 @@ class Controller:
         store: Store | None = None,
         session: str | None = None,
     ):
-        """``persona`` pins a persona (None or "auto": route). ``router`` names a registered
-        router (None: no automatic routing). With ``store`` and ``session`` the conversation
-        is saved turn by turn and an existing session resumes with its history and scene."""
+        """``persona`` pins a persona ("auto": route; None: route, or keep the persona a resumed
+        session had pinned). ``router`` names a registered router (None: no automatic
+        routing). With ``store`` and ``session`` the conversation is saved turn by turn and an
+        existing session resumes with its history, scene, pinned persona and mood."""
         self.host = host
         self.engine = engine
         self.overrides = dict(overrides or {})
@@ -152,7 +153,8 @@ class Controller:
 
     def _resume(self, persona: str | None, mood: str | None) -> None:
         assert self.store is not None and self.session is not None
-        record = self.store.open_session(self.session, persona=persona, mood=mood)
+        record = self.store.open_session(
+            self.session, persona=None if persona == "auto" else persona, mood=mood)
         for saved in record.turns:
             self.history += [{"role": "user", "content": saved["user"]},
                              {"role": "assistant", "content": saved["reply"]}]

@@ -139,10 +139,13 @@ class Engine(ABC):
         return self.stream(messages, persona, params, stop, layers).complete()
 
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
-                       params: GenerationParams | None = None) -> list[Completion]:
-        """Replies to several (messages, persona) requests; backends that can run different
-        personas in one batch override this. The default runs them one after another."""
-        return [self.generate(messages, persona, params) for messages, persona in requests]
+                       params: GenerationParams | None = None,
+                       layers: Layers = ()) -> list[Completion]:
+        """Replies to several (messages, persona) requests, each with the mood ``layers``;
+        backends that can run different personas in one batch override this. The default
+        runs them one after another."""
+        return [self.generate(messages, persona, params, layers=layers)
+                for messages, persona in requests]
 
     @abstractmethod
     def count_tokens(self, messages: Sequence[Message]) -> int:

@@ -178,9 +178,7 @@ class TorchEngine(Engine):
         layers: Layers = (),
     ) -> Generation:
         self._check_persona(persona)
-        for name, _ in layers:
-            if name not in self.moods:
-                raise UnknownPersona(name, list(self.moods), kind="mood")
+        self._check_layers(layers)
         return _TorchGeneration(self, messages, persona, params or GenerationParams(), stop,
                                 tuple(layers))
 
@@ -192,17 +190,40 @@ class TorchEngine(Engine):
             raise UnknownPersona(persona, list(self.personas))
 
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
-                       params: GenerationParams | None = None) -> list[Completion]:
+                       params: GenerationParams | None = None,
+                       layers: Layers = ()) -> list[Completion]:
         """One left-padded ``generate`` call for all requests; each row runs with its own
-        persona's adapter (PEFT ``adapter_names``; ``"__base__"`` for the bare base)."""
+        persona's adapter (PEFT ``adapter_names``; ``"__base__"`` for the bare base). With mood
+        ``layers``, rows are grouped by persona and each group runs with its composition."""
+        params = params or GenerationParams()
+        for _, persona in requests:
+            self._check_persona(persona)
+        self._check_layers(layers)
+        if not layers:
+            return self._batch(requests, params, None)
+        results: dict[int, Completion] = {}
+        for persona in dict.fromkeys(p for _, p in requests):
+            rows = [i for i, (_, p) in enumerate(requests) if p == persona]
+            done = self._batch([requests[i] for i in rows], params, (persona, tuple(layers)))
+            results.update(zip(rows, done, strict=True))
+        return [results[i] for i in range(len(requests))]
+
+    def _check_layers(self, layers: Layers) -> None:
+        for name, _ in layers:
+            if name not in self.moods:
+                raise UnknownPersona(name, list(self.moods), kind="mood")
+
+    def _batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
+               params: GenerationParams,
+               composition: tuple[str | None, tuple[tuple[str, float], ...]] | None
+               ) -> list[Completion]:
+        """``composition`` None: per-row adapters through PEFT; else one (persona, layers)
+        activated for every row."""
         import torch
         from peft import PeftModel
 
-        params = params or GenerationParams()
         if not requests:
             return []
-        for _, persona in requests:
-            self._check_persona(persona)
         rows = [self._encode(messages)["input_ids"][0].tolist() for messages, _ in requests]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
@@ -216,7 +237,11 @@ class TorchEngine(Engine):
         with self._lock, torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            if isinstance(self.model, PeftModel):
+            if composition is not None:
+                self._activate(*composition)
+                output = self._inner.generate(input_ids=input_ids, attention_mask=attention,
+                                              **kwargs)
+            elif isinstance(self.model, PeftModel):
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention,
                                              adapter_names=names, **kwargs)
             else:

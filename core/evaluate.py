@@ -94,6 +94,11 @@ class PersonaClassifier:
     def predict(self, texts: list[str]) -> list[str]:
         return list(self.model.predict(self.embed(texts)))
 
+    def probability(self, texts: list[str], label: str) -> list[float]:
+        """The classifier's probability that each text is ``label``'s."""
+        column = list(self.model.classes_).index(label)
+        return [float(row[column]) for row in self.model.predict_proba(self.embed(texts))]
+
 
 def macro_f1(truth: Sequence[str], predicted: Sequence[str],
              labels: Sequence[str]) -> tuple[float, list[list[int]]]:
@@ -110,7 +115,7 @@ def gain_recovery(base: float, prompted: float, adapter: float) -> float | None:
     return None if gain <= 1e-9 else (base - adapter) / gain
 
 
-def _messages(persona: Persona | None, example: Example) -> list[dict[str, str]]:
+def persona_messages(persona: Persona | None, example: Example) -> list[dict[str, str]]:
     system = [] if persona is None else [{"role": "system",
                                           "content": persona.system_message(example.scene)}]
     return [*system, *example.history, {"role": "user", "content": example.human}]
@@ -134,7 +139,7 @@ def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[
             for condition in CONDITIONS:
                 contract = None if condition == "base" else personas[name]
                 active = name if condition == "adapter" else None
-                requests.append((_messages(contract, example), active))
+                requests.append((persona_messages(contract, example), active))
                 owners.append((name, condition, example.human))
     replies: list[str] = []
     for start in range(0, len(requests), batch_size):
@@ -162,8 +167,9 @@ def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[
         for condition in CONDITIONS:
             contract = None if condition == "base" else personas[name]
             active = name if condition == "adapter" else None
-            scores[condition] = _mean(engine.reply_nll(_messages(contract, e), e.text, active)
-                                      for e in heldout[name])
+            scores[condition] = _mean(
+                engine.reply_nll(persona_messages(contract, e), e.text, active)
+                for e in heldout[name])
         nll[name] = scores
         gains[name] = gain_recovery(scores["base"], scores["prompted"], scores["adapter"])
         ppl_ratio[name] = math.exp(_mean(engine.text_nll(t, name) for t in neutral)

