@@ -146,19 +146,20 @@ def test_a_routed_conversation_is_stored_with_its_scene_and_resumes(real_home: P
 
     greedy = ["-o", "temperature", "0", "-o", "max_new_tokens", "32"]
     run_agent(real_home, "chat", "--session", "harbour", "--json", *greedy, stdin=(
-        "@scientist Why is the sea salty?\n"
-        "let the poet answer: the old lighthouse does not sleep\n"
+        "@scientist How did the salt get into the sea?\n"
+        "let the poet answer: the old keeper never saw the ships\n"
         "How do vaccines train the immune system?\n"))
     shown = json.loads(run_agent(real_home, "sessions", "show", "harbour", "--json").stdout)
     turns = shown["turns"]
     assert [t["persona"] for t in turns] == ["scientist", "poet", "scientist"]
     assert [t["route"]["source"] for t in turns] == ["address", "request", "router"]
-    assert turns[1]["user"] == "The old lighthouse does not sleep"
+    assert turns[1]["user"] == "The old keeper never saw the ships"
     scene = shown["scene"]
-    labels = {h["label"] for h in scene["hyperlexemes"]}
-    assert {"sea", "lighthouse"} <= labels
-    negated = [link for link in scene["links"] if link["polarity"] == -1]
-    assert negated, scene["links"]
+    labels = {h["id"]: h["label"] for h in scene["hyperlexemes"]}
+    assert {"salt", "sea", "keeper", "ship"} <= set(labels.values())
+    links = {(labels[k["src"]], k["rel"], labels[k["dst"]], k["polarity"]) for k in scene["links"]}
+    assert ("keeper", "see", "ship", -1) in links  # negation is first-class
+    assert ("salt", "get into", "sea", 1) in links
 
     resumed = run_agent(real_home, "chat", "--session", "harbour", "--json", *greedy,
                         "-m", "tell me more")
