@@ -523,16 +523,28 @@ def eval_group() -> None:
     """Verify persona adapters."""
 
 
+def _held_out_generation_options(func: Any) -> Any:
+    """Options shared by the evaluations that generate on the personas' held-out prompts."""
+    options = [
+        click.option("-p", "--persona", "names", multiple=True,
+                     help="Persona to evaluate (repeatable; default: every persona with an "
+                          "adapter and held-out data)."),
+        click.option("--max-new-tokens", default=100, show_default=True,
+                     type=click.IntRange(1)),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1)),
+        click.option("--limit", type=click.IntRange(1), default=None,
+                     help="Use only the first N held-out prompts of each persona (a quick "
+                          "check)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the full report (with samples) as JSON."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return _engine_options(func)
+
+
 @eval_group.command("fidelity")
-@click.option("-p", "--persona", "names", multiple=True,
-              help="Persona to evaluate (repeatable; default: every persona with an adapter "
-                   "and a data/heldout.jsonl).")
-@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--limit", type=click.IntRange(1), default=None,
-              help="Use only the first N held-out examples of each persona (a quick check).")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@_engine_options
+@_held_out_generation_options
 def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
                   limit: int | None, as_json: bool, base: str | None, dtype: str,
                   quantize: str | None) -> None:
@@ -602,15 +614,7 @@ def eval_routing(cases: Path, router: str, as_json: bool) -> None:
               help="The mood layer to measure.")
 @click.option("--weight", default=1.0, show_default=True, type=click.FloatRange(0, 2,
               min_open=True), help="Weight of the mood adapter.")
-@click.option("-p", "--persona", "names", multiple=True,
-              help="Persona to measure (repeatable; default: every persona with an adapter "
-                   "and held-out data).")
-@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--limit", type=click.IntRange(1), default=None,
-              help="Use only the first N held-out prompts of each persona.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report (with samples) as JSON.")
-@_engine_options
+@_held_out_generation_options
 def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: int,
               batch_size: int, limit: int | None, as_json: bool, base: str | None, dtype: str,
               quantize: str | None) -> None:
