@@ -52,6 +52,27 @@ def test_contract_renders_slots_and_style(bundle: Path) -> None:
     assert persona.contract.params().temperature == 0
 
 
+def test_the_scene_in_the_system_message_fits_the_contract_budget(bundle: Path) -> None:
+    from hyperlex.scene import Delta
+
+    rewrite(bundle, "  style: [Be brief]", "  style: [Be brief]\n  scene_view: all\n"
+                                           "  scene_budget: 12")
+    persona = Persona.from_dir(bundle)
+    words = [f"word{i}" for i in range(40)]
+    scene = Scene().apply(Delta([Hyperlexeme(f"h{i}", w) for i, w in enumerate(words)]))
+    system = persona.system_message(scene, count_tokens=lambda text: len(text.split()))
+    shown = system.split("Scene: ", 1)[1].split("\nStyle:")[0]
+    assert 0 < len(shown.split()) <= 12
+    full = persona.system_message(scene.apply(Delta()), count_tokens=lambda t: 0)
+    assert all(w in full for w in words)
+
+
+def test_a_mood_bundle_is_a_layer(tmp_path: Path) -> None:
+    mood = Persona.from_dir(write_bundle(tmp_path, "gloom", adapter_seed=None,
+                                         extra_yaml="kind: mood\n"))
+    assert mood.is_mood and mood.kind == "mood"
+
+
 def test_prompt_only_persona_needs_no_adapter(tmp_path: Path) -> None:
     persona = Persona.from_dir(write_bundle(tmp_path, "plain", adapter_seed=None))
     assert persona.adapter_dir is None and persona.adapter_info() is None
@@ -83,6 +104,9 @@ def test_invalid_yaml_names_the_line(bundle: Path) -> None:
         ("adapter: adapter/", "adapter: missing/", "adapter", "does not exist"),
         ("adapter: adapter/", "adapter: ''", "adapter", "must not be empty"),
         ("Scene: {scene}", "Scene: {scene", "contract.system", "literal braces"),
+        ("name: alpha", "name: alpha\nkind: spirit", "kind", "must be one of persona, mood"),
+        ("Be brief]", "Be brief]\n  scene_budget: 0", "contract.scene_budget",
+         "positive whole number"),
     ],
 )
 def test_bad_field_is_named(bundle: Path, old: str, new: str, field: str, problem: str) -> None:
