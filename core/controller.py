@@ -10,7 +10,7 @@ left are saved in one transaction.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -110,10 +110,7 @@ class Controller:
 
     @property
     def mood_label(self) -> str | None:
-        if self.mood is None:
-            return None
-        name, weight = self.mood
-        return name if weight == 1.0 else f"{name}:{weight:g}"
+        return mood_label(self.mood)
 
     def _check(self, name: str) -> str:
         if name in self.engine.personas:
@@ -132,19 +129,7 @@ class Controller:
     def set_mood(self, spec: str | None) -> None:
         """Compose a mood layer over every persona: ``NAME`` or ``NAME:WEIGHT`` (``None`` or
         "off": no mood)."""
-        if spec in (None, "off", "none"):
-            self.mood = None
-        else:
-            name, _, weight_text = spec.partition(":")
-            if name not in self.engine.moods:
-                raise UnknownPersona(name, list(self.engine.moods), kind="mood")
-            try:
-                weight = float(weight_text) if weight_text else 1.0
-            except ValueError:
-                raise HyperlexError(f"mood weight in {spec!r} must be a number") from None
-            if not 0.0 < weight <= 2.0:
-                raise HyperlexError(f"mood weight in {spec!r} must be in (0, 2]")
-            self.mood = (name, weight)
+        self.mood = parse_mood(self.engine.moods, spec)
         self._save_session_state()
 
     def _save_session_state(self) -> None:
@@ -196,21 +181,25 @@ class Controller:
     def params_for(self, persona: str) -> GenerationParams:
         return self.engine.personas[persona].contract.params().updated(self.overrides, "-o")
 
-    def system_message(self, persona: str) -> str:
+    def system_message(self, persona: str, mood: tuple[str, float] | None = None) -> str:
+        """The persona's contract with the scene; a prompt-only ``mood`` (default: the
+        controller's) adds its own contract text."""
         bundle = self.engine.personas[persona]
         text = bundle.system_message(self.scene, self._count_text_tokens)
-        if self.mood is not None:
-            mood = self.engine.moods[self.mood[0]]
-            if mood.adapter_dir is None:  # a prompt-only mood speaks through the prompt
-                text += "\n" + mood.system_message(self.scene, self._count_text_tokens)
+        mood = mood or self.mood
+        if mood is not None:
+            layer = self.engine.moods[mood[0]]
+            if layer.adapter_dir is None:  # a prompt-only mood speaks through the prompt
+                text += "\n" + layer.system_message(self.scene, self._count_text_tokens)
         return text
 
     def _count_text_tokens(self, text: str) -> int:
         return max(0, self.engine.count_tokens([{"role": "user", "content": text}]) - 4)
 
-    def _prompt(self, persona: str, message: str, params: GenerationParams) -> list[Message]:
+    def _prompt(self, persona: str, message: str, params: GenerationParams,
+                mood: tuple[str, float] | None) -> list[Message]:
         """System message + as much recent history as fits the context window + the message."""
-        system = {"role": "system", "content": self.system_message(persona)}
+        system = {"role": "system", "content": self.system_message(persona, mood)}
         user = {"role": "user", "content": message}
         history = list(self.history)
         while True:
@@ -223,22 +212,31 @@ class Controller:
                 return messages
             history = history[2:]
 
-    def send(self, message: str) -> TurnStream:
+    def send(self, message: str, *, persona: str | None = None,
+             mood: str | None = None) -> TurnStream:
         """Start a turn. Iterate the result for the streamed reply; the turn is recorded
-        (and ``on_turn`` hooks run) when the reply finishes, unless it was cancelled."""
-        decision = self.route(message)
+        (and ``on_turn`` hooks run) when the reply finishes, unless it was cancelled.
+
+        ``persona`` and ``mood`` override the pinned persona ("auto": route) and the mood
+        for this turn only; they are not saved with the session."""
+        pinned = self.pinned if persona is None else (
+            None if persona == "auto" else self._check(persona))
+        turn_mood = self.mood if mood is None else parse_mood(self.engine.moods, mood)
+        decision = self.turn_router.decide(message, self.scene, self.current, pinned)
         self.last_decision = decision
         persona = decision.persona
         self.current = persona
         params = self.params_for(persona)
         index = self.first_index + len(self.turns)
         turn = Turn(index=index, user=decision.message, persona=persona, reason=decision.reason,
-                    route=decision.as_dict(), mood=self.mood_label)
+                    route=decision.as_dict(), mood=mood_label(turn_mood))
         scene_before = self.scene
         self.encode(decision.message, persona, index)
-        layers = [self.mood] if self.mood and self.engine.moods[self.mood[0]].adapter_dir else []
+        adapter_mood = turn_mood and self.engine.moods[turn_mood[0]].adapter_dir is not None
+        layers = [turn_mood] if adapter_mood else []
         generation = self.engine.stream(
-            self._prompt(persona, decision.message, params), persona, params, layers=layers
+            self._prompt(persona, decision.message, params, turn_mood), persona, params,
+            layers=layers
         )
         return TurnStream(self, turn, generation, scene_before)
 
@@ -254,6 +252,30 @@ class Controller:
         if self.store is not None and self.session is not None:
             self.store.record_turn(self.session, turn.as_dict(), self.scene.to_json(),
                                    self.scene.version)
+
+
+def parse_mood(moods: Mapping[str, Any], spec: str | None) -> tuple[str, float] | None:
+    """``NAME`` or ``NAME:WEIGHT`` (weight in (0, 2], default 1) -> (name, weight); None,
+    "off" or "none" -> None. Unknown moods and bad weights are a :class:`HyperlexError`."""
+    if spec is None or spec in ("off", "none"):
+        return None
+    name, _, weight_text = str(spec).partition(":")
+    if name not in moods:
+        raise UnknownPersona(name, list(moods), kind="mood")
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise HyperlexError(f"mood weight in {spec!r} must be a number") from None
+    if not 0.0 < weight <= 2.0:
+        raise HyperlexError(f"mood weight in {spec!r} must be in (0, 2]")
+    return name, weight
+
+
+def mood_label(mood: tuple[str, float] | None) -> str | None:
+    if mood is None:
+        return None
+    name, weight = mood
+    return name if weight == 1.0 else f"{name}:{weight:g}"
 
 
 class TurnStream:

@@ -229,3 +229,17 @@ def test_slash_commands_show_the_scene_the_routing_and_the_mood(engine, capsys) 
     assert "mood: off (available: none installed)" in err
     assert "unknown mood 'gloomy'" in err
     assert "session: not saved (--no-store)" in err
+
+
+def test_a_persona_and_mood_can_be_chosen_for_one_turn(engine) -> None:
+    from hyperlex.errors import HyperlexError, UnknownPersona
+
+    controller = make_controller(engine, persona="alpha")
+    once = controller.send("hi", persona="beta").complete()
+    assert (once.persona, once.route["source"]) == ("beta", "pinned")
+    assert controller.pinned == "alpha" and controller.send("hi").complete().persona == "alpha"
+    assert controller.send("@beta hi", persona="auto").complete().persona == "beta"
+    with pytest.raises(UnknownPersona, match="unknown persona 'nobody'"):
+        controller.send("x", persona="nobody")
+    with pytest.raises(HyperlexError, match="unknown mood 'gloomy'"):
+        controller.send("x", mood="gloomy")
