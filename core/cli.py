@@ -550,8 +550,7 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
                   quantize: str | None) -> None:
     """Base vs prompted base vs adapter on each persona's held-out prompts: blind persona
     identification (macro-F1), prompt-gain recovery, and neutral perplexity."""
-    from hyperlex.evaluate import TARGETS, fidelity, load_sets
-    from hyperlex.generation import GenerationParams
+    from hyperlex.evaluate import TARGETS, evaluation_params, fidelity, load_sets
 
     host = get_host()
     _report_problems(host)
@@ -563,8 +562,7 @@ def eval_fidelity(names: tuple[str, ...], max_new_tokens: int, batch_size: int,
     engine = open_engine(host, base, dtype, quantize, only=list(chosen))
     report = fidelity(engine, chosen, {n: s[0][:limit] for n, s in sets.items()},
                       {n: s[1] for n, s in sets.items()},
-                      params=GenerationParams(temperature=0, max_new_tokens=max_new_tokens,
-                                              repetition_penalty=1.1),
+                      params=evaluation_params(max_new_tokens),
                       batch_size=batch_size, progress=lambda m: click.echo(m, err=True))
     if as_json:
         _emit_json(report.as_dict())
@@ -621,8 +619,7 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
     """How far a mood layer shifts each persona's valence, and whether the persona stays
     recognisable (fidelity classifier accuracy), on the held-out prompts."""
     from hyperlex.embeddings import minilm_embedder
-    from hyperlex.evaluate import load_sets
-    from hyperlex.generation import GenerationParams
+    from hyperlex.evaluate import evaluation_params, load_sets
     from hyperlex.mood_eval import mood_shift
 
     host = get_host()
@@ -648,8 +645,7 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
         engine, chosen, {n: sets[n][0][:limit] for n in chosen},
         {n: s[1] for n, s in sets.items()}, mood, weight, load_sets(installed[mood])[1],
         host.scene_encoders["default"], minilm_embedder(),
-        params=GenerationParams(temperature=0, max_new_tokens=max_new_tokens,
-                                repetition_penalty=1.1),
+        params=evaluation_params(max_new_tokens),
         batch_size=batch_size, progress=lambda m: click.echo(m, err=True))
     if as_json:
         _emit_json(report.as_dict())

@@ -115,6 +115,12 @@ def gain_recovery(base: float, prompted: float, adapter: float) -> float | None:
     return None if gain <= 1e-9 else (base - adapter) / gain
 
 
+def evaluation_params(max_new_tokens: int = 100) -> GenerationParams:
+    """Greedy decoding with a mild repetition penalty: the evaluations compare conditions,
+    so sampling noise is kept out."""
+    return GenerationParams(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.1)
+
+
 def persona_messages(persona: Persona | None, example: Example) -> list[dict[str, str]]:
     system = [] if persona is None else [{"role": "system",
                                           "content": persona.system_message(example.scene)}]
@@ -126,8 +132,7 @@ def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[
              params: GenerationParams | None = None, batch_size: int = 16,
              progress: Callable[[str], None] | None = None) -> FidelityReport:
     """Run the three conditions for every persona and score them (see module docstring)."""
-    params = params or GenerationParams(temperature=0, max_new_tokens=100,
-                                        repetition_penalty=1.1)
+    params = params or evaluation_params()
     names = sorted(personas)
     say = progress or (lambda message: None)
     classifier = PersonaClassifier({n: references[n] for n in names}, embed or minilm_embedder())

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperlex.evaluate import PersonaClassifier, persona_messages
+from hyperlex.evaluate import PersonaClassifier, evaluation_params, persona_messages
 from hyperlex.generation import GenerationParams
 from hyperlex.persona import Persona
 
@@ -75,8 +75,7 @@ def mood_shift(engine: Any, personas: dict[str, Persona], prompts: dict[str, lis
     """Generate with and without ``mood`` for every persona's ``prompts`` (held-out examples)
     and score valence, tone and identity; ``references`` are every persona's training
     replies, ``mood_references`` the mood's."""
-    params = params or GenerationParams(temperature=0, max_new_tokens=100,
-                                        repetition_penalty=1.1)
+    params = params or evaluation_params()
     say = progress or (lambda message: None)
     classifier = PersonaClassifier(references, embed)
     everyone = [text for texts in references.values() for text in texts]
