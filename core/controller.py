@@ -97,7 +97,7 @@ class Controller:
         self.turn_router = TurnRouter(host, engine.personas, router)
         if store is not None and session is not None:
             self._resume(persona, mood)
-        if persona not in (None, "auto"):
+        if persona is not None:
             self.pin(persona)
         if mood is not None:
             self.set_mood(mood)

@@ -199,6 +199,8 @@ def test_pinned_persona_and_mood_are_part_of_the_session(engine, tmp_path) -> No
     assert resumed.pinned == "alpha"
     assert make_controller(engine, persona="auto", store=Store(tmp_path / "db"),
                            session="s").pinned is None  # an explicit auto routes again
+    assert Store(tmp_path / "db").session("s").info.persona is None
+    make_controller(engine, persona="alpha", store=Store(tmp_path / "db"), session="s")
     assert make_controller(engine, persona="beta", store=Store(tmp_path / "db"),
                            session="s").pinned == "beta"
     assert Store(tmp_path / "db").session("s").info.persona == "beta"
