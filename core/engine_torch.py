@@ -19,7 +19,7 @@ from hyperlex.engine import Completion, Engine, Generation, Layers, Message, Usa
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.models import BaseModel, load_base, resolve_base
-from hyperlex.persona import ADAPTER_WEIGHTS, Persona
+from hyperlex.persona import ADAPTER_WEIGHTS, Persona, check_scale
 
 
 class TorchEngine(Engine):
@@ -40,7 +40,11 @@ class TorchEngine(Engine):
         self.skipped: dict[str, str] = {}
         self._lock = threading.Lock()
         self._lora_layers: list[Any] = []
+        # per adapter: each LoRA layer with PEFT's own scaling (alpha / r) and with the
+        # effective one (times the adapter's scale), the base a mood weight multiplies
+        self._unit_scalings: dict[str, list[tuple[Any, float]]] = {}
         self._scalings: dict[str, list[tuple[Any, float]]] = {}
+        self.scales: dict[str, float] = {}  # read it; change it with set_scale
         self._active: tuple[str | None, tuple[tuple[str, float], ...]] | None = None
         for persona in personas:
             self._attach(persona, check_base)
@@ -85,10 +89,35 @@ class TorchEngine(Engine):
         self._bundles(persona)[persona.name] = persona
         self._lora_layers = _lora_layers(self.model)
         _keep_stored_dtype(self._lora_layers, persona.name, persona.adapter_dir)
-        self._scalings[persona.name] = [
+        self._unit_scalings[persona.name] = [
             (layer, layer.scaling[persona.name])
             for layer in self._lora_layers if persona.name in layer.scaling
         ]
+        self._apply_scale(persona.name, persona.scale)
+
+    def set_scale(self, persona: str, scale: float) -> None:
+        """Multiply ``persona``'s (or a mood's) LoRA scaling by ``scale`` instead of its
+        bundle's ``scale``, for this engine only (``agent eval calibrate`` sweeps it). The
+        value is in (0, 2]; it holds across switches and composes with a mood's weight."""
+        if persona not in self._unit_scalings:
+            if persona in self.skipped:
+                raise HyperlexError(self.skipped[persona])
+            if persona in self.personas or persona in self.moods:
+                raise HyperlexError(f"persona {persona!r} has no adapter to scale")
+            raise UnknownPersona(persona, [*self._unit_scalings])
+        try:
+            value = check_scale(scale)
+        except ValueError as exc:
+            raise HyperlexError(f"scale of {persona!r}: {exc}") from None
+        with self._lock:
+            self._apply_scale(persona, value)
+
+    def _apply_scale(self, name: str, scale: float) -> None:
+        self.scales[name] = scale
+        self._scalings[name] = [(layer, unit * scale) for layer, unit in self._unit_scalings[name]]
+        for layer, scaling in self._scalings[name]:
+            layer.scaling[name] = scaling
+        self._active = None  # a mood's weighted scaling is re-applied at the next activation
 
     def _bundles(self, persona: Persona) -> dict[str, Persona]:
         return self.moods if persona.is_mood else self.personas

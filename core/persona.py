@@ -7,6 +7,7 @@ validation error names the file, the field and the problem.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 SCENE_VIEWS = ("all", "focus", "none")
 KINDS = ("persona", "mood")
 DEFAULT_SCENE_BUDGET = 160
+MAX_SCALE = 2.0  # the largest adapter scale a bundle may set (see ``Persona.scale``)
 TEMPLATE_SLOTS = ("scene", "field", "persona")
 TOP_LEVEL_FIELDS = (
     "name",
@@ -36,6 +38,7 @@ TOP_LEVEL_FIELDS = (
     "description",
     "base_model",
     "adapter",
+    "scale",
     "contract",
     "scene_encoder",
     "routing",
@@ -114,6 +117,7 @@ class Persona:
     keywords: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
     root: Path | None = None
+    scale: float = 1.0  # the adapter's LoRA scaling is multiplied by this when it is attached
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Persona:
@@ -158,6 +162,7 @@ class Persona:
             keywords=v.strings(routing, "routing.keywords"),
             examples=v.strings(routing, "routing.examples"),
             root=root,
+            scale=_scale(v, data.get("scale", 1.0)),
         )
 
     def adapter_info(self) -> AdapterInfo | None:
@@ -296,6 +301,22 @@ def _contract(v: _Validator, data: dict[str, Any]) -> Contract:
         scene_budget=budget,
         generation=dict(generation),
     )
+
+
+def check_scale(value: Any) -> float:
+    """``value`` as an adapter scale, or ``ValueError`` saying why it is not one: a number in
+    (0, MAX_SCALE]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or not 0 < value <= MAX_SCALE:
+        raise ValueError(f"must be a number in (0, {MAX_SCALE:g}], got {value!r}")
+    return float(value)
+
+
+def _scale(v: _Validator, value: Any) -> float:
+    try:
+        return check_scale(value)
+    except ValueError as exc:
+        raise v.fail("scale", str(exc)) from None
 
 
 def _adapter_dir(root: Path, relative: str, file: Path | str) -> Path:
