@@ -110,6 +110,7 @@ def personas(as_json: bool) -> None:
                 "base_model": persona.base_model,
                 "plugin": reg.plugin,
                 "adapter_rank": info.rank if info else None,
+                "adapter_scale": persona.scale,
                 "adapter_bytes": info.size_bytes if info else None,
                 "path": str(persona.root) if persona.root else None,
             }
@@ -520,10 +521,12 @@ def data_synth(out: Path, direction: str, count: int | None, seed: int) -> None:
 
 @cli.group(name="eval")
 def eval_group() -> None:
-    """Verify persona adapters: fidelity, routing, roundtrip, mood, or all of the first three.
+    """Verify persona adapters: fidelity, routing, roundtrip, mood, or all of the first three;
+    calibrate sweeps one persona's adapter scale.
 
-    Every subcommand takes --report DIR (report.md, report.json and PNG charts) and
-    --thresholds FILE (YAML; a metric that misses its threshold makes the exit status 3).
+    fidelity, routing, roundtrip, mood and all take --report DIR (report.md, report.json and
+    PNG charts) and --thresholds FILE (YAML; a metric that misses its threshold makes the
+    exit status 3).
     """
 
 
