@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from hyperlex.errors import HyperlexError
 from hyperlex.scene import Delta, Scene, canonical_label
-from hyperlex.scene_eval import _delta_sets, _prf
+from hyperlex.scene_eval import delta_sets, prf
 
 if TYPE_CHECKING:
     from hyperlex.generation import GenerationParams
@@ -321,8 +321,8 @@ def score_roundtrip(source: Scene, reply_scene: Scene, reply_text: str = "") -> 
     and the reply's text for the details); pure, see the module docstring."""
     source_labels = {canonical_label(hx.label) for hx in source.hyperlexemes.values()}
     voice = VOICE_LABELS - source_labels
-    _, source_triples = _delta_sets(_as_delta(source))
-    reply_kinds, reply_all = _delta_sets(_as_delta(reply_scene))
+    _, source_triples = delta_sets(_as_delta(source))
+    reply_kinds, reply_all = delta_sets(_as_delta(reply_scene))
     reply_labels = {label for label in reply_kinds if label not in voice}
     reply_triples = {t: p for t, p in reply_all.items() if t[0] not in voice and t[2] not in voice}
 
@@ -333,7 +333,7 @@ def score_roundtrip(source: Scene, reply_scene: Scene, reply_text: str = "") -> 
     invented = {label for label in reply_labels - source_labels
                 if not (words := _words(label)) or not set(words) <= detail_words}
     matched_labels = source_labels & reply_labels
-    hyperlexemes = _prf(len(matched_labels), len(invented), len(source_labels - reply_labels))
+    hyperlexemes = prf(len(matched_labels), len(invented), len(source_labels - reply_labels))
 
     strict = sorted(set(source_triples) & set(reply_triples))
     used = set(strict)
@@ -354,8 +354,8 @@ def score_roundtrip(source: Scene, reply_scene: Scene, reply_text: str = "") -> 
         if lost:
             entry["lost"] = sorted(set(lost))
         split.append(entry)
-    links = _prf(len(strict), len(reply_triples) - len(strict), len(source_triples) - len(strict))
-    links_relaxed = _prf(len(pairs), len(reply_triples) - len(pairs),
+    links = prf(len(strict), len(reply_triples) - len(strict), len(source_triples) - len(strict))
+    links_relaxed = prf(len(pairs), len(reply_triples) - len(pairs),
                          len(source_triples) - len(pairs))
 
     flips = []
@@ -406,9 +406,9 @@ def aggregate(scores: Sequence[RoundtripScore]) -> tuple[dict[str, float], dict[
     def total(group: str, key: str) -> int:
         return sum(getattr(s, group)[key] for s in scores)
 
-    labels = _prf(*(total("hyperlexemes", k) for k in ("tp", "fp", "fn")))
-    links = _prf(*(total("links", k) for k in ("tp", "fp", "fn")))
-    relaxed = _prf(*(total("links_relaxed", k) for k in ("tp", "fp", "fn")))
+    labels = prf(*(total("hyperlexemes", k) for k in ("tp", "fp", "fn")))
+    links = prf(*(total("links", k) for k in ("tp", "fp", "fn")))
+    relaxed = prf(*(total("links_relaxed", k) for k in ("tp", "fp", "fn")))
     split = [e for s in scores for e in s.split_links]
     flips = [e for s in scores for e in s.logical_loss]
     counts = {

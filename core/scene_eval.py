@@ -88,7 +88,7 @@ def load_gold(path: str | Path) -> list[dict[str, Any]]:
     return items
 
 
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float | int]:
+def prf(tp: int, fp: int, fn: int) -> dict[str, float | int]:
     precision = tp / (tp + fp) if tp + fp else 1.0
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -96,7 +96,7 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, float | int]:
             "tp": tp, "fp": fp, "fn": fn}
 
 
-def _delta_sets(delta: Delta) -> tuple[dict[str, str], dict[Triple, int]]:
+def delta_sets(delta: Delta) -> tuple[dict[str, str], dict[Triple, int]]:
     """Predicted labels (label -> kind) and triples (-> polarity) of a delta."""
     by_id = {h.id: canonical_label(h.label) for h in delta.hyperlexemes}
     kinds = {canonical_label(h.label): h.kind for h in delta.hyperlexemes}
@@ -122,7 +122,7 @@ def score_encoder(encoder: Callable[[str], Delta], gold_path: str | Path) -> dic
         started = time.perf_counter()
         delta = encoder(item["text"])
         seconds += time.perf_counter() - started
-        kinds, triples = _delta_sets(delta)
+        kinds, triples = delta_sets(delta)
         gold_kinds = {canonical_label(h["label"]): h.get("kind") for h in item["hyperlexemes"]}
         gold_triples: dict[Triple, int] = {
             (canonical_label(k["src"]), canonical_label(k["rel"]), canonical_label(k["dst"])):
@@ -168,7 +168,7 @@ def score_encoder(encoder: Callable[[str], Delta], gold_path: str | Path) -> dic
         if problems:
             entry["problems"] = problems
             errors.append(entry)
-    hyperlexemes, links = _prf(h_tp, h_fp, h_fn), _prf(l_tp, l_fp, l_fn)
+    hyperlexemes, links = prf(h_tp, h_fp, h_fn), prf(l_tp, l_fp, l_fn)
     polarity = round(pol_ok / pol_total, 4) if pol_total else 1.0
     scores = {
         "hyperlexeme_f1": hyperlexemes["f1"],
