@@ -285,7 +285,8 @@ class TorchEngine(Engine):
             tokens = new if ended is None else new[:ended]
             reason = "stop" if ended is not None or len(new) < params.max_new_tokens else "length"
             completions.append(Completion(
-                self.tokenizer.decode(tokens, skip_special_tokens=True), persona, reason,
+                _complete_text(self.tokenizer.decode(tokens, skip_special_tokens=True)),
+                persona, reason,
                 Usage(len(prompt), len(tokens) + (ended is not None)), seconds))
         return completions
 
@@ -359,6 +360,12 @@ class _TorchGeneration(Generation):
     def _finish(self) -> None:
         if self._started:
             self._thread.join()
+
+
+def _complete_text(text: str) -> str:
+    """A reply cut off inside a multi-byte character ends in U+FFFD; drop it, as streaming
+    does, so batched and streamed generation give the same text."""
+    return text.rstrip("\ufffd")
 
 
 class _TokenStreamer:
