@@ -26,7 +26,7 @@ chat: $(STAMP)
 	$(BIN)/agent chat --persona philosopher $(if $(MESSAGE),-m "$(MESSAGE)")
 
 lint: $(STAMP)
-	$(BIN)/ruff check core plugins tests examples
+	$(BIN)/ruff check core plugins tests examples bench
 
 test: lint
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
