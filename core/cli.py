@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from hyperlex import __version__
+from hyperlex.cli_options import engine_options
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.host import Host
 
@@ -182,33 +183,6 @@ def plugins(as_json: bool) -> None:
         click.secho(line, fg="red", err=True)
 
 
-def _engine_options(func: Any) -> Any:
-    options = [
-        click.option(
-            "--base",
-            default=None,
-            metavar="MODEL",
-            help="Base model: the embedded default, a local HF model directory or a hub id.",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(["float32", "bfloat16"]),
-            default="float32",
-            show_default=True,
-            help="Weight dtype of the base model.",
-        ),
-        click.option(
-            "--quantize",
-            type=click.Choice(["nf4"]),
-            default=None,
-            help="Load the base in 4-bit NF4 through bitsandbytes.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
                 only: list[str] | None = None) -> Any:
     """Load the base once and attach every installed persona's adapter (or ``only`` these)."""
@@ -257,7 +231,7 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     help="Print each turn as a JSON line (persona, route, reply, usage) instead of "
     "streaming text.",
 )
-@_engine_options
+@engine_options
 def chat(
     persona: str | None,
     message: str | None,
@@ -466,7 +440,7 @@ def data_validate(files: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256))
 @click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
               help="Generation option for the teacher.")
-@_engine_options
+@engine_options
 def data_distill(persona: str, prompts_file: Path, out: Path, teacher_url: str | None,
                  teacher_model: str, api_key_env: str, batch_size: int,
                  options: tuple[tuple[str, str], ...], base: str | None, dtype: str,
@@ -547,7 +521,7 @@ def _held_out_generation_options(func: Any) -> Any:
     ]
     for option in reversed(options):
         func = option(func)
-    return _engine_options(func)
+    return engine_options(func)
 
 
 def _report_options(func: Any) -> Any:
@@ -828,7 +802,7 @@ def _print_roundtrip(report: Any, verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the full report (every reply, what was read back, its score) as JSON.")
 @_report_options
-@_engine_options
+@engine_options
 def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
                    no_shipped_scenes: bool, encoder: str, verbose: bool, limit: int | None,
                    max_new_tokens: int, batch_size: int, as_json: bool,

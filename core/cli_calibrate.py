@@ -1,8 +1,8 @@
 """``agent eval calibrate``: sweep a persona's adapter scale and recommend one.
 
-The command is added to the ``eval`` group by :mod:`hyperlex.cli`. It shares that module's
-engine options and helpers, imported when the command runs (``hyperlex.cli`` imports this
-module, so importing them here at import time would be a cycle).
+The command is added to the ``eval`` group by :mod:`hyperlex.cli`. Its helpers from that
+module (``open_engine``, the host) are imported when the command runs, since ``hyperlex.cli``
+imports this module.
 """
 
 from __future__ import annotations
@@ -11,28 +11,10 @@ import click
 
 from hyperlex.calibrate import DEFAULT_SCALES, PPL_BOUND, check_writable, parse_scales, write_scale
 from hyperlex.calibrate import calibrate as sweep
+from hyperlex.cli_options import engine_options
 from hyperlex.errors import HyperlexError
 
 DEFAULT_SCALES_TEXT = ",".join(f"{s:g}" for s in DEFAULT_SCALES)
-
-
-class _EngineOptionsCommand(click.Command):
-    """A command with the engine options every model-loading command takes (``--base``,
-    ``--dtype``, ``--quantize``, from ``hyperlex.cli._engine_options``), added the first time
-    its parameters are needed rather than at import time."""
-
-    _engine_options_added = False
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not self._engine_options_added:
-            from hyperlex.cli import _engine_options
-
-            def holder() -> None: ...
-
-            decorated = _engine_options(holder)
-            self.params.extend(reversed(decorated.__click_params__))  # as click.command does
-            self._engine_options_added = True
-        return super().get_params(ctx)
 
 
 def _scales(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -42,7 +24,8 @@ def _scales(ctx: click.Context, param: click.Parameter, value: str) -> tuple[flo
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-@click.command("calibrate", cls=_EngineOptionsCommand)
+@click.command("calibrate")
+@engine_options
 @click.option("-p", "--persona", "name", required=True,
               help="The persona whose adapter scale to calibrate.")
 @click.option("--scales", default=DEFAULT_SCALES_TEXT, show_default=True, callback=_scales,

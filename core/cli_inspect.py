@@ -14,27 +14,8 @@ from typing import Any
 
 import click
 
+from hyperlex.cli_options import engine_options
 from hyperlex.errors import HyperlexError, UnknownPersona
-
-
-class _EngineOptionsCommand(click.Command):
-    """A command with the engine options of every model-loading command (``--base``,
-    ``--dtype``, ``--quantize``, from ``hyperlex.cli._engine_options``), added the first time
-    its parameters are needed: ``hyperlex.cli`` imports this module, so importing it here at
-    import time would be a cycle."""
-
-    _engine_options_added = False
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not self._engine_options_added:
-            from hyperlex.cli import _engine_options
-
-            def holder() -> None: ...
-
-            decorated = _engine_options(holder)
-            self.params.extend(reversed(decorated.__click_params__))  # as click.command does
-            self._engine_options_added = True
-        return super().get_params(ctx)
 
 
 def _names(persona: str | None, compare: str | None) -> list[str]:
@@ -101,7 +82,8 @@ def _inspect_options(func: Any) -> Any:
     return func
 
 
-@click.command("inspect", cls=_EngineOptionsCommand)
+@click.command("inspect")
+@engine_options
 @_inspect_options
 def inspect(text: str, persona: str | None, compare: str | None, plot: Path | None,
             as_json: bool, no_system: bool, all_tokens: bool, base: str | None, dtype: str,

@@ -159,3 +159,21 @@ def bundles_plugin(*bundles: Path) -> str:
             for path in {paths}:
                 register(path)
         """
+
+
+@pytest.fixture
+def runner():
+    """A click test runner (imported lazily: the fixtures module stays light)."""
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture
+def tiny_plugin(plugin_site: Path, tiny_bundles: dict[str, Path],
+                monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tiny alpha and beta bundles installed as the only third-party plugin."""
+    install_plugin(plugin_site, "hyperlex-tiny", "hx_tiny",
+                   bundles_plugin(tiny_bundles["alpha"], tiny_bundles["beta"]))
+    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-tiny")
+    return "hyperlex-tiny"

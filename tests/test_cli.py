@@ -15,20 +15,6 @@ from hyperlex.cli import cli
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-@pytest.fixture
-def tiny_plugin(plugin_site: Path, tiny_bundles: dict[str, Path],
-                monkeypatch: pytest.MonkeyPatch) -> str:
-    install_plugin(plugin_site, "hyperlex-tiny", "hx_tiny",
-                   bundles_plugin(tiny_bundles["alpha"], tiny_bundles["beta"]))
-    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-tiny")
-    return "hyperlex-tiny"
-
-
 def chat(runner: CliRunner, tiny_base: Path, *args: str, input: str | None = None):
     return runner.invoke(cli, ["chat", "--base", str(tiny_base), "-o", "max_new_tokens", "6",
                                *args], input=input)

@@ -279,11 +279,6 @@ def test_bad_gold_lines_are_named(tmp_path: Path) -> None:
 # the CLI --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
 def test_scene_encode_json_is_the_delta(runner: CliRunner) -> None:
     from hyperlex.cli_scene import scene
 

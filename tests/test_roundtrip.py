@@ -328,20 +328,6 @@ def test_an_encoder_failure_scores_as_an_empty_reading(encoder) -> None:
 # the CLI on the tiny model --------------------------------------------------------------------
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-@pytest.fixture
-def tiny_plugin(plugin_site: Path, tiny_bundles: dict[str, Path],
-                monkeypatch: pytest.MonkeyPatch) -> str:
-    install_plugin(plugin_site, "hyperlex-tiny", "hx_tiny",
-                   bundles_plugin(tiny_bundles["alpha"], tiny_bundles["beta"]))
-    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-tiny")
-    return "hyperlex-tiny"
-
-
 def roundtrip_cli(runner: CliRunner, tiny_base: Path, *args: str):
     return runner.invoke(cli, ["eval", "roundtrip", "--base", str(tiny_base), "-p", "alpha",
                                "-p", "beta", "--max-new-tokens", "6", *args])
