@@ -158,9 +158,12 @@ class Controller:
 
     # routing ---------------------------------------------------------------------------------
 
-    def route(self, message: str) -> RouteDecision:
-        """Choose who answers ``message`` (see :class:`hyperlex.router.TurnRouter`)."""
-        return self.turn_router.decide(message, self.scene, self.current, self.pinned)
+    def route(self, message: str, persona: str | None = None) -> RouteDecision:
+        """Choose who answers ``message`` (see :class:`hyperlex.router.TurnRouter`);
+        ``persona`` overrides the pinned persona for this decision ("auto": route)."""
+        pinned = self.pinned if persona is None else (
+            None if persona == "auto" else self._check(persona))
+        return self.turn_router.decide(message, self.scene, self.current, pinned)
 
     # the scene -------------------------------------------------------------------------------
 
@@ -219,10 +222,8 @@ class Controller:
 
         ``persona`` and ``mood`` override the pinned persona ("auto": route) and the mood
         for this turn only; they are not saved with the session."""
-        pinned = self.pinned if persona is None else (
-            None if persona == "auto" else self._check(persona))
         turn_mood = self.mood if mood is None else parse_mood(self.engine.moods, mood)
-        decision = self.turn_router.decide(message, self.scene, self.current, pinned)
+        decision = self.route(message, persona)
         self.last_decision = decision
         persona = decision.persona
         self.current = persona

@@ -211,7 +211,6 @@ class TorchEngine(Engine):
         return _TorchGeneration(self, messages, persona, params or GenerationParams(), stop,
                                 tuple(layers))
 
-
     def _check_persona(self, persona: str | None) -> None:
         if persona is not None and persona not in self.personas:
             if persona in self.skipped:
