@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--json FILE] [--only P1,P3] [--base DIR]``"""
+"""Measure hyperlex against the plain alternatives in one run and print a table of ratios
+(docs/performance.md explains each row)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.common import Config, render_table, rows_of, run, write_json
+from bench.common import MEASUREMENTS, Config, render_table, rows_of, run, write_json
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (4 personas, 2 repeats, 4 new tokens): a smoke run")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"),
                         help="where to write the JSON report (default: %(default)s)")
     parser.add_argument("--only", default=None,
-                        help="comma list of measurements, e.g. P1,P3 (P1 P1b P3 P4 P5)")
+                        help=f"comma list of measurements, e.g. P1,P3 ({' '.join(MEASUREMENTS)})")
     parser.add_argument("--base", default=None,
                         help="base model directory (default: the embedded model); personas "
                         "with random adapters are made for it")

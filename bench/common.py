@@ -14,13 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-NOT_MEASURED = {
-    "P2": ("active-persona decode overhead (tok/s vs bare base)", ">= 0.9x"),
-    "P6": ("batch-1 decode vs memory-bandwidth floor", ">= 60% of floor"),
-    "P7": ("training tok/s vs hand-written PEFT loop; QLoRA peak memory", ">= 1.0x; <= 0.5x"),
-}
-ORDER = ("P1", "P1n", "P1b", "P2", "P3", "P4a", "P4b", "P5", "P5h", "P6", "P7")
-MEASUREMENTS = ("P1", "P1b", "P3", "P4", "P5")  # what --only accepts (plus P2, P6, P7)
+ORDER = ("P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P5", "P5h", "P6f32", "P6bf16",
+         "P6nf4", "P7", "P7q", "P7qc")
+MEASUREMENTS = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P7")  # what --only accepts
 
 
 @dataclass
@@ -131,17 +127,17 @@ def machine() -> dict[str, Any]:
 def run(config: Config, only: Sequence[str] | None = None,
         log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Run the selected measurements; return the report (``rows`` as dicts, in table order)."""
-    from bench import batch, cold, memory, switch
+    from bench import batch, cold, decode, memory, switch, training
     from bench.cast import Cast
 
-    known = {k.upper(): k for k in (*MEASUREMENTS, *NOT_MEASURED)}
-    wanted = set(known.values())
+    known = {m.upper(): m for m in MEASUREMENTS}
+    wanted = set(MEASUREMENTS)
     if only:
         wanted = {known.get(s.strip().upper(), s.strip()) for s in only}
-    unknown = wanted - set(MEASUREMENTS) - set(NOT_MEASURED)
+    unknown = wanted - set(MEASUREMENTS)
     if unknown:
         raise SystemExit(f"--only: unknown measurement(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join([*MEASUREMENTS, *NOT_MEASURED])}")
+                         f"known: {', '.join(MEASUREMENTS)}")
     rows: list[Row] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hyperlex-bench-") as tmp:
@@ -149,9 +145,12 @@ def run(config: Config, only: Sequence[str] | None = None,
         steps: list[tuple[str, Callable[[], list[Row]]]] = [
             ("P1b", lambda: switch.startup(config, cast)),
             ("P1", lambda: switch.switching(config, cast)),
+            ("P2", lambda: decode.active_persona_overhead(config, cast)),
             ("P3", lambda: batch.mixed_batch(config, cast)),
             ("P4", lambda: memory.memory(config, cast)),
             ("P5", lambda: cold.cold_start(config)),
+            ("P6", lambda: decode.bandwidth_floor(config, cast)),
+            ("P7", lambda: training.training(config, Path(config.workdir or tmp))),
         ]
         for name, step in steps:
             if name in wanted:
@@ -159,9 +158,6 @@ def run(config: Config, only: Sequence[str] | None = None,
                 rows += step()
                 if name != "P1b":  # P1 goes on with P1b's last engine
                     cast.release()
-    for pid, (what, target) in NOT_MEASURED.items():
-        if pid in wanted:
-            rows.append(Row(pid, what, target=target, note="not measured yet"))
     rows.sort(key=lambda r: ORDER.index(r.id) if r.id in ORDER else len(ORDER))
     return {"quick": config.quick, "base": config.base or "embedded",
             "config": {k: (str(v) if isinstance(v, Path) else v)

@@ -184,7 +184,7 @@ def plugins(as_json: bool) -> None:
 
 
 def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
-                only: list[str] | None = None) -> Any:
+                only: list[str] | None = None, merge: bool = False) -> Any:
     """Load the base once and attach every installed persona's adapter (or ``only`` these)."""
     from hyperlex.engine_torch import TorchEngine
     from hyperlex.models import resolve_base
@@ -196,7 +196,7 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     also = f" and {moods} mood{'s' * (moods != 1)}" if moods else ""
     click.echo(f"Loading {resolved.name} with {speakers} persona{'s' * (speakers != 1)}{also}...",
                err=True)
-    engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize)
+    engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize, merge=merge)
     for reason in engine.skipped.values():
         warn(reason)
     return engine
@@ -224,6 +224,9 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
               help="Save the conversation as session NAME, resuming it (history, scene, "
               "persona, mood) if it exists. Default: a new session.")
 @click.option("--no-store", is_flag=True, help="Do not save this conversation.")
+@click.option("--merge", is_flag=True,
+              help="Fold the speaking persona's adapter into the base weights: faster replies "
+              "for long runs with one persona, about 0.1 s more per switch (float32 only).")
 @click.option(
     "--json",
     "as_json",
@@ -240,6 +243,7 @@ def chat(
     router: str,
     session: str | None,
     no_store: bool,
+    merge: bool,
     as_json: bool,
     base: str | None,
     dtype: str,
@@ -281,7 +285,7 @@ def chat(
         from hyperlex.store import check_name
 
         check_name(session)
-    engine = open_engine(host, base, dtype, quantize)
+    engine = open_engine(host, base, dtype, quantize, merge=merge)
     store = None if no_store else Store()
     if store is not None and session is None:
         session = store.open_session().info.name
@@ -358,6 +362,9 @@ def route(text: str, current: str | None, session: str | None, router: str,
 @click.option("--heldout", help="Held-out set, relative to the bundle.")
 @click.option("--qlora/--no-qlora", default=None,
               help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations during the backward pass: much less memory, about "
+              "a third more time per step (default: from train.yaml).")
 @click.option("--base", default=None, metavar="MODEL", help="Base model (default: embedded).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint Ctrl-C saved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training card as JSON.")
@@ -931,6 +938,34 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
     else:
         click.echo(report.table())
     _finish([mood_section(report)], report_dir, thresholds, engine.base_name)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the performance benchmarks of a hyperlex checkout (the same as python -m bench;
+    agent bench --help lists its options). See docs/performance.md."""
+    root = _checkout_with_bench()
+    if root is None:
+        raise HyperlexError("agent bench runs the benchmarks in bench/ of a hyperlex source "
+                            "checkout (they are not installed with the package); run it from "
+                            "the repository root, or: python -m bench")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.__main__ import main as bench_main
+
+    sys.exit(bench_main(list(args), prog="agent bench"))
+
+
+def _checkout_with_bench() -> Path | None:
+    """The working directory, or the checkout an editable install runs from, if it holds
+    hyperlex's bench/ package."""
+    import hyperlex
+
+    for root in (Path.cwd(), Path(hyperlex.__file__).resolve().parent.parent):
+        if (root / "bench" / "__main__.py").is_file() and (root / "bench" / "common.py").is_file():
+            return root
+    return None
 
 
 def _add_command_groups() -> None:

@@ -31,7 +31,17 @@ class TorchEngine(Engine):
         quantize: str | None = None,
         progress: bool = True,
         check_base: bool = True,
+        merge: bool = False,
     ):
+        """``merge``: fold the active persona's LoRA into the base weights while it speaks
+        alone (no mood, not in a mixed batch), so decoding runs at the bare base's speed;
+        each switch then costs an unmerge and a merge (``bench`` P2 measures both). Only for a
+        float32 base: a 4-bit base cannot hold merged weights and bfloat16 would round the
+        base a little more at every switch."""
+        if merge and (quantize is not None or dtype != "float32"):
+            raise HyperlexError(
+                f"merging persona weights needs a float32 base (got dtype {dtype!r}"
+                f"{f', quantize {quantize!r}' if quantize else ''}); leave merging off")
         self.base = base if isinstance(base, BaseModel) else resolve_base(base)
         self.base_name = self.base.name
         self.model, self.tokenizer = load_base(self.base, dtype, quantize, progress)
@@ -40,12 +50,15 @@ class TorchEngine(Engine):
         self.skipped: dict[str, str] = {}
         self._lock = threading.Lock()
         self._lora_layers: list[Any] = []
+        self._layer_by_name: dict[str, Any] = {}
         # per adapter: each LoRA layer with PEFT's own scaling (alpha / r) and with the
         # effective one (times the adapter's scale), the base a mood weight multiplies
         self._unit_scalings: dict[str, list[tuple[Any, float]]] = {}
         self._scalings: dict[str, list[tuple[Any, float]]] = {}
         self.scales: dict[str, float] = {}  # read it; change it with set_scale
         self._active: tuple[str | None, tuple[tuple[str, float], ...]] | None = None
+        self.merge = merge
+        self._merged: str | None = None  # the persona whose LoRA is folded into the base
         for persona in personas:
             self._attach(persona, check_base)
         if self._lora_layers:
@@ -74,9 +87,11 @@ class TorchEngine(Engine):
                 "the persona")
             return
         try:
-            if isinstance(self.model, PeftModel):
+            fast = isinstance(self.model, PeftModel) and _attach_to_layers(
+                self.model, self._layer_by_name, persona)
+            if not fast and isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(persona.adapter_dir), adapter_name=persona.name)
-            else:
+            elif not fast:
                 self.model = PeftModel.from_pretrained(
                     self.model, str(persona.adapter_dir), adapter_name=persona.name
                 )
@@ -85,15 +100,20 @@ class TorchEngine(Engine):
                 f"adapter of persona {persona.name!r} ({persona.adapter_dir}) failed to load: {exc}"
             )
             return
-        self.model.eval()
+        if not fast:
+            self.model.eval()
+            self._index_lora_layers()
+            _keep_stored_dtype(self._lora_layers, persona.name, persona.adapter_dir)
         self._bundles(persona)[persona.name] = persona
-        self._lora_layers = _lora_layers(self.model)
-        _keep_stored_dtype(self._lora_layers, persona.name, persona.adapter_dir)
         self._unit_scalings[persona.name] = [
             (layer, layer.scaling[persona.name])
             for layer in self._lora_layers if persona.name in layer.scaling
         ]
         self._apply_scale(persona.name, persona.scale)
+
+    def _index_lora_layers(self) -> None:
+        self._layer_by_name = _lora_layers(self.model)
+        self._lora_layers = list(self._layer_by_name.values())
 
     def set_scale(self, persona: str, scale: float) -> None:
         """Multiply ``persona``'s (or a mood's) LoRA scaling by ``scale`` instead of its
@@ -113,6 +133,7 @@ class TorchEngine(Engine):
             self._apply_scale(persona, value)
 
     def _apply_scale(self, name: str, scale: float) -> None:
+        self._unmerge()  # a merged delta must come out with the scaling it went in with
         self.scales[name] = scale
         self._scalings[name] = [(layer, unit * scale) for layer, unit in self._unit_scalings[name]]
         for layer, scaling in self._scalings[name]:
@@ -134,6 +155,13 @@ class TorchEngine(Engine):
         moods = tuple((name, weight) for name, weight in layers if name in self._scalings)
         if (persona, moods) == self._active:
             return
+        if self._merged is not None and (self._merged != persona or moods):
+            self._unmerge()
+        if self.merge and persona is not None and not moods and self._merged is None:
+            for layer in self._lora_layers:
+                if persona in layer.lora_A:
+                    layer.merge(adapter_names=[persona])
+            self._merged = persona
         for name, weight in moods:
             for layer, scaling in self._scalings[name]:
                 layer.scaling[name] = scaling * weight
@@ -141,6 +169,17 @@ class TorchEngine(Engine):
         for layer in self._lora_layers:
             layer._active_adapter = active
         self._active = (persona, moods)
+
+    def _unmerge(self) -> None:
+        """Take a merged persona's delta back out of the base weights (PEFT subtracts what it
+        added, so a float32 base returns to within rounding)."""
+        if self._merged is None:
+            return
+        for layer in self._lora_layers:
+            if layer.merged:
+                layer.unmerge()
+        self._merged = None
+        self._active = None
 
     @property
     def _inner(self) -> Any:
@@ -270,6 +309,7 @@ class TorchEngine(Engine):
                 output = self._inner.generate(input_ids=input_ids, attention_mask=attention,
                                               **kwargs)
             elif isinstance(self.model, PeftModel):
+                self._unmerge()  # PEFT's per-row adapters need unmerged layers
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention,
                                              adapter_names=names, **kwargs)
             else:
@@ -475,7 +515,78 @@ def _keep_stored_dtype(layers: list[Any], name: str, adapter_dir: Path) -> None:
                 modules[name].to(target)
 
 
-def _lora_layers(model: Any) -> list[Any]:
+def _lora_layers(model: Any) -> dict[str, Any]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+_LAYER_FIELDS = ("r", "lora_alpha", "scaling", "lora_A", "lora_B", "lora_dropout", "lora_bias",
+                 "use_rslora", "use_dora")
+
+
+def _attach_to_layers(model: Any, layers: dict[str, Any], persona: Persona) -> bool:
+    """Add ``persona``'s adapter to LoRA layers that already exist, straight from its
+    safetensors file; False (nothing changed) when it needs PEFT's general ``load_adapter``.
+
+    PEFT's ``load_adapter`` walks the module tree several times, initialises weights it then
+    overwrites, and checks every adapter's parameters on each layer; with 31 adapters attached
+    the next one takes over a second. A plain LoRA adapter whose tensors all land on existing
+    layers (the cast's adapters share their target modules) needs none of that: each layer gets
+    the entries PEFT's ``LoraLayer.update_layer`` would make for an inference-only adapter,
+    holding the stored tensors. ``tests/test_engine.py`` checks the logits equal PEFT's own
+    ``load_adapter`` exactly.
+    """
+    import math
+
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    assert persona.adapter_dir is not None
+    config = LoraConfig.from_pretrained(str(persona.adapter_dir))
+    if (config.use_dora or config.rank_pattern or config.alpha_pattern or config.lora_bias
+            or config.modules_to_save or config.trainable_token_indices
+            or config.layer_replication or getattr(config, "use_qalora", False)):
+        return False
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(persona.adapter_dir / ADAPTER_WEIGHTS).items():
+        module, sep, leaf = key.rpartition(".lora_")
+        if not sep or leaf not in ("A.weight", "B.weight") or module not in layers:
+            return False
+        pairs.setdefault(module, {})[leaf[0]] = tensor
+    if not pairs or any(len(pair) != 2 for pair in pairs.values()):
+        return False
+    for module, pair in pairs.items():
+        layer, a, b = layers[module], pair["A"], pair["B"]
+        if not all(hasattr(layer, f) for f in (*_LAYER_FIELDS, "in_features", "out_features")):
+            return False
+        if a.shape != (config.r, layer.in_features) or b.shape != (layer.out_features, config.r):
+            raise HyperlexError(f"{module}: adapter tensors {tuple(a.shape)} and "
+                                f"{tuple(b.shape)} do not fit the base layer")
+    name, r, alpha = persona.name, config.r, config.lora_alpha
+    model.peft_config[name] = config
+    for module, pair in pairs.items():
+        layer = layers[module]
+        layer.r[name], layer.lora_alpha[name] = r, alpha
+        layer.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        layer.use_rslora[name], layer.use_dora[name], layer.lora_bias[name] = (
+            config.use_rslora, False, False)
+        layer.lora_dropout[name] = torch.nn.Identity()  # inference only
+        base_dtype = layer.get_base_layer().weight.dtype
+        for modules, weight in ((layer.lora_A, pair["A"]), (layer.lora_B, pair["B"])):
+            if weight.dtype == torch.float32 and base_dtype.is_floating_point:
+                weight = weight.to(base_dtype)  # as PEFT does; 16-bit adapters stay 16-bit
+            modules[name] = _linear(weight)
+    return True
+
+
+def _linear(weight: Any) -> Any:
+    """A bias-free ``nn.Linear`` holding ``weight`` as it is (no initialisation, no copy)."""
+    import torch
+
+    out_features, in_features = weight.shape
+    linear = torch.nn.Linear(in_features, out_features, bias=False, device="meta",
+                             dtype=weight.dtype)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear

@@ -49,6 +49,7 @@ class TrainConfig:
     max_length: int = 320
     seed: int = 0
     qlora: bool = False
+    gradient_checkpointing: bool = False
     save_dtype: str = "bfloat16"
     data: str = "data/train.jsonl"
     heldout: str = "data/heldout.jsonl"
@@ -240,6 +241,8 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     examples, held = encode(records, data_path), encode(heldout, heldout_path)
     if config.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:  # recompute activations in backward: less memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), bias="none",
                       task_type="CAUSAL_LM")

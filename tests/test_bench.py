@@ -16,16 +16,17 @@ def test_quick_bench_reports_every_row(tiny_base: Path, tiny_bundles: dict[str, 
                                        tmp_path: Path):
     config = Config.quick_config(base=str(tiny_base), bundles=list(tiny_bundles.values()),
                                  workdir=tmp_path / "work", switches=10)
-    report = run(config, only=["P1", "P1b", "P3", "P4", "P2", "P6", "P7"])
+    report = run(config, only=["P1", "P1b", "P2", "P3", "P4", "P6", "P7"])
 
     rows = {r["id"]: r for r in report["rows"]}
-    assert list(rows) == ["P1", "P1n", "P1b", "P2", "P3", "P4a", "P4b", "P6", "P7"]
-    for pid in ("P1", "P1n", "P1b", "P3", "P4a", "P4b"):
-        row = rows[pid]
+    assert list(rows) == ["P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P6f32",
+                          "P6bf16", "P6nf4", "P7", "P7q", "P7qc"]
+    for pid, row in rows.items():
         assert row["hyperlex"] > 0 and row["alternative"] > 0 and row["ratio"] > 0, row
-        assert isinstance(row["met"], bool) and row["target"]
-    for pid in ("P2", "P6", "P7"):
-        assert rows[pid]["note"] == "not measured yet" and rows[pid]["met"] is None
+        assert row["target"], pid
+    assert sum(isinstance(rows[p]["met"], bool) for p in ("P6f32", "P6bf16", "P6nf4")) == 1
+    assert rows["P2"]["details"]["merge_s"] > 0
+    assert rows["P7"]["details"]["runs"]["hand"]["steps"] == 2
 
     p1 = rows["P1"]["details"]
     assert p1["identical_logits"] is True
@@ -40,10 +41,22 @@ def test_quick_bench_reports_every_row(tiny_base: Path, tiny_bundles: dict[str, 
     table = render_table(rows_of(report))
     header = table.splitlines()[0]
     assert [c.strip() for c in header.split("|")] == list(COLUMNS)
-    assert "not measured yet" in table and all(pid in table for pid in rows)
+    assert all(pid in table for pid in rows)
 
     out = tmp_path / "bench.json"
     write_json(report, out)
     loaded = json.loads(out.read_text())
     assert loaded["quick"] is True and loaded["machine"]["cpus"]
     assert [Row(**r).id for r in loaded["rows"]] == list(rows)
+
+
+def test_agent_bench_runs_the_checkouts_benchmark(runner, tiny_base: Path, tmp_path: Path):
+    from hyperlex.cli import cli
+
+    shown = runner.invoke(cli, ["bench", "--help"])
+    assert shown.exit_code == 0 and "agent bench" in shown.output and "--quick" in shown.output
+    out = tmp_path / "p1.json"
+    result = runner.invoke(cli, ["bench", "--quick", "--only", "P1", "--base", str(tiny_base),
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in json.loads(out.read_text())["rows"]] == ["P1", "P1n"]

@@ -124,6 +124,17 @@ def test_one_shot_message_streams_the_reply_to_stdout(runner: CliRunner, tiny_pl
     assert "persona 'philosopher' was trained on base 'smollm2-135m-instruct'" in result.stderr
 
 
+def test_merge_gives_the_same_greedy_reply_and_refuses_a_bfloat16_base(
+        runner: CliRunner, tiny_plugin: str, tiny_base: Path) -> None:
+    args = ("--persona", "alpha", "--no-store", "-o", "temperature", "0", "-m", "What is time?")
+    plain, merged = chat(runner, tiny_base, *args), chat(runner, tiny_base, "--merge", *args)
+    assert plain.exit_code == merged.exit_code == 0, merged.output
+    assert merged.stdout == plain.stdout
+    refused = chat(runner, tiny_base, "--merge", "--dtype", "bfloat16", *args)
+    assert refused.exit_code == 1 and "merging persona weights needs a float32 base" in \
+        refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_json_output_reports_persona_reason_and_usage(runner: CliRunner, tiny_plugin: str,
                                                       tiny_base: Path) -> None:
     result = chat(runner, tiny_base, "--persona", "beta", "--json", "-m", "hello")

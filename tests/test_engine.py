@@ -60,6 +60,62 @@ def test_fast_switch_matches_peft_set_adapter(engine) -> None:
         torch.testing.assert_close(engine._inner(**inputs).logits, bare)
 
 
+def _peft_reference_logits(tiny_base: Path, bundles: list[Path], inputs) -> dict[str, object]:
+    """Each adapter loaded by PEFT's own ``from_pretrained`` / ``load_adapter``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    for bundle in bundles:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(bundle / "adapter"), adapter_name=bundle.name)
+        else:
+            model = PeftModel.from_pretrained(model, str(bundle / "adapter"),
+                                              adapter_name=bundle.name)
+    model.eval()
+    logits = {}
+    for bundle in bundles:
+        model.set_adapter(bundle.name)
+        with torch.no_grad():
+            logits[bundle.name] = model(**inputs).logits
+    return logits
+
+
+def test_adapters_attached_in_one_pass_equal_peft_load_adapter(
+        tiny_base: Path, tmp_path: Path) -> None:
+    """The engine adds later adapters straight onto the existing LoRA layers; an adapter with
+    other target modules goes through PEFT's ``load_adapter``. Every one must give exactly
+    PEFT's logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hyperlex.engine_torch import TorchEngine
+
+    bundles = [write_bundle(tmp_path, f"p{i}", tiny_base=tiny_base, adapter_seed=i)
+               for i in range(3)]
+    narrow = write_bundle(tmp_path, "narrow", adapter_seed=None)
+    torch.manual_seed(7)
+    config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_rslora=True,
+                        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config) \
+        .save_pretrained(narrow / "adapter")
+    (narrow / "persona.yaml").write_text(
+        (narrow / "persona.yaml").read_text().replace("contract:", "adapter: adapter/\ncontract:"))
+    order = [bundles[0], narrow, bundles[1], bundles[2]]
+    engine = TorchEngine([Persona.from_dir(b) for b in order], base=str(tiny_base),
+                         progress=False)
+    assert not engine.skipped
+    inputs = engine._encode(MESSAGES)
+    reference = _peft_reference_logits(tiny_base, order, inputs)
+    for bundle in order:
+        engine._activate(bundle.name)
+        with torch.no_grad():
+            torch.testing.assert_close(engine._inner(**inputs).logits, reference[bundle.name],
+                                       rtol=0, atol=0, msg=bundle.name)
+
+
 def test_streamed_pieces_add_up_to_the_reply_and_usage_is_counted(engine) -> None:
     generation = engine.stream(MESSAGES, "alpha", GREEDY)
     pieces = list(generation)
@@ -242,3 +298,38 @@ def test_batched_generation_with_a_mood_matches_one_at_a_time(mood_engine) -> No
     single = [mood_engine.generate(m, p, GREEDY, layers=layers).text for m, p in requests]
     assert batched == single
     assert batched[0] != reply(mood_engine, "alpha")
+
+
+def test_merged_persona_gives_the_unmerged_logits_and_switching_restores_the_base(
+        tiny_base: Path, tiny_bundles: dict[str, Path], engine) -> None:
+    import torch
+
+    from hyperlex.engine_torch import TorchEngine
+
+    personas = [Persona.from_dir(path) for path in tiny_bundles.values()]
+    merged = TorchEngine(personas, base=str(tiny_base), progress=False, merge=True)
+    inputs = engine._encode(MESSAGES)
+
+    def logits(which, persona):
+        which._activate(persona)
+        with torch.no_grad():
+            return which._inner(**inputs).logits
+
+    for _ in range(20):  # many switches: the base must not drift
+        for persona in ("alpha", "beta", None):
+            torch.testing.assert_close(logits(merged, persona), logits(engine, persona),
+                                       rtol=1e-4, atol=1e-4, msg=str(persona))
+    merged._activate("alpha")
+    assert merged._merged == "alpha"
+    requests = [(MESSAGES, "alpha"), (MESSAGES, "beta"), (MESSAGES, None)]
+    assert [c.text for c in merged.generate_batch(requests, GREEDY)] == \
+        [c.text for c in engine.generate_batch(requests, GREEDY)]
+    assert [reply(merged, p) for p in ("beta", "alpha")] == [reply(engine, p)
+                                                             for p in ("beta", "alpha")]
+
+
+def test_merging_refuses_a_base_that_cannot_hold_merged_weights(tiny_base: Path) -> None:
+    from hyperlex.engine_torch import TorchEngine
+
+    with pytest.raises(HyperlexError, match="float32 base"):
+        TorchEngine([], base=str(tiny_base), dtype="bfloat16", merge=True, progress=False)

@@ -110,6 +110,25 @@ def test_qlora_trains_on_the_cpu(bundle: Path, tiny_base: Path) -> None:
     assert Persona.from_dir(bundle).adapter_info().rank == 4
 
 
+@pytest.mark.parametrize("qlora", [False, True])
+def test_gradient_checkpointing_trains_the_same_adapter(bundle: Path, tiny_base: Path,
+                                                        tmp_path: Path, qlora: bool) -> None:
+    """Recomputing activations in the backward pass changes memory, not the result."""
+    from safetensors.torch import load_file
+
+    twin = Path(shutil.copytree(bundle, tmp_path / "twin"))
+    config = TrainConfig(r=4, alpha=8, epochs=1, batch_size=2, max_length=256, dropout=0.0,
+                         save_dtype="float32", qlora=qlora)
+    plain = train(bundle, config, base=str(tiny_base), progress=False)
+    checkpointed = train(twin, TrainConfig(**{**config.__dict__, "gradient_checkpointing": True}),
+                         base=str(tiny_base), progress=False)
+    assert checkpointed["config"]["gradient_checkpointing"] is True
+    assert abs(checkpointed["final_loss"] - plain["final_loss"]) < 1e-4
+    ours = load_file(twin / "adapter" / "adapter_model.safetensors")
+    for key, tensor in load_file(bundle / "adapter" / "adapter_model.safetensors").items():
+        assert (ours[key] - tensor).abs().max() < 1e-4, key
+
+
 def test_train_yaml_is_read_and_overridden(bundle: Path) -> None:
     (bundle / "train.yaml").write_text("r: 8\nepochs: 2\ntarget_modules: [q_proj, v_proj]\n")
     config = load_config(bundle, {"epochs": 5, "alpha": None})
