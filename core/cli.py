@@ -184,9 +184,10 @@ def plugins(as_json: bool) -> None:
 
 
 def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
-                only: list[str] | None = None, merge: bool = False) -> Any:
-    """Load the base once and attach every installed persona's adapter (or ``only`` these)."""
-    from hyperlex.engine_torch import TorchEngine
+                only: list[str] | None = None, merge: bool = False,
+                backend: str = "torch") -> Any:
+    """Load the base once and attach every installed persona's adapter (or ``only`` these);
+    ``backend`` "torch" or "llamacpp" (see :func:`choose_backend`)."""
     from hyperlex.models import resolve_base
 
     resolved = resolve_base(base)
@@ -194,12 +195,39 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     speakers = sum(not p.is_mood for p in personas)
     moods = len(personas) - speakers
     also = f" and {moods} mood{'s' * (moods != 1)}" if moods else ""
-    click.echo(f"Loading {resolved.name} with {speakers} persona{'s' * (speakers != 1)}{also}...",
-               err=True)
-    engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize, merge=merge)
+    click.echo(f"Loading {resolved.name} with {speakers} persona{'s' * (speakers != 1)}{also}"
+               f"{' on llama.cpp' if backend == 'llamacpp' else ''}...", err=True)
+    if backend == "llamacpp":
+        from hyperlex.engine_llamacpp import LlamaCppEngine
+
+        engine: Any = LlamaCppEngine(personas, base=resolved)
+    else:
+        from hyperlex.engine_torch import TorchEngine
+
+        engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize,
+                             merge=merge)
     for reason in engine.skipped.values():
         warn(reason)
     return engine
+
+
+def choose_backend(requested: str, dtype: str, quantize: str | None, merge: bool) -> str:
+    """``auto``: llama.cpp when it is installed and no torch-only option was given."""
+    from hyperlex.engine_llamacpp import available
+
+    torch_only = [flag for flag, given in (("--dtype bfloat16", dtype != "float32"),
+                                           ("--quantize", quantize is not None),
+                                           ("--merge", merge)) if given]
+    if requested == "auto":
+        return "llamacpp" if available() and not torch_only else "torch"
+    if requested == "llamacpp":
+        if torch_only:
+            raise click.UsageError(f"{', '.join(torch_only)} applies to the torch engine; the "
+                                   "llama.cpp engine runs the base GGUF as it is")
+        if not available():
+            raise HyperlexError("--engine llamacpp needs llama-cpp-python: pip install "
+                                "'hyperlex[llamacpp]'")
+    return requested
 
 
 @cli.command()
@@ -227,6 +255,10 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
 @click.option("--merge", is_flag=True,
               help="Fold the speaking persona's adapter into the base weights: faster replies "
               "for long runs with one persona, about 0.1 s more per switch (float32 only).")
+@click.option("--engine", "backend", type=click.Choice(["auto", "torch", "llamacpp"]),
+              default="auto", show_default=True,
+              help="Inference engine; auto: llama.cpp when installed (several times faster "
+              "on a CPU), else transformers + PEFT.")
 @click.option(
     "--json",
     "as_json",
@@ -244,6 +276,7 @@ def chat(
     session: str | None,
     no_store: bool,
     merge: bool,
+    backend: str,
     as_json: bool,
     base: str | None,
     dtype: str,
@@ -285,7 +318,8 @@ def chat(
         from hyperlex.store import check_name
 
         check_name(session)
-    engine = open_engine(host, base, dtype, quantize, merge=merge)
+    engine = open_engine(host, base, dtype, quantize, merge=merge,
+                         backend=choose_backend(backend, dtype, quantize, merge))
     store = None if no_store else Store()
     if store is not None and session is None:
         session = store.open_session().info.name

@@ -20,3 +20,8 @@ def home() -> Path:
 
 def models_dir() -> Path:
     return home() / "models"
+
+
+def gguf_dir() -> Path:
+    """Converted GGUF files (LoRA adapters and bases for llama.cpp), keyed by content hash."""
+    return home() / "gguf"

@@ -181,3 +181,35 @@ def test_the_melancholic_mood_composes_over_a_persona(engine) -> None:
     alone = engine.generate(messages, "poet", params).text
     tinted = engine.generate(messages, "poet", params, layers=[("melancholic", 1.0)]).text
     assert len(tinted.split()) > 5 and tinted != alone
+
+
+def test_every_shipped_persona_answers_through_llama_cpp_as_through_torch(engine) -> None:
+    """The llama.cpp engine on an F32 GGUF of the same weights gives each persona's greedy
+    reply token for token (the tiny-model tests check the mechanics)."""
+    pytest.importorskip("llama_cpp")
+    from hyperlex.engine_llamacpp import LlamaCppEngine
+    from hyperlex.generation import GenerationParams
+
+    fast = LlamaCppEngine([*engine.personas.values(), *engine.moods.values()], exact=True,
+                          progress=False)
+    assert not fast.skipped and set(fast.personas) == set(engine.personas)
+    greedy = GenerationParams(temperature=0, max_new_tokens=16)
+    for name, persona in engine.personas.items():
+        messages = [{"role": "system", "content": persona.system_message()},
+                    {"role": "user", "content": "What do you make of the rain?"}]
+        ours, theirs = fast.generate(messages, name, greedy), engine.generate(messages, name,
+                                                                               greedy)
+        assert ours.text == theirs.text, name
+    fast.close()
+
+
+def test_agent_chat_runs_on_llama_cpp_when_it_is_installed(real_home: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    agent = Path(sys.executable).with_name("agent")
+    done = subprocess.run(
+        [str(agent), "chat", "--persona", "poet", "-m", "Write about the sea.", "--no-store",
+         "-o", "max_new_tokens", "40"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_LOAD_PLUGINS": ""})
+    assert done.returncode == 0, done.stderr
+    assert "on llama.cpp..." in done.stderr and len(done.stdout.split()) > 5

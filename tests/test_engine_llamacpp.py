@@ -1,0 +1,158 @@
+"""The llama.cpp engine on the tiny random Llama (an F32 GGUF written from its weights): the
+same greedy replies as the transformers engine, persona switches that never reuse another
+persona's KV cache, moods as adapter scales, concurrent turns on a pool of contexts."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.generation import GenerationParams
+from hyperlex.persona import Persona
+
+from .conftest import write_bundle
+
+pytest.importorskip("llama_cpp")
+
+GREEDY = GenerationParams(temperature=0, max_new_tokens=12)
+MESSAGES = [{"role": "system", "content": "You are a test."},
+            {"role": "user", "content": "What is time?"}]
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path_factory) -> list[Persona]:
+    gloom = write_bundle(tmp_path_factory.mktemp("moods"), "gloom", adapter_seed=7,
+                         tiny_base=tiny_base, extra_yaml="kind: mood\n")
+    return [Persona.from_dir(p) for p in (tiny_bundles["alpha"], tiny_bundles["beta"], gloom)]
+
+
+@pytest.fixture(scope="module")
+def torch_engine(tiny_base: Path, bundles: list[Persona]):
+    from hyperlex.engine_torch import TorchEngine
+
+    return TorchEngine(bundles, base=str(tiny_base), progress=False)
+
+
+def llama_engine(tiny_base: Path, bundles: list[Persona], **kwargs):
+    from hyperlex.engine_llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(bundles, base=str(tiny_base), exact=True, threads=1, n_ctx=512,
+                          progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base: Path, bundles: list[Persona]):
+    return llama_engine(tiny_base, bundles)
+
+
+def test_prompts_are_the_tokens_transformers_would_feed(engine, torch_engine) -> None:
+    history = [*MESSAGES, {"role": "assistant", "content": "It passes."},
+               {"role": "user", "content": "And space? ünïcode, 42"}]
+    for messages in (MESSAGES, history, MESSAGES[1:]):
+        expected = torch_engine._encode(messages)["input_ids"][0].tolist()
+        assert engine.encode(messages) == expected
+    assert engine.count_tokens(MESSAGES) == torch_engine.count_tokens(MESSAGES)
+
+
+def test_each_persona_and_the_bare_base_reply_as_the_transformers_engine(engine, torch_engine):
+    for persona in ("alpha", "beta", None):
+        ours = engine.generate(MESSAGES, persona, GREEDY)
+        theirs = torch_engine.generate(MESSAGES, persona, GREEDY)
+        assert ours.text == theirs.text, persona
+        assert ours.usage == theirs.usage and ours.finish_reason == theirs.finish_reason
+    assert len({engine.generate(MESSAGES, p, GREEDY).text for p in ("alpha", "beta", None)}) == 3
+
+
+def test_a_mood_layer_is_the_mood_adapter_at_its_weight(engine, torch_engine) -> None:
+    for weight in (1.0, 0.5):
+        layers = [("gloom", weight)]
+        assert engine.generate(MESSAGES, "alpha", GREEDY, layers=layers).text == \
+            torch_engine.generate(MESSAGES, "alpha", GREEDY, layers=layers).text
+    with pytest.raises(UnknownPersona, match="unknown mood 'alpha'"):
+        engine.stream(MESSAGES, "alpha", layers=[("alpha", 1.0)])
+
+
+def test_a_conversation_switching_personas_equals_fresh_runs(tiny_base: Path, bundles,
+                                                             engine) -> None:
+    """Each turn, whatever ran before it in the same context, gives the tokens of that
+    persona run from an empty cache."""
+    turns = [("alpha", "What is time?"), ("beta", "And space?"), ("alpha", "Say more."),
+             (None, "Plainly?"), ("beta", "Last one.")]
+    messages: list[dict[str, str]] = [MESSAGES[0]]
+    for persona, text in turns:
+        messages.append({"role": "user", "content": text})
+        reply = engine.generate(messages, persona, GREEDY).text
+        fresh = llama_engine(tiny_base, bundles)
+        assert reply == fresh.generate(messages, persona, GREEDY).text, (persona, text)
+        fresh.close()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def test_returning_to_a_persona_prefills_only_what_was_added(engine, monkeypatch) -> None:
+    decoded: list[int] = []
+    original = engine._decode
+
+    def counting(slot, tokens):
+        decoded.append(len(tokens))
+        return original(slot, tokens)
+
+    params = GenerationParams(temperature=0, max_new_tokens=1)
+    first = [MESSAGES[0], {"role": "user", "content": "A question for alpha."}]
+    engine.generate(first, "alpha", params)
+    engine.generate([MESSAGES[0], {"role": "user", "content": "Now beta."}], "beta", params)
+    monkeypatch.setattr(engine, "_decode", counting)
+    later = [*first, {"role": "assistant", "content": "x"}, {"role": "user", "content": "More."}]
+    engine.generate(later, "alpha", params)
+    # alpha's cache came back: only the new tail of the prompt is decoded, not all of it
+    assert 0 < sum(decoded) < engine.count_tokens(later) - engine.count_tokens(first) + 4
+
+
+def test_streaming_stop_strings_and_lengths(engine, torch_engine) -> None:
+    generation = engine.stream(MESSAGES, "alpha", GREEDY)
+    pieces = list(generation)
+    assert "".join(pieces) == generation.text and len(pieces) > 1
+    assert generation.usage.completion_tokens == GREEDY.max_new_tokens
+    assert generation.finish_reason == "length"
+    full = generation.text
+    stop = full[3:6]
+    cut = engine.generate(MESSAGES, "alpha", GREEDY, stop=[stop])
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_is_reproducible(engine) -> None:
+    params = GenerationParams(temperature=1.0, top_p=0.9, top_k=40, seed=3, max_new_tokens=10)
+    assert engine.generate(MESSAGES, "beta", params).text == \
+        engine.generate(MESSAGES, "beta", params).text
+
+
+def test_concurrent_turns_on_two_contexts_never_mix_personas(tiny_base: Path, bundles,
+                                                             engine) -> None:
+    expected = {p: engine.generate(MESSAGES, p, GREEDY).text for p in ("alpha", "beta")}
+    pool = llama_engine(tiny_base, bundles, contexts=2)
+    results: dict[tuple[str, int], str] = {}
+
+    def worker(persona: str, i: int) -> None:
+        results[(persona, i)] = pool.generate(MESSAGES, persona, GREEDY).text
+
+    threads = [threading.Thread(target=worker, args=(p, i)) for i in range(3)
+               for p in ("alpha", "beta")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pool.close()
+    assert all(text == expected[persona] for (persona, _), text in results.items())
+
+
+def test_unknown_persona_and_missing_library_are_clear_errors(engine, monkeypatch) -> None:
+    with pytest.raises(UnknownPersona, match="unknown persona 'gamma'"):
+        engine.stream(MESSAGES, "gamma")
+    from hyperlex import engine_llamacpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(HyperlexError, match=r"pip install 'hyperlex\[llamacpp\]'"):
+        engine_llamacpp.LlamaCppEngine([])
