@@ -71,7 +71,7 @@ def cold_start(config: Config) -> list[Row]:
                     note="skipped: needs the embedded base (no --base)"), help_row]
     source = str(ensure_embedded(progress=False))  # convert once, outside the timing
     chat = [*agent_command(), "chat", "-p", "philosopher", "-m", "Hi", "-o", "max_new_tokens",
-            "1", "-o", "temperature", "0", "--no-store"]
+            "1", "-o", "temperature", "0", "--no-store", "--engine", "torch"]
     bare = [sys.executable, "-c", BARE_SCRIPT, source]
     first_byte_seconds(chat, env)  # warm the OS file cache for both
     first_byte_seconds(bare, env)

@@ -211,6 +211,23 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     return engine
 
 
+def warm_up_encoders(host: Host) -> None:
+    """Call each installed persona's scene encoder's optional ``warm_up()`` in a background
+    thread (errors are left for the first real call to report)."""
+    import contextlib
+    import threading
+
+    wanted = {p.scene_encoder for p in host.personas.values()} | {"default"}
+    encoders = [e for n, e in host.scene_encoders.items() if n in wanted]
+
+    def warm() -> None:
+        for encoder in encoders:
+            with contextlib.suppress(Exception):  # the first real call reports it
+                getattr(encoder, "warm_up", lambda: None)()
+
+    threading.Thread(target=warm, name="hyperlex-warm-up", daemon=True).start()
+
+
 def choose_backend(requested: str, dtype: str, quantize: str | None, merge: bool) -> str:
     """``auto``: llama.cpp when it is installed and no torch-only option was given."""
     from hyperlex.engine_llamacpp import available
@@ -318,8 +335,10 @@ def chat(
         from hyperlex.store import check_name
 
         check_name(session)
-    engine = open_engine(host, base, dtype, quantize, merge=merge,
-                         backend=choose_backend(backend, dtype, quantize, merge))
+    chosen = choose_backend(backend, dtype, quantize, merge)
+    if chosen == "llamacpp":  # the scene encoders load while llama.cpp loads and prefills
+        warm_up_encoders(host)
+    engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen)
     store = None if no_store else Store()
     if store is not None and session is None:
         session = store.open_session().info.name
@@ -329,6 +348,8 @@ def chat(
     if session is not None:
         resumed = f", resumed at turn {controller.first_index}" if controller.first_index else ""
         click.echo(f"session {session}{resumed}", err=True)
+    if chosen == "llamacpp":
+        controller.prefill()
     loop = ChatLoop(controller, as_json=as_json)
     if message is not None:
         loop.turn(message)

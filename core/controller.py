@@ -215,6 +215,18 @@ class Controller:
                 return messages
             history = history[2:]
 
+    def prefill(self) -> None:
+        """Let the engine compute the next turn's prompt ahead, as far as it is known: the
+        pinned (or current) persona's system message and the history. A cache-keeping engine
+        (llama.cpp) then decodes only the scene's change and the new message."""
+        persona = self.pinned or self.current
+        if persona is None or persona not in self.engine.personas:
+            return
+        system = {"role": "system", "content": self.system_message(persona)}
+        adapter_mood = self.mood and self.engine.moods[self.mood[0]].adapter_dir is not None
+        self.engine.prefill([system, *self.history], persona,
+                            [self.mood] if adapter_mood and self.mood else [])
+
     def send(self, message: str, *, persona: str | None = None,
              mood: str | None = None) -> TurnStream:
         """Start a turn. Iterate the result for the streamed reply; the turn is recorded

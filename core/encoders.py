@@ -138,7 +138,10 @@ Always returned for a text with at least one word (``None`` only for an empty te
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import re
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -179,9 +182,8 @@ def load_pipeline() -> Language:
         with _NLP_LOCK:
             if _NLP is None:
                 try:
-                    import importlib
-
-                    package = importlib.import_module(PIPELINE_PACKAGE)
+                    with _without_torch_for_thinc():
+                        package = importlib.import_module(PIPELINE_PACKAGE)
                 except ImportError as exc:
                     raise EncoderUnavailable(
                         "the default scene encoder needs spaCy and its English pipeline: "
@@ -190,6 +192,22 @@ def load_pipeline() -> Language:
                     ) from exc
                 _NLP = package.load()
     return _NLP
+
+
+@contextlib.contextmanager
+def _without_torch_for_thinc() -> Iterator[None]:
+    """Import spaCy without letting thinc import torch (1.3 s) when nothing else has: the
+    small English pipeline never runs torch, and on the llama.cpp engine nothing else needs
+    it. ``import torch`` works normally again afterwards."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  (makes ``import torch`` fail)
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
 
 
 # word lists -----------------------------------------------------------------------------------
@@ -356,6 +374,11 @@ class DefaultEncoder:
     @property
     def nlp(self) -> Language:
         return self._nlp if self._nlp is not None else load_pipeline()
+
+    def warm_up(self) -> None:
+        """Load the pipeline now (the host may call this in a background thread while the
+        model loads), so the first message does not wait for it."""
+        _ = self.nlp
 
     def __call__(self, text: str) -> Delta:
         if not text or not text.strip():

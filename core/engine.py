@@ -147,6 +147,11 @@ class Engine(ABC):
         return [self.generate(messages, persona, params, layers=layers)
                 for messages, persona in requests]
 
+    def prefill(self, messages: Sequence[Message], persona: str | None,  # noqa: B027
+                layers: Layers = ()) -> None:
+        """Compute, ahead of the turn, what a backend with a prompt cache can keep for a prompt
+        that will start with ``messages`` (no generation prompt). The default does nothing."""
+
     @abstractmethod
     def count_tokens(self, messages: Sequence[Message]) -> int:
         """Prompt tokens ``messages`` take once rendered through the chat template."""

@@ -102,6 +102,9 @@ class LlamaCppEngine(Engine):
         self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
         self._n_vocab = self.llama.n_vocab()
         self._template = _chat_template(self.llama.metadata)
+        from hyperlex.gguf_lora import shape_from_metadata
+
+        self._shape = shape_from_metadata(self.llama.metadata, str(self.model_path))
         self.personas: dict[str, Persona] = {}
         self.moods: dict[str, Persona] = {}
         self.skipped: dict[str, str] = {}
@@ -134,7 +137,7 @@ class LlamaCppEngine(Engine):
         from hyperlex.gguf_lora import cached_gguf_adapter
 
         try:
-            path = cached_gguf_adapter(persona.adapter_dir, self.model_path)
+            path = cached_gguf_adapter(persona.adapter_dir, self._shape)
         except HyperlexError as exc:
             self.skipped[persona.name] = f"adapter of persona {persona.name!r}: {exc}"
             return
@@ -230,13 +233,15 @@ class LlamaCppEngine(Engine):
 
     # prompts --------------------------------------------------------------------------------
 
-    def render(self, messages: Sequence[Message]) -> str:
-        return self._template.render(messages=list(messages), add_generation_prompt=True,
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self._template.render(messages=list(messages),
+                                     add_generation_prompt=add_generation_prompt,
                                      bos_token="", eos_token="")
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
-        return self.llama.tokenize(self.render(messages).encode("utf-8"), add_bos=False,
-                                   special=True)
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True
+               ) -> list[int]:
+        text = self.render(messages, add_generation_prompt)
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode(messages))
@@ -247,9 +252,7 @@ class LlamaCppEngine(Engine):
 
     # generation -----------------------------------------------------------------------------
 
-    def stream(self, messages: Sequence[Message], persona: str | None,
-               params: GenerationParams | None = None, stop: Sequence[str] = (),
-               layers: Layers = ()) -> Generation:
+    def _composition(self, persona: str | None, layers: Layers) -> Composition:
         if persona is not None and persona not in self.personas:
             if persona in self.skipped:
                 raise HyperlexError(self.skipped[persona])
@@ -258,7 +261,25 @@ class LlamaCppEngine(Engine):
             if name not in self.moods:
                 raise UnknownPersona(name, list(self.moods), kind="mood")
         moods = tuple((n, float(w)) for n, w in layers if n in self._adapters)
-        composition: Composition = (persona if persona in self._adapters else None, moods)
+        return (persona if persona in self._adapters else None, moods)
+
+    def prefill(self, messages: Sequence[Message], persona: str | None,
+                layers: Layers = ()) -> None:
+        """Decode ``messages`` (say the system message) into a context's cache under
+        ``persona``, so the turn that starts with them decodes only the rest."""
+        composition = self._composition(persona, layers)
+        tokens = self.encode(messages, add_generation_prompt=False)
+        slot = self._slots.get()
+        try:
+            self._switch(slot, composition)
+            self._prefill(slot, tokens)
+        finally:
+            self._slots.put(slot)
+
+    def stream(self, messages: Sequence[Message], persona: str | None,
+               params: GenerationParams | None = None, stop: Sequence[str] = (),
+               layers: Layers = ()) -> Generation:
+        composition = self._composition(persona, layers)
         return _LlamaGeneration(self, self.encode(messages), persona, composition,
                                 params or GenerationParams(), stop)
 

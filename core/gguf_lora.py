@@ -120,24 +120,32 @@ def _shape_from_gguf(path: Path) -> BaseShape:
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    return shape_from_metadata({key: field.contents() for key, field in fields.items()
+                                if key == "general.architecture" or key.startswith(f"{arch}.")},
+                               str(path))
 
-    def field(key: str, default: Any = None) -> Any:
-        return fields[key].contents() if key in fields else default
 
-    arch = field("general.architecture")
+def shape_from_metadata(metadata: Mapping[str, Any], where: str = "the base GGUF") -> BaseShape:
+    """A base's shape from GGUF metadata (values as GGUFReader or llama.cpp's
+    ``Llama.metadata`` give them: numbers or their strings)."""
+    arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES.values():
-        raise HyperlexError(f"{path}: llama.cpp conversion supports Llama bases only; this GGUF "
+        raise HyperlexError(f"{where}: llama.cpp conversion supports Llama bases only; this GGUF "
                             f"has architecture {arch!r}")
-    n_embd = int(field(f"{arch}.embedding_length"))
-    n_head = int(field(f"{arch}.attention.head_count"))
+
+    def number(key: str, default: Any = None) -> int:
+        return int(metadata.get(f"{arch}.{key}", default))
+
+    n_embd, n_head = number("embedding_length"), number("attention.head_count")
     return BaseShape(
         arch=arch,
-        n_layer=int(field(f"{arch}.block_count")),
+        n_layer=number("block_count"),
         n_embd=n_embd,
-        n_ff=int(field(f"{arch}.feed_forward_length")),
+        n_ff=number("feed_forward_length"),
         n_head=n_head,
-        n_head_kv=int(field(f"{arch}.attention.head_count_kv", n_head)),
-        head_dim=int(field(f"{arch}.attention.key_length", n_embd // n_head)),
+        n_head_kv=number("attention.head_count_kv", n_head),
+        head_dim=number("attention.key_length", n_embd // n_head),
     )
 
 
@@ -146,7 +154,9 @@ BaseConfig = Mapping[str, Any] | str | os.PathLike[str] | object
 
 def base_shape(base_config: BaseConfig) -> BaseShape:
     """Read a base's shape from its config: a config.json dict, a transformers config, a model
-    directory (its config.json) or the base's GGUF file."""
+    directory (its config.json) or the base's GGUF file; a BaseShape is returned as it is."""
+    if isinstance(base_config, BaseShape):
+        return base_config
     if isinstance(base_config, (str, os.PathLike)):
         path = Path(base_config)
         if path.is_dir():

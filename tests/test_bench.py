@@ -16,14 +16,20 @@ def test_quick_bench_reports_every_row(tiny_base: Path, tiny_bundles: dict[str, 
                                        tmp_path: Path):
     config = Config.quick_config(base=str(tiny_base), bundles=list(tiny_bundles.values()),
                                  workdir=tmp_path / "work", switches=10)
-    report = run(config, only=["P1", "P1b", "P2", "P3", "P4", "P6", "P7"])
+    report = run(config, only=["P1", "P1b", "P2", "P3", "P4", "P6", "P7", "L"])
 
     rows = {r["id"]: r for r in report["rows"]}
+    llama = ["L1", "L2", "L2t", "L6", "L5"]
     assert list(rows) == ["P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P6f32",
-                          "P6bf16", "P6nf4", "P7", "P7q", "P7qc"]
+                          "P6bf16", "P6nf4", "P7", "P7q", "P7qc", *llama]
     for pid, row in rows.items():
+        if pid in ("L1", "L5") or (pid in llama and row["note"]):
+            continue
         assert row["hyperlex"] > 0 and row["alternative"] > 0 and row["ratio"] > 0, row
         assert row["target"], pid
+    if not rows["L2"]["note"]:  # llama-cpp-python installed
+        assert rows["L1"]["hyperlex"] > 0
+        assert rows["L5"]["note"].startswith("skipped")
     assert sum(isinstance(rows[p]["met"], bool) for p in ("P6f32", "P6bf16", "P6nf4")) == 1
     assert rows["P2"]["details"]["merge_s"] > 0
     assert rows["P7"]["details"]["runs"]["hand"]["steps"] == 2

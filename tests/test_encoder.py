@@ -326,3 +326,15 @@ def test_scene_eval_prints_scores(runner: CliRunner, tmp_path: Path) -> None:
     assert "hyperlexemes  P" in result.stdout and "link_f1: met" in result.stdout
     missing = runner.invoke(scene, ["eval", "--gold", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def test_loading_the_pipeline_leaves_torch_importable() -> None:
+    """spaCy is imported without thinc's optional torch import (1.3 s); torch itself must
+    still import normally afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hyperlex.encoders import load_pipeline; load_pipeline();"
+            "assert 'torch' not in sys.modules; import torch; print(torch.tensor([1]).sum())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

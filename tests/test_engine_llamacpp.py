@@ -156,3 +156,21 @@ def test_unknown_persona_and_missing_library_are_clear_errors(engine, monkeypatc
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(HyperlexError, match=r"pip install 'hyperlex\[llamacpp\]'"):
         engine_llamacpp.LlamaCppEngine([])
+
+
+def test_prefill_ahead_leaves_only_the_new_message_to_decode(engine, monkeypatch) -> None:
+    decoded: list[int] = []
+    original = engine._decode
+    system = {"role": "system", "content": "You are a test. Scene: a long-prepared prefix."}
+    engine.prefill([system], "beta")
+    monkeypatch.setattr(engine, "_decode",
+                        lambda slot, tokens: decoded.append(len(tokens)) or original(slot, tokens))
+    messages = [system, {"role": "user", "content": "Hi"}]
+    reply = engine.generate(messages, "beta", GenerationParams(temperature=0, max_new_tokens=1))
+    ahead = len(engine.encode([system], add_generation_prompt=False))
+    assert decoded[0] <= engine.count_tokens(messages) - ahead + 1 < engine.count_tokens(messages)
+    monkeypatch.undo()
+    engine._slots.queue[0].composition = None  # forget: a fresh run must give the same reply
+    engine._slots.queue[0].saved.clear()
+    assert reply.text == engine.generate(messages, "beta", GenerationParams(
+        temperature=0, max_new_tokens=1)).text

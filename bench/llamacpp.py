@@ -1,0 +1,135 @@
+"""L rows: the llama.cpp engine beside the transformers engine and bare llama.cpp (issue 8):
+switch cost, decode speed with a persona active, the bandwidth floor, time to first token."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+from bench.cast import Cast
+from bench.cold import agent_command, first_byte_seconds
+from bench.common import Config, Row, collect
+from bench.decode import PROMPT, copy_bandwidth, decode_rate
+
+SWITCHES = 200
+
+
+def llama_decode_rate(engine: Any, persona: str | None, tokens: int,
+                      repeats: int) -> tuple[float, list[float]]:
+    """Batch-1 greedy decode tokens/s on one context: ``tokens`` forced steps after the
+    prompt's prefill (end-of-turn tokens do not stop it), median of ``repeats``."""
+    import numpy as np
+
+    prompt = engine.encode(PROMPT)
+    slot = engine._slots.get()
+    samples = []
+    try:
+        for _ in range(repeats + 1):  # the first is a warm-up
+            engine._switch(slot, (persona, ()))
+            engine._prefill(slot, prompt)
+            start = time.perf_counter()
+            for _ in range(tokens):
+                engine._decode(slot, [int(np.argmax(engine._logits(slot)))])
+            samples.append(tokens / (time.perf_counter() - start))
+    finally:
+        engine._slots.put(slot)
+    return statistics.median(samples[1:]), samples[1:]
+
+
+def switch_seconds(engine: Any, names: list[str], calls: int) -> tuple[float, float]:
+    """Median seconds of setting another persona's adapter on a context, and of the first
+    one-token decode after a switch minus a decode without one (llama.cpp rebuilds its graph)."""
+    slot = engine._slots.get()
+    try:
+        compositions = [(name, ()) for name in names]
+        engine._switch(slot, compositions[0])
+        engine._prefill(slot, engine.encode(PROMPT))
+        sets, after, plain = [], [], []
+        for i in range(calls):
+            composition = compositions[(i + 1) % len(compositions)]
+            start = time.perf_counter()
+            engine._set_adapters(slot, composition)
+            sets.append(time.perf_counter() - start)
+            slot.composition = composition
+            start = time.perf_counter()
+            engine._decode(slot, [slot.tokens[-1]])
+            after.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            engine._decode(slot, [slot.tokens[-1]])
+            plain.append(time.perf_counter() - start)
+            if len(slot.tokens) > engine.context_length - 8:
+                engine._lib.llama_memory_seq_rm(engine._memory(slot), 0, 16, -1)
+                slot.tokens = slot.tokens[:16]
+        slot.composition = None  # the cache above is scratch: never reuse it for a turn
+        engine._lib.llama_memory_clear(engine._memory(slot), True)
+        slot.tokens = []
+    finally:
+        engine._slots.put(slot)
+    return statistics.median(sets), statistics.median(after) - statistics.median(plain)
+
+
+def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
+    from hyperlex.engine_llamacpp import LlamaCppEngine, available
+
+    if not available():
+        note = "skipped: llama-cpp-python not installed (pip install 'hyperlex[llamacpp]')"
+        return [Row(pid, what, target=target, note=note) for pid, what, target in (
+            ("L1", "llama.cpp persona switch", "-"),
+            ("L2", "llama.cpp decode with a persona (vs bare llama.cpp)", ">= 0.8x"),
+            ("L2t", "llama.cpp decode with a persona (vs transformers engine)", ">= 4x"),
+            ("L5", "llama.cpp cold start: agent chat -m to first byte", "< 1.5 s"))]
+    tokens = max(config.max_new_tokens, 8)
+    personas = cast.personas(config.personas)
+    engine = LlamaCppEngine(personas, base=config.base, progress=False,
+                            threads=_threads())
+    if engine.skipped:
+        raise SystemExit("personas not attached in llama.cpp: "
+                         + "; ".join(engine.skipped.values()))
+    names = [p.name for p in personas]
+    set_s, first_decode_extra_s = switch_seconds(engine, names, min(SWITCHES, config.switches))
+    bare, bare_samples = llama_decode_rate(engine, None, tokens, config.repeats)
+    active, active_samples = llama_decode_rate(engine, names[0], tokens, config.repeats)
+    size = engine.model_path.stat().st_size
+    engine.close()
+    del engine
+    collect()
+    torch_engine = cast.engine(1)
+    torch_rate, _ = decode_rate(torch_engine, names[0], tokens, config.repeats)
+    bandwidth, _ = copy_bandwidth(config.repeats)
+    floor = bandwidth / size
+    rows = [
+        Row("L1", f"llama.cpp persona switch, {len(names)} resident", set_s, unit="s",
+            target="-", details={"first_decode_after_switch_extra_s": first_decode_extra_s}),
+        Row("L2", "llama.cpp decode with a persona (vs bare llama.cpp)", active, bare,
+            unit="tok/s", alt_label="bare llama.cpp", ratio=active / bare, target=">= 0.8x",
+            met=active / bare >= 0.8, details={"active": active_samples, "bare": bare_samples}),
+        Row("L2t", "llama.cpp decode with a persona (vs transformers engine)", active,
+            torch_rate, unit="tok/s", alt_label="transformers", ratio=active / torch_rate,
+            target=">= 4x", met=active / torch_rate >= 4),
+        Row("L6", "llama.cpp bare decode vs bandwidth floor (GGUF bytes)", bare, floor,
+            unit="tok/s", alt_label="floor", ratio=bare / floor, target="-",
+            details={"gguf_bytes": size, "copy_bandwidth_bytes_s": bandwidth}),
+    ]
+    return rows + [cold_start_row(config)]
+
+
+def cold_start_row(config: Config) -> Row:
+    what = "llama.cpp cold start: agent chat -m to first byte"
+    if config.base is not None:
+        return Row("L5", what, target="< 1.5 s",
+                   note="skipped: needs the embedded base (no --base)")
+    env = dict(os.environ)
+    chat = [*agent_command(), "chat", "-p", "philosopher", "-m", "Hi", "-o", "max_new_tokens",
+            "1", "-o", "temperature", "0", "--no-store", "--engine", "llamacpp"]
+    first_byte_seconds(chat, env)  # converts the adapters once and warms the file cache
+    seconds = statistics.median(first_byte_seconds(chat, env) for _ in range(config.repeats))
+    return Row("L5", what, seconds, unit="s", target="< 1.5 s", met=seconds < 1.5,
+               details={"command": chat})
+
+
+def _threads() -> int | None:
+    import torch
+
+    return torch.get_num_threads()
