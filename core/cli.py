@@ -995,6 +995,38 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
     _finish([mood_section(report)], report_dir, thresholds, engine.base_name)
 
 
+@cli.group()
+def persona() -> None:
+    """Create persona plugin packages."""
+
+
+@persona.command("new")
+@click.argument("name")
+@click.option("--dir", "parent", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("."), show_default=True,
+              help="Where to create the package directory hyperlex-persona-NAME.")
+@click.option("--description", default=None, help="One line: what the persona is.")
+@click.option("--base", "base_model", default=None, metavar="MODEL",
+              help="base_model of the bundle (default: the embedded model).")
+def persona_new(name: str, parent: Path, description: str | None,
+                base_model: str | None) -> None:
+    """Scaffold a pip-installable plugin package for a new persona NAME: pyproject.toml with
+    its hyperlex entry point, the bundle (persona.yaml, train.yaml, starter data), an example
+    scene encoder and tests. See docs/writing-a-persona.md."""
+    from hyperlex.models import EMBEDDED_NAME
+    from hyperlex.scaffold import create, package_names
+
+    root = create(name, parent, description, base_model or EMBEDDED_NAME)
+    module = package_names(name)[1]
+    click.echo(str(root))
+    click.echo(f"""Next:
+  1. write the persona: {root}/src/{module}/bundle/persona.yaml (contract, routing)
+  2. author its data:   {root}/src/{module}/bundle/data/train.jsonl (and heldout.jsonl)
+  3. install it:        pip install -e {root}
+  4. train and check:   agent train {root}/src/{module}/bundle && agent eval fidelity -p {name}
+  5. talk to it:        agent chat --persona {name}""", err=True)
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:

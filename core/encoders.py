@@ -194,20 +194,33 @@ def load_pipeline() -> Language:
     return _NLP
 
 
+class _NoTorchInThisThread:
+    """A meta-path finder that makes ``import torch`` fail in one thread only."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if threading.get_ident() == self.thread and name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r} (not needed by spaCy here)",
+                                      name=name)
+
+
 @contextlib.contextmanager
 def _without_torch_for_thinc() -> Iterator[None]:
-    """Import spaCy without letting thinc import torch (1.3 s) when nothing else has: the
-    small English pipeline never runs torch, and on the llama.cpp engine nothing else needs
-    it. ``import torch`` works normally again afterwards."""
+    """Import spaCy without letting thinc import torch (1.3 s) when nothing has yet: the small
+    English pipeline never runs torch, and on the llama.cpp engine nothing else needs it.
+    Only imports made by this thread are affected (others may import torch meanwhile), and
+    ``import torch`` works normally afterwards."""
     if "torch" in sys.modules:
         yield
         return
-    sys.modules["torch"] = None  # type: ignore[assignment]  (makes ``import torch`` fail)
+    finder = _NoTorchInThisThread()
+    sys.meta_path.insert(0, finder)  # type: ignore[arg-type]
     try:
         yield
     finally:
-        if sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
+        sys.meta_path.remove(finder)  # type: ignore[arg-type]
 
 
 # word lists -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The plugin contract: register-style hooks; the host owns policy.
 
 Plugins implement these with ``@hyperlex.hookimpl`` and are found through the
-``hyperlex`` entry-point group. Every hook is described in ``docs/plugins.md``.
+``hyperlex`` entry-point group. Every hook is described, with an example, in ``docs/hooks.md``.
 """
 
 from __future__ import annotations

@@ -151,6 +151,14 @@ def mean_loss(model: Any, examples: list, batch_size: int, pad_id: int) -> float
     return total / max(count, 1)
 
 
+def _inside(bundle: Path, relative: str, key: str) -> Path:
+    """``bundle / relative``, refused unless it stays inside the bundle directory."""
+    path = (bundle / relative).resolve()
+    if not path.is_relative_to(bundle):
+        raise HyperlexError(f"{key}: {relative!r} points outside the bundle directory {bundle}")
+    return path
+
+
 def _digest(*paths: Path) -> str:
     h = hashlib.sha256()
     for path in paths:
@@ -216,7 +224,8 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     if persona.base_model.lower() != resolved.name:
         raise HyperlexError(f"{bundle / BUNDLE_FILE}: base_model is {persona.base_model!r} but "
                             f"training would use {resolved.name!r}; change base_model or --base")
-    data_path, heldout_path = bundle / config.data, bundle / config.heldout
+    data_path, heldout_path = (_inside(bundle, getattr(config, key), key)
+                               for key in ("data", "heldout"))
     records = read_dataset(data_path)
     heldout = read_dataset(heldout_path) if heldout_path.is_file() else []
     data_hash = _digest(data_path)

@@ -135,6 +135,19 @@ def test_merge_gives_the_same_greedy_reply_and_refuses_a_bfloat16_base(
         refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_engine_choice_refuses_torch_only_options_and_a_missing_library(
+        runner: CliRunner, tiny_plugin: str, tiny_base: Path, monkeypatch) -> None:
+    both = chat(runner, tiny_base, "--engine", "llamacpp", "--quantize", "nf4", "-m", "hi")
+    assert both.exit_code == 2 and "--quantize applies to the torch engine" in both.stderr
+    from hyperlex import engine_llamacpp
+
+    monkeypatch.setattr(engine_llamacpp, "available", lambda: False)
+    missing = chat(runner, tiny_base, "--engine", "llamacpp", "-m", "hi")
+    assert missing.exit_code == 1 and "pip install 'hyperlex[llamacpp]'" in missing.stderr
+    auto = chat(runner, tiny_base, "-p", "alpha", "--no-store", "-m", "hi")
+    assert auto.exit_code == 0 and "on llama.cpp" not in auto.stderr  # auto falls back
+
+
 def test_json_output_reports_persona_reason_and_usage(runner: CliRunner, tiny_plugin: str,
                                                       tiny_base: Path) -> None:
     result = chat(runner, tiny_base, "--persona", "beta", "--json", "-m", "hello")

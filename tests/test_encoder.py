@@ -338,3 +338,9 @@ def test_loading_the_pipeline_leaves_torch_importable() -> None:
             "assert 'torch' not in sys.modules; import torch; print(torch.tensor([1]).sum())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # another thread importing torch while the pipeline loads is not affected
+    concurrent = ("import threading; from hyperlex.encoders import load_pipeline;"
+                  "t = threading.Thread(target=load_pipeline); t.start();"
+                  "import torch; t.join(); print(torch.tensor([2]).sum())")
+    done = subprocess.run([sys.executable, "-c", concurrent], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

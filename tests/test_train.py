@@ -129,6 +129,13 @@ def test_gradient_checkpointing_trains_the_same_adapter(bundle: Path, tiny_base:
         assert (ours[key] - tensor).abs().max() < 1e-4, key
 
 
+def test_data_paths_must_stay_inside_the_bundle(bundle: Path, tiny_base: Path) -> None:
+    for key in ("data", "heldout"):
+        with pytest.raises(HyperlexError, match=f"{key}: '../elsewhere.jsonl' points outside"):
+            train(bundle, TrainConfig(**{**FAST.__dict__, key: "../elsewhere.jsonl"}),
+                  base=str(tiny_base), progress=False)
+
+
 def test_train_yaml_is_read_and_overridden(bundle: Path) -> None:
     (bundle / "train.yaml").write_text("r: 8\nepochs: 2\ntarget_modules: [q_proj, v_proj]\n")
     config = load_config(bundle, {"epochs": 5, "alpha": None})
