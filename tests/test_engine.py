@@ -116,6 +116,18 @@ def test_adapters_attached_in_one_pass_equal_peft_load_adapter(
                                        rtol=0, atol=0, msg=bundle.name)
 
 
+def test_an_adapter_attached_in_one_pass_on_a_4bit_base_matches_peft(
+        tiny_base: Path, tiny_bundles: dict[str, Path]) -> None:
+    """On an NF4 base, beta added straight onto alpha's layers answers as beta loaded by
+    PEFT itself (alone, through ``PeftModel.from_pretrained``)."""
+    from hyperlex.engine_torch import TorchEngine
+
+    alpha, beta = (Persona.from_dir(tiny_bundles[n]) for n in ("alpha", "beta"))
+    both = TorchEngine([alpha, beta], base=str(tiny_base), quantize="nf4", progress=False)
+    alone = TorchEngine([beta], base=str(tiny_base), quantize="nf4", progress=False)
+    assert reply(both, "beta") == reply(alone, "beta")
+
+
 def test_streamed_pieces_add_up_to_the_reply_and_usage_is_counted(engine) -> None:
     generation = engine.stream(MESSAGES, "alpha", GREEDY)
     pieces = list(generation)
