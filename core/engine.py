@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 
 if TYPE_CHECKING:
@@ -115,6 +116,33 @@ class Engine(ABC):
     personas: dict[str, Persona]
     moods: dict[str, Persona]  # contextual layers (bundles of kind "mood")
     skipped: dict[str, str]  # persona name -> why its adapter was not attached
+
+    def _bundles(self, persona: Persona) -> dict[str, Persona]:
+        return self.moods if persona.is_mood else self.personas
+
+    def _adapter_wanted(self, persona: Persona, check_base: bool) -> bool:
+        """Whether ``persona``'s adapter should be attached. A prompt-only persona is
+        registered here, one trained on another base is skipped with the reason."""
+        if persona.adapter_dir is None:  # a prompt-only persona runs on the bare base
+            self._bundles(persona)[persona.name] = persona
+            return False
+        if check_base and persona.base_model.lower() != self.base_name:
+            self.skipped[persona.name] = (
+                f"persona {persona.name!r} was trained on base {persona.base_model!r}, but the "
+                f"loaded base is {self.base_name!r}")
+            return False
+        return True
+
+    def _check_persona(self, persona: str | None) -> None:
+        if persona is not None and persona not in self.personas:
+            if persona in self.skipped:
+                raise HyperlexError(self.skipped[persona])
+            raise UnknownPersona(persona, list(self.personas))
+
+    def _check_layers(self, layers: Layers) -> None:
+        for name, _ in layers:
+            if name not in self.moods:
+                raise UnknownPersona(name, list(self.moods), kind="mood")
 
     @abstractmethod
     def stream(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hyperlex.engine import Engine, Generation, Layers, Message
-from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.errors import HyperlexError
 from hyperlex.generation import GenerationParams
 from hyperlex.models import BaseModel, resolve_base
 from hyperlex.persona import Persona
@@ -125,14 +125,7 @@ class LlamaCppEngine(Engine):
     # adapters ------------------------------------------------------------------------------
 
     def _attach(self, persona: Persona, check_base: bool) -> None:
-        bundles = self.moods if persona.is_mood else self.personas
-        if persona.adapter_dir is None:
-            bundles[persona.name] = persona
-            return
-        if check_base and persona.base_model.lower() != self.base_name:
-            self.skipped[persona.name] = (
-                f"persona {persona.name!r} was trained on base {persona.base_model!r}, but the "
-                f"loaded base is {self.base_name!r}")
+        if not self._adapter_wanted(persona, check_base):
             return
         from hyperlex.gguf_lora import cached_gguf_adapter
 
@@ -148,7 +141,7 @@ class LlamaCppEngine(Engine):
             return
         self._adapters[persona.name] = adapter
         self.scales[persona.name] = persona.scale
-        bundles[persona.name] = persona
+        self._bundles(persona)[persona.name] = persona
 
     def close(self) -> None:
         """Free the extra contexts and the adapters (the model frees the rest)."""
@@ -253,13 +246,8 @@ class LlamaCppEngine(Engine):
     # generation -----------------------------------------------------------------------------
 
     def _composition(self, persona: str | None, layers: Layers) -> Composition:
-        if persona is not None and persona not in self.personas:
-            if persona in self.skipped:
-                raise HyperlexError(self.skipped[persona])
-            raise UnknownPersona(persona, list(self.personas))
-        for name, _ in layers:
-            if name not in self.moods:
-                raise UnknownPersona(name, list(self.moods), kind="mood")
+        self._check_persona(persona)
+        self._check_layers(layers)
         moods = tuple((n, float(w)) for n, w in layers if n in self._adapters)
         return (persona if persona in self._adapters else None, moods)
 

@@ -67,14 +67,7 @@ class TorchEngine(Engine):
     # adapters ------------------------------------------------------------------------------
 
     def _attach(self, persona: Persona, check_base: bool) -> None:
-        if persona.adapter_dir is None:  # a prompt-only persona runs on the bare base
-            self._bundles(persona)[persona.name] = persona
-            return
-        if check_base and persona.base_model.lower() != self.base_name:
-            self.skipped[persona.name] = (
-                f"persona {persona.name!r} was trained on base {persona.base_model!r}, but the "
-                f"loaded base is {self.base_name!r}"
-            )
+        if not self._adapter_wanted(persona, check_base):
             return
         import torch
         from peft import PeftModel
@@ -139,9 +132,6 @@ class TorchEngine(Engine):
         for layer, scaling in self._scalings[name]:
             layer.scaling[name] = scaling
         self._active = None  # a mood's weighted scaling is re-applied at the next activation
-
-    def _bundles(self, persona: Persona) -> dict[str, Persona]:
-        return self.moods if persona.is_mood else self.personas
 
     def _activate(self, persona: str | None, layers: Layers = ()) -> None:
         """Make ``persona``'s adapter active (``None``: the bare base), with each mood adapter in
@@ -250,12 +240,6 @@ class TorchEngine(Engine):
         return _TorchGeneration(self, messages, persona, params or GenerationParams(), stop,
                                 tuple(layers))
 
-    def _check_persona(self, persona: str | None) -> None:
-        if persona is not None and persona not in self.personas:
-            if persona in self.skipped:
-                raise HyperlexError(self.skipped[persona])
-            raise UnknownPersona(persona, list(self.personas))
-
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                        params: GenerationParams | None = None,
                        layers: Layers = ()) -> list[Completion]:
@@ -274,11 +258,6 @@ class TorchEngine(Engine):
             done = self._batch([requests[i] for i in rows], params, (persona, tuple(layers)))
             results.update(zip(rows, done, strict=True))
         return [results[i] for i in range(len(requests))]
-
-    def _check_layers(self, layers: Layers) -> None:
-        for name, _ in layers:
-            if name not in self.moods:
-                raise UnknownPersona(name, list(self.moods), kind="mood")
 
     def _batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                params: GenerationParams,
