@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from hyperlex import __version__
-from hyperlex.cli_options import engine_options
+from hyperlex.cli_options import engine_options, remote_api_key, remote_options
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.host import Host
 
@@ -185,9 +185,11 @@ def plugins(as_json: bool) -> None:
 
 def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
                 only: list[str] | None = None, merge: bool = False,
-                backend: str = "torch") -> Any:
+                backend: str = "torch", contexts: int = 1, base_url: str | None = None,
+                api_key: str | None = None) -> Any:
     """Load the base once and attach every installed persona's adapter (or ``only`` these);
-    ``backend`` "torch" or "llamacpp" (see :func:`choose_backend`)."""
+    ``backend`` "torch", "llamacpp" (with ``contexts`` concurrent turns) or "openai" (the
+    server at ``base_url`` generates; see :func:`choose_backend`)."""
     from hyperlex.models import resolve_base
 
     resolved = resolve_base(base)
@@ -195,12 +197,20 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     speakers = sum(not p.is_mood for p in personas)
     moods = len(personas) - speakers
     also = f" and {moods} mood{'s' * (moods != 1)}" if moods else ""
+    where = {"llamacpp": " on llama.cpp", "openai": f" served by {base_url}"}.get(backend, "")
     click.echo(f"Loading {resolved.name} with {speakers} persona{'s' * (speakers != 1)}{also}"
-               f"{' on llama.cpp' if backend == 'llamacpp' else ''}...", err=True)
+               f"{where}...", err=True)
     if backend == "llamacpp":
         from hyperlex.engine_llamacpp import LlamaCppEngine
 
-        engine: Any = LlamaCppEngine(personas, base=resolved)
+        engine: Any = LlamaCppEngine(personas, base=resolved, contexts=contexts)
+    elif backend == "openai":
+        from hyperlex.engine_openai import OpenAIEngine
+
+        if not base_url:
+            raise click.UsageError("--backend openai needs --base-url URL (e.g. "
+                                   "http://127.0.0.1:8000/v1)")
+        engine = OpenAIEngine(personas, base_url, api_key=api_key, base=resolved)
     else:
         from hyperlex.engine_torch import TorchEngine
 
@@ -235,6 +245,9 @@ def choose_backend(requested: str, dtype: str, quantize: str | None, merge: bool
     torch_only = [flag for flag, given in (("--dtype bfloat16", dtype != "float32"),
                                            ("--quantize", quantize is not None),
                                            ("--merge", merge)) if given]
+    if requested == "openai" and torch_only:
+        raise click.UsageError(f"{', '.join(torch_only)} applies to the torch engine; with "
+                               "--backend openai the server runs the model")
     if requested == "auto":
         return "llamacpp" if available() and not torch_only else "torch"
     if requested == "llamacpp":
@@ -272,10 +285,13 @@ def choose_backend(requested: str, dtype: str, quantize: str | None, merge: bool
 @click.option("--merge", is_flag=True,
               help="Fold the speaking persona's adapter into the base weights: faster replies "
               "for long runs with one persona, about 0.1 s more per switch (float32 only).")
-@click.option("--engine", "backend", type=click.Choice(["auto", "torch", "llamacpp"]),
+@click.option("--engine", "--backend", "backend",
+              type=click.Choice(["auto", "torch", "llamacpp", "openai"]),
               default="auto", show_default=True,
               help="Inference engine; auto: llama.cpp when installed (several times faster "
-              "on a CPU), else transformers + PEFT.")
+              "on a CPU), else transformers + PEFT; openai: an OpenAI-compatible server "
+              "(vLLM, agent serve) at --base-url generates, the scene stays here.")
+@remote_options
 @click.option(
     "--json",
     "as_json",
@@ -294,6 +310,8 @@ def chat(
     no_store: bool,
     merge: bool,
     backend: str,
+    base_url: str | None,
+    api_key_env: str,
     as_json: bool,
     base: str | None,
     dtype: str,
@@ -338,7 +356,8 @@ def chat(
     chosen = choose_backend(backend, dtype, quantize, merge)
     if chosen == "llamacpp":  # the scene encoders load while llama.cpp loads and prefills
         warm_up_encoders(host)
-    engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen)
+    engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen,
+                         base_url=base_url, api_key=remote_api_key(api_key_env))
     store = None if no_store else Store()
     if store is not None and session is None:
         session = store.open_session().info.name
@@ -1057,12 +1076,16 @@ def _checkout_with_bench() -> Path | None:
 
 def _add_command_groups() -> None:
     from hyperlex.cli_calibrate import calibrate
+    from hyperlex.cli_export import export
     from hyperlex.cli_inspect import inspect
     from hyperlex.cli_scene import scene
+    from hyperlex.cli_serve import serve
     from hyperlex.cli_sessions import sessions
 
     eval_group.add_command(calibrate)
+    cli.add_command(export)
     cli.add_command(inspect)
+    cli.add_command(serve)
     cli.add_command(scene)
     cli.add_command(sessions)
 

