@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 ORDER = ("P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P5", "P5h", "P6f32", "P6bf16",
-         "P6nf4", "P7", "P7q", "P7qc", "L1", "L2", "L2t", "L6", "L5")
-MEASUREMENTS = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P7", "L")  # what --only accepts
+         "P6nf4", "P7", "P7q", "P7qc", "L1", "L2", "L2t", "L6", "L5", "S1", "S2", "S3")
+MEASUREMENTS = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P7", "L", "S")  # what --only accepts
 
 
 @dataclass
@@ -127,7 +127,7 @@ def machine() -> dict[str, Any]:
 def run(config: Config, only: Sequence[str] | None = None,
         log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Run the selected measurements; return the report (``rows`` as dicts, in table order)."""
-    from bench import batch, cold, decode, llamacpp, memory, switch, training
+    from bench import batch, cold, decode, llamacpp, memory, serve, switch, training
     from bench.cast import Cast
 
     known = {m.upper(): m for m in MEASUREMENTS}
@@ -152,6 +152,7 @@ def run(config: Config, only: Sequence[str] | None = None,
             ("P6", lambda: decode.bandwidth_floor(config, cast)),
             ("P7", lambda: training.training(config, Path(config.workdir or tmp))),
             ("L", lambda: llamacpp.llamacpp_rows(config, cast)),
+            ("S", lambda: serve.serve_load(config, cast)),
         ]
         for name, step in steps:
             if name in wanted:

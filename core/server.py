@@ -217,6 +217,7 @@ class PersonaService:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # the listen backlog: the default 5 resets a burst of clients
 
     def __init__(self, service: PersonaService, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, log: bool = True):
@@ -224,6 +225,11 @@ class Server(ThreadingHTTPServer):
         self.api_key = api_key or None
         self.log = log
         super().__init__((host, port), _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that drops its connection is normal; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:

@@ -66,3 +66,20 @@ def test_agent_bench_runs_the_checkouts_benchmark(runner, tiny_base: Path, tmp_p
                                  "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert [r["id"] for r in json.loads(out.read_text())["rows"]] == ["P1", "P1n"]
+
+
+def test_serve_load_rows_check_every_reply_against_its_persona(tiny_base: Path,
+                                                               tiny_bundles: dict[str, Path],
+                                                               tmp_path: Path):
+    config = Config.quick_config(base=str(tiny_base), bundles=list(tiny_bundles.values()),
+                                 workdir=tmp_path / "work", max_new_tokens=6)
+    rows = {r["id"]: r for r in run(config, only=["S"])["rows"]}
+    assert list(rows) == ["S1", "S2", "S3"]
+    details = rows["S1"]["details"]
+    assert details["errors"] == [] and details["mixed"] == []
+    assert rows["S1"]["hyperlex"] == rows["S1"]["alternative"] == details["requests"] == 12
+    assert rows["S1"]["met"] is True
+    assert details["completion_tokens"] == 12 * 6
+    assert details["prompts_where_every_persona_differs"] != "0/10"
+    assert rows["S2"]["hyperlex"] > 0 and rows["S2"]["alternative"] > 0
+    assert 0 < details["ttft_s"]["p50"] <= details["ttft_s"]["p95"] <= details["latency_s"]["p99"]

@@ -1,0 +1,182 @@
+"""S rows: ``agent serve`` under load (issue 10). Fifty streaming requests spread over the
+personas arrive at once; each reply must be the one its persona gives when asked alone (greedy
+decoding, so any mixed adapter or crossed stream shows up as a different text), and throughput
+and latency percentiles are measured against the same requests sent one after another.
+
+On the embedded model the server runs the installed personas on llama.cpp with a pool of
+contexts (what ``agent serve`` does by default); with ``--base DIR`` or ``--quick`` on a tiny
+model it runs the cast on the torch engine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.cast import Cast
+from bench.common import Config, Row
+
+REQUESTS = 50
+PARALLEL = 4  # llama.cpp contexts: agent serve's default
+PROMPTS = ("What is time?", "Why do we dream?", "Is a promise binding?", "Describe the sea.",
+           "What is a proof?", "How do plants grow?", "What makes a good question?",
+           "Can machines think?", "What is courage?", "Why is the sky blue?")
+
+
+@dataclass
+class Reply:
+    persona: str
+    prompt: str
+    model: str = ""
+    text: str = ""
+    start: float = 0.0
+    first: float = 0.0
+    end: float = 0.0
+    tokens: int = 0
+    error: str = ""
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.start
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+
+def _ask(client: Any, persona: str, prompt: str, max_tokens: int) -> Reply:
+    reply = Reply(persona, prompt, start=time.perf_counter())
+    try:
+        stream = client.chat.completions.create(
+            model=persona, messages=[{"role": "user", "content": prompt}], stream=True,
+            max_tokens=max_tokens, temperature=0, stream_options={"include_usage": True})
+        for chunk in stream:
+            reply.model = chunk.model
+            if chunk.usage is not None:
+                reply.tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    if not reply.first:
+                        reply.first = time.perf_counter()
+                    reply.text += choice.delta.content
+    except Exception as exc:  # recorded: a failed request is a result of the load test
+        reply.error = f"{type(exc).__name__}: {exc}"
+    reply.end = time.perf_counter()
+    reply.first = reply.first or reply.end
+    return reply
+
+
+def _concurrently(client: Any, jobs: list[tuple[str, str]], max_tokens: int) -> list[Reply]:
+    replies: list[Reply | None] = [None] * len(jobs)
+    gate = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        gate.wait()
+        replies[i] = _ask(client, *jobs[i], max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [r for r in replies if r is not None]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def _service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
+    """(service, engine, what): the server's insides for this run."""
+    from hyperlex.engine_llamacpp import available
+    from hyperlex.host import Host
+    from hyperlex.server import PersonaService
+
+    if config.base is None and not config.bundles and available():
+        from hyperlex.engine_llamacpp import LlamaCppEngine
+
+        host = Host()
+        personas = list(host.personas.values())
+        engine: Any = LlamaCppEngine(personas, contexts=PARALLEL, progress=False)
+        what = f"llama.cpp, {PARALLEL} contexts"
+    else:
+        from hyperlex.engine_torch import TorchEngine
+        from hyperlex.plugins import builtin_encoders
+
+        host = Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
+        engine = TorchEngine(cast.personas(min(config.personas, 6)), base=config.base,
+                             progress=False)
+        what = "torch engine"
+    return PersonaService(host, engine, router=None), engine, what
+
+
+def serve_load(config: Config, cast: Cast) -> list[Row]:
+    import openai
+
+    from hyperlex.server import Server
+
+    service, engine, what = _service(config, cast)
+    personas = service.speakers
+    count = 12 if config.quick else REQUESTS
+    jobs = [(personas[i % len(personas)], PROMPTS[i % len(PROMPTS)]) for i in range(count)]
+    max_tokens = config.max_new_tokens
+    try:
+        with Server(service, port=0, log=False) as server:
+            client = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0,
+                                   timeout=600)
+            _ask(client, personas[0], PROMPTS[0], 2)  # warm-up: graphs, encoders
+            start = time.perf_counter()
+            alone = [_ask(client, persona, prompt, max_tokens) for persona, prompt in jobs]
+            sequential_s = time.perf_counter() - start
+            start = time.perf_counter()
+            together = _concurrently(client, jobs, max_tokens)
+            concurrent_s = time.perf_counter() - start
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    return _rows(jobs, alone, together, sequential_s, concurrent_s, what, max_tokens)
+
+
+def _rows(jobs: list[tuple[str, str]], alone: list[Reply], together: list[Reply],
+          sequential_s: float, concurrent_s: float, what: str, max_tokens: int) -> list[Row]:
+    expected = {(r.persona, r.prompt): r.text for r in alone}
+    by_prompt: dict[str, dict[str, str]] = {}
+    for r in alone:
+        by_prompt.setdefault(r.prompt, {})[r.persona] = r.text
+    matched = sum(r.text == expected[(r.persona, r.prompt)] and r.model == r.persona
+                  and not r.error for r in together)
+    mixed = [r.persona for r in together if r.text != expected[(r.persona, r.prompt)]
+             and r.text in {t for p, t in by_prompt[r.prompt].items() if p != r.persona}]
+    distinct = sum(len(set(texts.values())) == len(texts) for texts in by_prompt.values())
+    errors = [r.error for r in (*alone, *together) if r.error]
+    tokens = sum(r.tokens for r in together)
+    seq_tokens = sum(r.tokens for r in alone)
+    throughput, seq_throughput = tokens / concurrent_s, seq_tokens / sequential_s
+    ttft = [r.ttft for r in together]
+    latency = [r.latency for r in together]
+    alone_ttft = statistics.median(r.ttft for r in alone)
+    details = {
+        "server": what, "requests": len(jobs), "personas": sorted({p for p, _ in jobs}),
+        "max_tokens": max_tokens, "matched": matched, "mixed": mixed, "errors": errors[:5],
+        "prompts_where_every_persona_differs": f"{distinct}/{len(by_prompt)}",
+        "concurrent_s": round(concurrent_s, 3), "sequential_s": round(sequential_s, 3),
+        "completion_tokens": tokens,
+        "ttft_s": {f"p{q}": round(_percentile(ttft, q), 3) for q in (50, 90, 95, 99)},
+        "latency_s": {f"p{q}": round(_percentile(latency, q), 3) for q in (50, 90, 95, 99)},
+        "alone_ttft_p50_s": round(alone_ttft, 3),
+    }
+    return [
+        Row("S1", f"{len(jobs)} concurrent streams: replies equal to their persona's alone",
+            float(matched), float(len(jobs)), "", "requests", matched / len(jobs), "= 1",
+            matched == len(jobs) and not mixed, f"{len(mixed)} mixed", details),
+        Row("S2", "served tokens/s, concurrent vs one at a time", throughput, seq_throughput,
+            "tok/s", "sequential", throughput / seq_throughput, ">= 1",
+            throughput >= seq_throughput, details=details),
+        Row("S3", "time to first token p95 under load vs alone (p50)",
+            _percentile(ttft, 95), alone_ttft, "s", "alone", _percentile(ttft, 95) / alone_ttft,
+            "", None, details=details),
+    ]

@@ -1,0 +1,122 @@
+"""``agent serve`` as users run it: a real process on loopback with the installed personas on
+the embedded model, spoken to by the official ``openai`` client and by ``agent chat
+--backend openai``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+KEY = "sk-hyperlex-test"
+QUESTION = "What is time?"
+
+
+def agent() -> list[str]:
+    script = Path(sys.executable).with_name("agent")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "hyperlex.cli"]
+
+
+@pytest.fixture(scope="module")
+def real_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serve-home")
+
+
+@pytest.fixture(autouse=True)
+def use_real_home(real_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYPERLEX_HOME", str(real_home))
+
+
+@pytest.fixture(scope="module")
+def server(real_home: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    env = {**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_API_KEY": KEY}
+    proc = subprocess.Popen([*agent(), "serve", "--port", "0", "--quiet"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("Serving"):
+            break
+    else:
+        pytest.fail("agent serve exited before serving:\n" + "".join(lines))
+    url = line.split(" on ", 1)[1].split(";")[0].split(" ")[0]
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[subprocess.Popen, str]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server[1], api_key=KEY, max_retries=0, timeout=300)
+
+
+def ask(client: openai.OpenAI, model: str, **kwargs) -> object:
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=24, **kwargs)
+
+
+def test_the_server_binds_loopback_and_lists_every_persona(server, client) -> None:
+    assert server[1].startswith("http://127.0.0.1:")
+    from hyperlex.host import Host
+
+    installed = sorted(n for n, p in Host().personas.items() if not p.is_mood)
+    assert [m.id for m in client.models.list().data] == ["auto", *installed]
+
+
+def test_every_persona_answers_the_official_client(client) -> None:
+    replies = {}
+    for model in [m.id for m in client.models.list().data]:
+        reply = ask(client, model)
+        text = reply.choices[0].message.content
+        assert text and reply.usage.completion_tokens > 0, model
+        if model != "auto":
+            assert reply.model == model
+            replies[model] = text
+    assert len(set(replies.values())) == len(replies)  # each persona speaks its own way
+
+
+@pytest.mark.parametrize("persona", ["philosopher", "poet"])
+def test_a_stream_is_the_same_reply_as_the_completion(client, persona: str) -> None:
+    whole = ask(client, persona).choices[0].message.content
+    chunks = list(ask(client, persona, stream=True))
+    assert {c.model for c in chunks} == {persona}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+
+
+def test_a_wrong_key_is_refused(server) -> None:
+    stranger = openai.OpenAI(base_url=server[1], api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+
+
+def test_chat_on_the_openai_backend_gets_the_servers_reply(server, client,
+                                                           real_home: Path) -> None:
+    """The controller runs in `agent chat`; generation runs in the server. The prompt the
+    chat renders is the one the server renders itself for the same turn, so the greedy
+    replies agree word for word."""
+    env = {**os.environ, "HYPERLEX_HOME": str(real_home), "OPENAI_API_KEY": KEY}
+    result = subprocess.run(
+        [*agent(), "chat", "--backend", "openai", "--base-url", server[1], "-p",
+         "philosopher", "-m", QUESTION, "-o", "temperature", "0", "-o", "max_new_tokens",
+         "24", "--no-store"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"served by {server[1]}" in result.stderr
+    assert result.stdout.strip() == ask(client, "philosopher").choices[0].message.content
+
+
+def test_ctrl_c_stops_the_server(server) -> None:
+    proc, _ = server
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Stopped." in err
