@@ -13,7 +13,12 @@ from typing import Any
 import click
 
 from hyperlex import __version__
-from hyperlex.cli_options import engine_options, remote_api_key, remote_options
+from hyperlex.cli_options import (
+    UserErrorGroup,
+    engine_options,
+    remote_api_key,
+    remote_options,
+)
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.host import Host
 
@@ -42,7 +47,7 @@ def warn(message: str) -> None:
     click.secho(f"Warning: {message}", fg="yellow", err=True)
 
 
-class AgentGroup(click.Group):
+class AgentGroup(UserErrorGroup):
     """Adds plugin commands (``register_commands``) the first time commands are listed or
     looked up, and turns user errors into one-line messages instead of tracebacks."""
 
@@ -70,13 +75,6 @@ class AgentGroup(click.Group):
             command = super().get_command(ctx, name)
         return command
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UnknownPersona as exc:
-            raise click.UsageError(str(exc), ctx) from None
-        except HyperlexError as exc:
-            raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,26 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
-from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.cli_options import UserErrorGroup
 
 
-class ExportGroup(click.Group):
-    """Turns user errors into one-line messages, also when the group runs on its own."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UnknownPersona as exc:
-            raise click.UsageError(str(exc), ctx) from None
-        except HyperlexError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-@click.group(cls=ExportGroup)
+@click.group(cls=UserErrorGroup)
 def export() -> None:
     """Export personas to serve them elsewhere."""
 

@@ -8,6 +8,21 @@ from typing import Any
 
 import click
 
+from hyperlex.errors import HyperlexError, UnknownPersona
+
+
+class UserErrorGroup(click.Group):
+    """Turns user errors into one-line messages instead of tracebacks (an unknown persona is a
+    usage error), also when the group runs on its own."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UnknownPersona as exc:
+            raise click.UsageError(str(exc), ctx) from None
+        except HyperlexError as exc:
+            raise click.ClickException(str(exc)) from None
+
 
 def engine_options(func: Any) -> Any:
     """``--base``, ``--dtype`` and ``--quantize``: the options of every command that loads a

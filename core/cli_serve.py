@@ -69,6 +69,7 @@ def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int
     store = None if no_store else Store()
     service = PersonaService(app, engine, router=None if router == "none" else router,
                              store=store, overrides=overrides)
+    service.warm_up()
     try:
         server = Server(service, host, port, api_key=api_key, log=not quiet)
     except OSError as exc:

@@ -115,6 +115,15 @@ class PersonaService:
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         self._lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        """Load the automatic router (its embedding model, the personas' prototypes) in the
+        background now rather than in the first ``auto`` request."""
+        def route_once() -> None:
+            with contextlib.suppress(Exception):  # the first real request reports it
+                self._controller(None).route("hello")
+
+        threading.Thread(target=route_once, name="hyperlex-router-warm-up", daemon=True).start()
+
     @property
     def speakers(self) -> list[str]:
         return sorted(self.engine.personas)

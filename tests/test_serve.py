@@ -293,3 +293,21 @@ def test_the_backend_names_what_the_server_lacks(server: Server, tiny_base, tiny
     assert "does not serve a model named 'gamma'" in backend.skipped["gamma"]
     with pytest.raises(HyperlexError, match="cannot reach http://127.0.0.1:9/v1"):
         OpenAIEngine([extra], "http://127.0.0.1:9/v1", base=str(tiny_base))
+
+
+def test_a_client_that_leaves_mid_stream_cancels_the_turn(client, server: Server) -> None:
+    headers = {"X-Conversation-Id": "left-early"}
+    stream = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Talk for a long time."}],
+        max_tokens=400, stream=True, extra_headers=headers)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    # the conversation is free again (not locked by the abandoned turn) and has no turn saved
+    after = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Short, then."}], max_tokens=2,
+        extra_headers=headers)
+    assert after.choices[0].finish_reason == "length"
+    turns = server.service.store.session("left-early").turns
+    assert [t["user"] for t in turns] == ["Short, then."]
