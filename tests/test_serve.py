@@ -289,8 +289,14 @@ def test_the_backend_names_what_the_server_lacks(server: Server, tiny_base, tiny
 
     extra = Persona.from_dir(write_bundle(tmp_path, "gamma", adapter_seed=3,
                                           tiny_base=tiny_base))
-    backend = OpenAIEngine([extra], server.url, base=str(tiny_base))
+    mood = Persona.from_dir(write_bundle(tmp_path, "gloomy", adapter_seed=4, tiny_base=tiny_base,
+                                         extra_yaml="kind: mood\n"))
+    alpha = Persona.from_dir(tiny_bundles["alpha"])
+    backend = OpenAIEngine([extra, mood, alpha], server.url, base=str(tiny_base))
     assert "does not serve a model named 'gamma'" in backend.skipped["gamma"]
+    assert list(backend.personas) == ["alpha"] and list(backend.moods) == ["gloomy"]
+    with pytest.raises(HyperlexError, match="one adapter per request"):
+        backend.stream([{"role": "user", "content": "Hi"}], "alpha", layers=[("gloomy", 0.5)])
     with pytest.raises(HyperlexError, match="cannot reach http://127.0.0.1:9/v1"):
         OpenAIEngine([extra], "http://127.0.0.1:9/v1", base=str(tiny_base))
 
