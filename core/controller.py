@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from hyperlex.engine import Engine, Generation, Message
-from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.errors import ContextTooLong, HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
 from hyperlex.router import DEFAULT_ROUTER, RouteDecision, TurnRouter
@@ -256,10 +256,13 @@ class Controller:
         self.encode(decision.message, persona, index)
         adapter_mood = turn_mood and self.engine.moods[turn_mood[0]].adapter_dir is not None
         layers = [turn_mood] if adapter_mood else []
-        generation = self.engine.stream(
-            self._prompt(persona, decision.message, params, turn_mood, instructions), persona,
-            params, stop, layers
-        )
+        messages = self._prompt(persona, decision.message, params, turn_mood, instructions)
+        try:
+            params = fit_reply(self.engine, messages, params)
+        except ContextTooLong:
+            self.scene = scene_before
+            raise
+        generation = self.engine.stream(messages, persona, params, stop, layers)
         return TurnStream(self, turn, generation, scene_before)
 
     def _record(self, turn: Turn) -> None:
@@ -274,6 +277,17 @@ class Controller:
         if self.store is not None and self.session is not None:
             self.store.record_turn(self.session, turn.as_dict(), self.scene.to_json(),
                                    self.scene.version)
+
+
+def fit_reply(engine: Engine, messages: Sequence[Message],
+              params: GenerationParams) -> GenerationParams:
+    """``params`` with ``max_new_tokens`` cut to the room the context leaves after the prompt;
+    :class:`ContextTooLong` when the prompt alone fills it."""
+    prompt_tokens = engine.count_tokens(messages)
+    room = engine.context_length - prompt_tokens
+    if room < 1:
+        raise ContextTooLong(prompt_tokens, engine.context_length)
+    return params if params.max_new_tokens <= room else replace(params, max_new_tokens=room)
 
 
 def parse_mood(moods: Mapping[str, Any], spec: str | None) -> tuple[str, float] | None:

@@ -17,3 +17,11 @@ class UnknownPersona(HyperlexError):
         self.installed = installed
         listing = ", ".join(sorted(installed)) or "none"
         super().__init__(f"unknown {kind} {name!r}; installed {kind}s: {listing}")
+
+
+class ContextTooLong(HyperlexError):
+    def __init__(self, prompt_tokens: int, context_length: int):
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+        super().__init__(f"the prompt takes {prompt_tokens} tokens and the model's context holds "
+                         f"{context_length}: shorten the message")

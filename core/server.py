@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from hyperlex.controller import Controller, TurnStream
+from hyperlex.controller import Controller, TurnStream, fit_reply
 from hyperlex.engine import Engine, Generation
-from hyperlex.errors import HyperlexError
+from hyperlex.errors import ContextTooLong, HyperlexError
 from hyperlex.openai_api import (
     ApiError,
     ChatRequest,
@@ -171,7 +171,8 @@ class PersonaService:
         params = persona.contract.params().updated(self.overrides, "server options") \
             .updated(request.options, "request")
         generation = self._engine_call(lambda: self.engine.stream(
-            request.messages, request.model, params, request.stop))
+            request.messages, request.model, fit_reply(self.engine, request.messages, params),
+            request.stop))
         return Reply(request.model, iter(generation), generation, {"persona": request.model})
 
     def _start_turn(self, controller: Controller, request: ChatRequest, release: Any,
@@ -189,6 +190,8 @@ class PersonaService:
     def _engine_call(self, call: Any) -> Any:
         try:
             return call()
+        except ContextTooLong as exc:
+            raise ApiError(400, str(exc), "messages", "context_length_exceeded") from None
         except HyperlexError as exc:
             raise bad_request(str(exc)) from None
 

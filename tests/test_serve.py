@@ -317,3 +317,20 @@ def test_a_client_that_leaves_mid_stream_cancels_the_turn(client, server: Server
     assert after.choices[0].finish_reason == "length"
     turns = server.service.store.session("left-early").turns
     assert [t["user"] for t in turns] == ["Short, then."]
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_and_changes_nothing(client,
+                                                                       server: Server) -> None:
+    headers = {"X-Conversation-Id": "too-long"}
+    ask(client, "alpha", "A first short turn.", max_tokens=2, extra_headers=headers)
+    before = server.service.store.session("too-long").latest_scene()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, "alpha", "time " * 1000, max_tokens=5, stream=stream,
+                extra_headers=headers)
+        assert caught.value.body["code"] == "context_length_exceeded"
+        assert "holds 512" in caught.value.body["message"]
+    record = server.service.store.session("too-long")
+    assert len(record.turns) == 1 and record.latest_scene() == before
+    again = ask(client, "alpha", "Short.", max_tokens=2, extra_headers=headers)
+    assert again.choices[0].finish_reason == "length"
