@@ -4,8 +4,8 @@ decoding, so any mixed adapter or crossed stream shows up as a different text), 
 and latency percentiles are measured against the same requests sent one after another.
 
 On the embedded model the server runs the installed personas on llama.cpp with a pool of
-contexts (what ``agent serve`` does by default); with ``--base DIR`` or ``--quick`` on a tiny
-model it runs the cast on the torch engine.
+contexts (what ``agent serve`` does by default); with ``--base DIR`` (or the tests' bundles)
+it runs the cast on the torch engine. ``--quick`` sends 12 requests instead of 50.
 """
 
 from __future__ import annotations

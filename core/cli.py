@@ -195,6 +195,9 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     speakers = sum(not p.is_mood for p in personas)
     moods = len(personas) - speakers
     also = f" and {moods} mood{'s' * (moods != 1)}" if moods else ""
+    if backend == "openai" and not base_url:
+        raise click.UsageError("--backend openai needs --base-url URL (e.g. "
+                               "http://127.0.0.1:8000/v1)")
     where = {"llamacpp": " on llama.cpp", "openai": f" served by {base_url}"}.get(backend, "")
     click.echo(f"Loading {resolved.name} with {speakers} persona{'s' * (speakers != 1)}{also}"
                f"{where}...", err=True)
@@ -205,9 +208,6 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     elif backend == "openai":
         from hyperlex.engine_openai import OpenAIEngine
 
-        if not base_url:
-            raise click.UsageError("--backend openai needs --base-url URL (e.g. "
-                                   "http://127.0.0.1:8000/v1)")
         engine = OpenAIEngine(personas, base_url, api_key=api_key, base=resolved)
     else:
         from hyperlex.engine_torch import TorchEngine
@@ -351,6 +351,10 @@ def chat(
         from hyperlex.store import check_name
 
         check_name(session)
+    if base_url and backend == "auto":
+        backend = "openai"
+    elif base_url and backend != "openai":
+        warn(f"--base-url / HYPERLEX_BASE_URL is ignored with --engine {backend}")
     chosen = choose_backend(backend, dtype, quantize, merge)
     if chosen == "llamacpp":  # the scene encoders load while llama.cpp loads and prefills
         warm_up_encoders(host)

@@ -73,6 +73,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    mood: str | None = None  # hyperlex's extension: a mood layer for this turn
 
     @property
     def messages(self) -> list[Message]:
@@ -100,10 +101,14 @@ def parse_chat_request(body: Any) -> ChatRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("'user' must be a string", "user")
+    mood = body.get("mood")
+    if mood is not None and not isinstance(mood, str):
+        raise bad_request("'mood' must be a string: NAME or NAME:WEIGHT", "mood")
     return ChatRequest(model=model, history=history, message=message,
                        instructions="\n\n".join(system) or None, options=_options(body),
                        stop=_stop(body.get("stop")), stream=bool(stream),
-                       include_usage=bool(stream_options.get("include_usage")), user=user)
+                       include_usage=bool(stream_options.get("include_usage")), user=user,
+                       mood=mood)
 
 
 def _split_messages(messages: Any) -> tuple[list[str], list[Message], str]:
@@ -150,8 +155,9 @@ def _options(body: Mapping[str, Any]) -> dict[str, Any]:
     for name, target in SAMPLING_FIELDS.items():
         if body.get(name) is None:
             continue
-        if name == "temperature" and isinstance(body[name], (int, float)) \
-                and not isinstance(body[name], bool) and body[name] > 2:
+        if not isinstance(body[name], (int, float)) or isinstance(body[name], bool):
+            raise bad_request(f"'{name}' must be a number, got {body[name]!r}", name)
+        if name == "temperature" and body[name] > 2:
             raise bad_request(f"'temperature' must be between 0 and 2, got {body[name]!r}", name)
         try:
             options[target] = GenerationParams().updated({target: body[name]}, name) \

@@ -16,6 +16,7 @@ conversation is saved as the session of that name and survives a restart.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
 import sys
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from hyperlex.controller import Controller, TurnStream, fit_reply
 from hyperlex.engine import Engine, Generation
 from hyperlex.errors import ContextTooLong, HyperlexError
+from hyperlex.generation import GenerationParams
 from hyperlex.openai_api import (
     ApiError,
     ChatRequest,
@@ -167,9 +169,11 @@ class PersonaService:
         if request.model == AUTO:
             raise bad_request(f"{MODE_HEADER}: engine needs a persona as the model, not "
                               "'auto'", "model")
-        persona = self.engine.personas[request.model]
-        params = persona.contract.params().updated(self.overrides, "server options") \
-            .updated(request.options, "request")
+        if request.mood is not None:
+            raise bad_request(f"{MODE_HEADER}: engine applies one adapter; 'mood' needs the "
+                              "agent mode", "mood")
+        # like vLLM: the request's settings over plain defaults, not the persona's contract
+        params = GenerationParams().updated(request.options, "request")
         generation = self._engine_call(lambda: self.engine.stream(
             request.messages, request.model, fit_reply(self.engine, request.messages, params),
             request.stop))
@@ -179,7 +183,7 @@ class PersonaService:
                     conversation: str | None = None) -> Reply:
         controller.history = list(request.history)  # the client's history is the truth
         turn: TurnStream = self._engine_call(lambda: controller.send(
-            request.message, persona=request.model, options=request.options,
+            request.message, persona=request.model, mood=request.mood, options=request.options,
             stop=request.stop, instructions=request.instructions))
         decision = controller.last_decision
         extra = {"persona": turn.turn.persona, "conversation": conversation,
@@ -201,13 +205,6 @@ class PersonaService:
                           router=self.router, store=store, session=session)
 
     def _conversation(self, name: str) -> _Conversation:
-        from hyperlex.store import check_name
-
-        try:
-            check_name(name)
-        except HyperlexError:
-            raise bad_request(f"conversation id {name!r}: use 1-64 letters, digits, '-', '_' "
-                              "or '.'", CONVERSATION_HEADER) from None
         with self._lock:
             entry = self._conversations.get(name)
             if entry is None:
@@ -224,6 +221,26 @@ class PersonaService:
                 return
             if not self._conversations[name].lock.locked():
                 del self._conversations[name]
+
+
+def conversation_name(header: str | None, user: str | None) -> str | None:
+    """The conversation a request belongs to: the header, used as the session name (so it
+    must be a valid one), else the ``user`` field, used as it is when it is a valid session
+    name and as ``user-<hash>`` when it is not (an e-mail address, say)."""
+    from hyperlex.store import check_name
+
+    if header:
+        try:
+            return check_name(header)
+        except HyperlexError:
+            raise bad_request(f"conversation id {header!r}: use 1-64 letters, digits, '-', "
+                              "'_' or '.'", CONVERSATION_HEADER) from None
+    if not user:
+        return None
+    try:
+        return check_name(user)
+    except HyperlexError:
+        return "user-" + hashlib.sha256(user.encode()).hexdigest()[:16]
 
 
 class Server(ThreadingHTTPServer):
@@ -275,6 +292,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._handle(self._post)
 
+    def do_PUT(self) -> None:  # noqa: N802
+        self._handle(self._not_allowed)
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT  # noqa: N815
+
+    def _not_allowed(self, path: str) -> None:
+        raise ApiError(405, f"{self.command} is not allowed; hyperlex serves GET /v1/models "
+                       "and POST /v1/chat/completions", code="method_not_allowed")
+
     def _handle(self, action: Any) -> None:
         self._body_read = False
         try:
@@ -320,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/v1/chat/completions":
             self._not_found(path)
         request = parse_chat_request(self._read_json())
-        conversation = self.headers.get(CONVERSATION_HEADER) or request.user
+        conversation = conversation_name(self.headers.get(CONVERSATION_HEADER), request.user)
         mode = (self.headers.get(MODE_HEADER) or "agent").lower()
         if mode not in ("agent", "engine"):
             raise bad_request(f"{MODE_HEADER} must be 'agent' or 'engine', got {mode!r}",
@@ -361,8 +387,12 @@ class _Handler(BaseHTTPRequestHandler):
                     started = bool(piece)
                 if piece:
                     self._event(chunk_body(cid, reply.persona, {"content": piece}))
-        except HyperlexError as exc:
-            self._event(ApiError(500, str(exc)).body())
+        except _ClientGone:
+            raise
+        except Exception as exc:  # the headers are sent: report it inside the stream
+            if not isinstance(exc, HyperlexError):
+                traceback.print_exc(file=sys.stderr)
+            self._event(ApiError(500, f"generation failed: {exc}").body())
             self._end_stream()
             return
         self._event(chunk_body(cid, reply.persona, {}, reply.finish_reason))

@@ -334,3 +334,45 @@ def test_a_prompt_longer_than_the_context_is_a_400_and_changes_nothing(client,
     assert len(record.turns) == 1 and record.latest_scene() == before
     again = ask(client, "alpha", "Short.", max_tokens=2, extra_headers=headers)
     assert again.choices[0].finish_reason == "length"
+
+
+def test_a_mood_can_be_asked_for_per_request(client, host, engine, tmp_path_factory,
+                                             tiny_base: Path, tiny_bundles) -> None:
+    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.persona import Persona
+
+    root = tmp_path_factory.mktemp("moods")
+    gloomy = write_bundle(root, "gloomy", adapter_seed=5, tiny_base=tiny_base,
+                          extra_yaml="kind: mood\n")
+    with_mood = TorchEngine([Persona.from_dir(p) for p in (*tiny_bundles.values(), gloomy)],
+                            base=str(tiny_base))
+    with Server(PersonaService(host, with_mood), port=0, log=False) as moody:
+        mood_client = openai.OpenAI(base_url=moody.url, api_key="unused", max_retries=0)
+        plain = ask(mood_client, "alpha", "Tell me.", max_tokens=8)
+        layered = ask(mood_client, "alpha", "Tell me.", max_tokens=8,
+                      extra_body={"mood": "gloomy:1.5"})
+        expected = Controller(host, with_mood, persona="alpha", mood="gloomy:1.5",
+                              overrides={"max_new_tokens": 8}).send("Tell me.").complete()
+        assert layered.choices[0].message.content == expected.reply
+        assert layered.choices[0].message.content != plain.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="unknown mood 'sunny'"):
+            ask(mood_client, "alpha", "Tell me.", extra_body={"mood": "sunny"})
+
+
+def test_an_email_in_the_user_field_still_keeps_a_conversation(client, server) -> None:
+    for text in ("@beta Hello there.", "And you?"):
+        reply = client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": text}], max_tokens=2,
+            user="alice@example.com")
+        assert reply.model == "beta"
+        assert reply.hyperlex["conversation"].startswith("user-")
+
+
+def test_other_methods_and_string_numbers_get_error_bodies(server: Server, client) -> None:
+    status, body = raw(server, "DELETE", "/v1/models")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.post("/chat/completions", cast_to=object, body={
+            "model": "alpha", "messages": [{"role": "user", "content": "x"}],
+            "temperature": "3"})
+    assert caught.value.body["param"] == "temperature"
