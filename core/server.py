@@ -150,7 +150,10 @@ class PersonaService:
               engine_mode: bool = False) -> Reply:
         """Begin answering ``request``; errors before the first token are :class:`ApiError`."""
         if request.model != AUTO and request.model not in self.engine.personas:
-            raise model_not_found(request.model, [AUTO, *self.speakers])
+            error = model_not_found(request.model, [AUTO, *self.speakers])
+            if request.model in self.engine.skipped:  # installed, but it could not be loaded
+                error.message = f"{self.engine.skipped[request.model]}; {error.message}"
+            raise error
         if engine_mode:
             return self._start_engine(request)
         if conversation is None:

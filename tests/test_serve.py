@@ -376,3 +376,19 @@ def test_other_methods_and_string_numbers_get_error_bodies(server: Server, clien
             "model": "alpha", "messages": [{"role": "user", "content": "x"}],
             "temperature": "3"})
     assert caught.value.body["param"] == "temperature"
+
+
+def test_a_persona_that_could_not_be_loaded_says_why(host, tiny_base: Path, tiny_bundles,
+                                                     tmp_path: Path) -> None:
+    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.persona import Persona
+
+    stranger = Persona.from_dir(write_bundle(tmp_path, "stranger", adapter_seed=6,
+                                             tiny_base=tiny_base, base_model="another-base"))
+    engine = TorchEngine([Persona.from_dir(tiny_bundles["alpha"]), stranger],
+                         base=str(tiny_base))
+    with Server(PersonaService(host, engine), port=0, log=False) as serving:
+        c = openai.OpenAI(base_url=serving.url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.NotFoundError) as caught:
+            ask(c, "stranger", "Hi")
+        assert "trained on base 'another-base'" in caught.value.body["message"]
