@@ -3,9 +3,11 @@ personas arrive at once; each reply must be the one its persona gives when asked
 decoding, so any mixed adapter or crossed stream shows up as a different text), and throughput
 and latency percentiles are measured against the same requests sent one after another.
 
-On the embedded model the server runs the installed personas on llama.cpp with a pool of
-contexts (what ``agent serve`` does by default); with ``--base DIR`` (or the tests' bundles)
-it runs the cast on the torch engine. ``--quick`` sends 12 requests instead of 50.
+On the embedded model, S1-S3 run the installed personas on llama.cpp with a pool of
+contexts (what ``agent serve`` does by default) and S4-S6 the same on the torch engine, whose
+waiting turns are batched (``hyperlex.torch_batching``); with ``--base DIR`` (or the tests'
+bundles), or without llama-cpp-python, S1-S3 are the torch engine's. ``--quick`` sends 12
+requests instead of 50.
 """
 
 from __future__ import annotations
@@ -90,44 +92,62 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def _service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
-    """(service, engine, what): the server's insides for this run."""
-    from hyperlex.engine_llamacpp import available
+def _torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
+    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.host import Host
+    from hyperlex.plugins import builtin_encoders
+    from hyperlex.server import PersonaService
+
+    if config.base is None and not config.bundles:  # the installed cast, as agent serve has it
+        host = Host()
+        personas = list(host.personas.values())
+    else:
+        host = Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
+        personas = cast.personas(min(config.personas, 6))
+    engine = TorchEngine(personas, base=config.base, progress=False, max_batch=PARALLEL)
+    return (PersonaService(host, engine, router=None), engine,
+            f"torch engine, batches of up to {PARALLEL}")
+
+
+def _llamacpp_service() -> tuple[Any, Any, str]:
+    from hyperlex.engine_llamacpp import LlamaCppEngine
     from hyperlex.host import Host
     from hyperlex.server import PersonaService
 
-    if config.base is None and not config.bundles and available():
-        from hyperlex.engine_llamacpp import LlamaCppEngine
-
-        host = Host()
-        personas = list(host.personas.values())
-        engine: Any = LlamaCppEngine(personas, contexts=PARALLEL, progress=False)
-        what = f"llama.cpp, {PARALLEL} contexts"
-    else:
-        from hyperlex.engine_torch import TorchEngine
-        from hyperlex.plugins import builtin_encoders
-
-        host = Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
-        engine = TorchEngine(cast.personas(min(config.personas, 6)), base=config.base,
-                             progress=False)
-        what = "torch engine"
-    return PersonaService(host, engine, router=None), engine, what
+    host = Host()
+    engine = LlamaCppEngine(list(host.personas.values()), contexts=PARALLEL, progress=False)
+    return PersonaService(host, engine, router=None), engine, f"llama.cpp, {PARALLEL} contexts"
 
 
 def serve_load(config: Config, cast: Cast) -> list[Row]:
+    """S1-S3 on what ``agent serve`` runs by default here (llama.cpp on the embedded model,
+    when installed); S4-S6 the same on the torch engine, whose waiting turns are batched."""
+    from hyperlex.engine_llamacpp import available
+
+    count = 12 if config.quick else REQUESTS
+    real = config.base is None and not config.bundles
+    rows = []
+    if real and available():
+        rows += _rows("S1", *_load(_llamacpp_service(), count, config.max_new_tokens))
+    first = "S4" if rows else "S1"
+    return rows + _rows(first, *_load(_torch_service(config, cast), count,
+                                      config.max_new_tokens))
+
+
+def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int
+          ) -> tuple[list[tuple[str, str]], list[Reply], list[Reply], float, float, str, int]:
+    """The same ``count`` requests one after another, then all at once."""
     import openai
 
     from hyperlex.server import Server
 
-    service, engine, what = _service(config, cast)
+    service, engine, what = service_engine_what
     personas = service.speakers
-    count = 12 if config.quick else REQUESTS
     jobs = [(personas[i % len(personas)], PROMPTS[i % len(PROMPTS)]) for i in range(count)]
-    max_tokens = config.max_new_tokens
     try:
         with Server(service, port=0, log=False) as server:
             client = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0,
-                                   timeout=600)
+                                   timeout=1200)
             _ask(client, personas[0], PROMPTS[0], 2)  # warm-up: graphs, encoders
             start = time.perf_counter()
             alone = [_ask(client, persona, prompt, max_tokens) for persona, prompt in jobs]
@@ -138,11 +158,13 @@ def serve_load(config: Config, cast: Cast) -> list[Row]:
     finally:
         if hasattr(engine, "close"):
             engine.close()
-    return _rows(jobs, alone, together, sequential_s, concurrent_s, what, max_tokens)
+    return jobs, alone, together, sequential_s, concurrent_s, what, max_tokens
 
 
-def _rows(jobs: list[tuple[str, str]], alone: list[Reply], together: list[Reply],
+def _rows(first: str, jobs: list[tuple[str, str]], alone: list[Reply], together: list[Reply],
           sequential_s: float, concurrent_s: float, what: str, max_tokens: int) -> list[Row]:
+    ids = [f"S{int(first[1:]) + i}" for i in range(3)]
+    engine = what.split(",")[0]
     expected = {(r.persona, r.prompt): r.text for r in alone}
     by_prompt: dict[str, dict[str, str]] = {}
     for r in alone:
@@ -170,13 +192,13 @@ def _rows(jobs: list[tuple[str, str]], alone: list[Reply], together: list[Reply]
         "alone_ttft_p50_s": round(alone_ttft, 3),
     }
     return [
-        Row("S1", f"{len(jobs)} concurrent streams: replies equal to their persona's alone",
+        Row(ids[0], f"{engine}: {len(jobs)} concurrent streams equal to their persona's alone",
             float(matched), float(len(jobs)), "", "requests", matched / len(jobs), "= 1",
             matched == len(jobs) and not mixed, f"{len(mixed)} mixed", details),
-        Row("S2", "served tokens/s, concurrent vs one at a time", throughput, seq_throughput,
-            "tok/s", "sequential", throughput / seq_throughput, ">= 1",
+        Row(ids[1], f"{engine}: served tokens/s, concurrent vs one at a time", throughput,
+            seq_throughput, "tok/s", "sequential", throughput / seq_throughput, ">= 1",
             throughput >= seq_throughput, details=details),
-        Row("S3", "time to first token p95 under load vs alone (p50)",
+        Row(ids[2], f"{engine}: time to first token p95 under load vs alone (p50)",
             _percentile(ttft, 95), alone_ttft, "s", "alone", _percentile(ttft, 95) / alone_ttft,
             "", None, details=details),
     ]

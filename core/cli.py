@@ -183,11 +183,12 @@ def plugins(as_json: bool) -> None:
 
 def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
                 only: list[str] | None = None, merge: bool = False,
-                backend: str = "torch", contexts: int = 1, base_url: str | None = None,
+                backend: str = "torch", parallel: int = 1, base_url: str | None = None,
                 api_key: str | None = None) -> Any:
     """Load the base once and attach every installed persona's adapter (or ``only`` these);
-    ``backend`` "torch", "llamacpp" (with ``contexts`` concurrent turns) or "openai" (the
-    server at ``base_url`` generates; see :func:`choose_backend`)."""
+    ``backend`` "torch", "llamacpp" or "openai" (the server at ``base_url`` generates; see
+    :func:`choose_backend`). ``parallel``: turns run at once (llama.cpp contexts, or rows of
+    one torch batch)."""
     from hyperlex.models import resolve_base
 
     resolved = resolve_base(base)
@@ -204,7 +205,7 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     if backend == "llamacpp":
         from hyperlex.engine_llamacpp import LlamaCppEngine
 
-        engine: Any = LlamaCppEngine(personas, base=resolved, contexts=contexts)
+        engine: Any = LlamaCppEngine(personas, base=resolved, contexts=parallel)
     elif backend == "openai":
         from hyperlex.engine_openai import OpenAIEngine
 
@@ -213,7 +214,7 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
         from hyperlex.engine_torch import TorchEngine
 
         engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize,
-                             merge=merge)
+                             merge=merge, max_batch=parallel)
     for reason in engine.skipped.values():
         warn(reason)
     return engine

@@ -24,8 +24,8 @@ from hyperlex.errors import HyperlexError
               show_default=True,
               help="Inference engine; auto: llama.cpp when installed, else transformers + PEFT.")
 @click.option("--parallel", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Turns generated at once on llama.cpp (one context, ~115 MB, each); the "
-              "torch engine runs one turn at a time.")
+              help="Turns generated at once: llama.cpp contexts (~115 MB each), or on the "
+              "torch engine the rows of one batch that waiting turns share.")
 @click.option("--router", default="embedding", show_default=True,
               help="Automatic router for the 'auto' model ('none': keep the current persona).")
 @click.option("--no-store", is_flag=True,
@@ -63,7 +63,7 @@ def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int
              "the personas")
     chosen = choose_backend(backend, dtype, quantize, merge=False)
     warm_up_encoders(app)
-    engine = open_engine(app, base, dtype, quantize, backend=chosen, contexts=parallel)
+    engine = open_engine(app, base, dtype, quantize, backend=chosen, parallel=parallel)
     if not engine.personas:
         raise HyperlexError("no personas could be loaded (agent personas shows why)")
     store = None if no_store else Store()

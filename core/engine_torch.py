@@ -20,6 +20,7 @@ from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.models import BaseModel, load_base, resolve_base
 from hyperlex.persona import ADAPTER_WEIGHTS, Persona, check_scale
+from hyperlex.torch_batching import Scheduler
 
 
 class TorchEngine(Engine):
@@ -32,8 +33,12 @@ class TorchEngine(Engine):
         progress: bool = True,
         check_base: bool = True,
         merge: bool = False,
+        max_batch: int = 8,
     ):
-        """``merge``: fold the active persona's LoRA into the base weights while it speaks
+        """``max_batch``: how many streamed turns that wait together may run as one batch
+        (1: one at a time; see :mod:`hyperlex.torch_batching`).
+
+        ``merge``: fold the active persona's LoRA into the base weights while it speaks
         alone (no mood, not in a mixed batch), so decoding runs at the bare base's speed;
         each switch then costs an unmerge and a merge (``bench`` P2 measures both). Only for a
         float32 base: a 4-bit base cannot hold merged weights and bfloat16 would round the
@@ -49,6 +54,7 @@ class TorchEngine(Engine):
         self.moods: dict[str, Persona] = {}
         self.skipped: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._scheduler = Scheduler(self, max_batch)
         self._lora_layers: list[Any] = []
         self._layer_by_name: dict[str, Any] = {}
         # per adapter: each LoRA layer with PEFT's own scaling (alpha / r) and with the
@@ -310,8 +316,9 @@ class TorchEngine(Engine):
 
 
 class _TorchGeneration(Generation):
-    """Runs ``generate`` in a worker thread that holds the engine lock from switch to last token,
-    so concurrent callers never see another persona's weights."""
+    """A turn for the engine's scheduler (:mod:`hyperlex.torch_batching`), which runs it in
+    its worker thread, alone or as one row of a batch, while the engine lock is held from
+    switch to last token, so concurrent callers never see another persona's weights."""
 
     def __init__(
         self,
@@ -323,31 +330,31 @@ class _TorchGeneration(Generation):
         layers: Layers = (),
     ):
         super().__init__(persona, stop)
-        self._layers = layers
+        self.layers = layers
+        self.params = params
         self._engine = engine
         self._inputs = engine._encode(messages)
-        self.usage.prompt_tokens = int(self._inputs["input_ids"].shape[1])
-        self._params = params
-        self._streamer = _TokenStreamer(engine.tokenizer)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, daemon=True, name=f"hyperlex-generate-{persona}"
-        )
-        self._started = False
+        self.prompt_ids: list[int] = self._inputs["input_ids"][0].tolist()
+        self.usage.prompt_tokens = len(self.prompt_ids)
+        self.streamer = _TokenStreamer(engine.tokenizer)
+        self.error: BaseException | None = None
+        self._released = threading.Event()
+        self._submitted = False
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Generate this turn alone (called in the scheduler's thread)."""
         import torch
 
-        engine, params = self._engine, self._params
+        engine, params = self._engine, self.params
         try:
             with engine._lock, torch.inference_mode():
-                engine._activate(self.persona, self._layers)
+                engine._activate(self.persona, self.layers)
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 start = time.perf_counter()
                 output = engine._inner.generate(
                     **self._inputs,
-                    streamer=self._streamer,
+                    streamer=self.streamer,
                     stopping_criteria=[_CancelCriteria(self._cancelled)],
                     **_generate_kwargs(params, engine.tokenizer),
                 )
@@ -364,20 +371,26 @@ class _TorchGeneration(Generation):
                     "length" if len(new_tokens) >= params.max_new_tokens else "stop"
                 )
         except BaseException as exc:  # re-raised in the consuming thread
-            self._error = exc
-            self._streamer.end()
+            self.error = exc
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """The turn is over (done, failed or dropped): end its stream and wake its caller."""
+        self.streamer.end()
+        self._released.set()
 
     def _pieces(self) -> Iterator[str]:
-        self._started = True
-        self._thread.start()
-        yield from self._streamer
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        self._submitted = True
+        self._engine._scheduler.submit(self)
+        yield from self.streamer
+        self._released.wait()
+        if self.error is not None:
+            raise self.error
 
     def _finish(self) -> None:
-        if self._started:
-            self._thread.join()
+        if self._submitted:
+            self._released.wait()
 
 
 def _complete_text(text: str) -> str:
@@ -404,7 +417,10 @@ class _TokenStreamer:
         if not self.prompt_seen:  # generate() first sends the prompt
             self.prompt_seen = True
             return
-        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, tokens: list[int]) -> None:
+        self.tokens.extend(int(t) for t in tokens)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return
