@@ -106,11 +106,18 @@ class VllmExport:
         """Every adapter at once, so one batch may mix all personas."""
         return len(self.adapters)
 
+    def _relative(self, path: str | Path) -> str:
+        """``path`` as seen from inside the export directory, so the folder can be copied to
+        the serving machine as it is (the command runs there from inside it)."""
+        return f"./{Path(path).relative_to(self.directory).as_posix()}"
+
     @property
     def command(self) -> list[str]:
-        modules = [f"{name}={a.path}" for name, a in self.adapters.items()]
+        """``vllm serve ...``, run from inside the export directory."""
+        modules = [f"{name}={self._relative(a.path)}" for name, a in self.adapters.items()]
+        base = self._relative(self.base) if self.base_source is not None else self.base
         return [
-            "vllm", "serve", self.base,
+            "vllm", "serve", base,
             "--served-model-name", self.served_base_name,
             "--enable-lora",
             "--lora-modules", *modules,
@@ -119,22 +126,22 @@ class VllmExport:
         ]
 
     def shell_command(self) -> str:
-        """The command as a bash line, split one flag per line for reading."""
+        """``cd DIR && vllm serve ...`` as a bash line, split one flag per line for reading."""
         argv = self.command
         flags = [i for i, arg in enumerate(argv) if arg.startswith("--")]
         parts = [shlex.join(argv[a:b]) for a, b in zip([0, *flags], [*flags, len(argv)],
                                                           strict=True)]
-        return " \\\n  ".join(parts)
+        return f"cd {shlex.quote(str(self.directory))} && " + " \\\n  ".join(parts)
 
     def manifest(self) -> dict[str, Any]:
         return {
-            "base": self.base,
+            "base": self.command[2],
             "served_base_name": self.served_base_name,
             "max_lora_rank": self.max_lora_rank,
             "max_loras": self.max_loras,
             "personas": {
                 name: {
-                    "path": str(a.path),
+                    "path": self._relative(a.path),
                     "r": a.rank,
                     "lora_alpha": a.alpha,
                     "target_modules": list(a.target_modules),
@@ -143,7 +150,7 @@ class VllmExport:
             },
             "prompt_only": list(self.prompt_only),
             "skipped": dict(self.skipped),
-            "command": self.command,
+            "command": self.command,  # paths relative to the export directory: run it there
         }
 
 

@@ -102,7 +102,8 @@ def test_with_base_writes_a_loadable_base_and_uses_its_path(tmp_path: Path, tiny
     out = tmp_path / "out"
     result = export_vllm(out, tiny.values(), base=str(tiny_base), with_base=True)
     base = (out / "base").resolve()
-    assert result.command[:3] == ["vllm", "serve", str(base)]
+    assert result.command[:3] == ["vllm", "serve", "./base"]
+    assert f"cd {out.resolve()} && vllm serve ./base" in result.shell_command()
     tokenizer = AutoTokenizer.from_pretrained(base)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     assert AutoConfig.from_pretrained(base).to_dict()["vocab_size"] == \
@@ -123,7 +124,7 @@ def test_with_base_copies_the_embedded_base(runner: CliRunner, tmp_path: Path, t
     result = runner.invoke(export, ["vllm", str(out), "-p", "poet", "--with-base"])
     assert result.exit_code == 0, result.output
     base = (out / "base").resolve()
-    assert shlex.split(result.stdout.replace("\\\n", ""))[2] == str(base)
+    assert shlex.split(result.stdout.replace("\\\n", ""))[3:6] == ["vllm", "serve", "./base"]
     assert (base / "model.safetensors").read_bytes() == \
         (tiny_base / "model.safetensors").read_bytes()
     assert json.loads((out / "poet" / ADAPTER_CONFIG).read_text())[
@@ -157,11 +158,13 @@ def test_cli_prints_the_command_for_the_builtin_personas(runner: CliRunner,
     assert result.exit_code == 0, result.output
     argv = shlex.split(result.stdout.replace("\\\n", ""))
     manifest = json.loads((out / MANIFEST).read_text())
+    assert argv[:3] == ["cd", str(out.resolve()), "&&"]  # the folder can be moved
+    argv = argv[3:]
     assert argv == manifest["command"]
     assert argv[:3] == ["vllm", "serve", EMBEDDED_HUB_ID]
     assert argv.count("--lora-modules") == 1
     modules = argv[argv.index("--lora-modules") + 1: argv.index("--max-lora-rank")]
-    assert modules == [f"{name}={(out / name).resolve()}" for name in BUILTIN_SPEAKERS]
+    assert modules == [f"{name}=./{name}" for name in BUILTIN_SPEAKERS]
     assert argv[argv.index("--max-lora-rank") + 1] == "8"  # rank 6 -> vLLM's smallest, 8
     assert argv[argv.index("--max-loras") + 1] == str(len(BUILTIN_SPEAKERS))
     assert argv[argv.index("--served-model-name") + 1] == EMBEDDED_NAME
@@ -184,7 +187,7 @@ def test_cli_json_matches_the_written_manifest(runner: CliRunner, tmp_path: Path
     assert printed == json.loads((out / MANIFEST).read_text())
     assert set(printed["personas"]) == {"alpha", "beta"}
     assert printed["personas"]["alpha"] == {
-        "path": str((out / "alpha").resolve()), "r": 4, "lora_alpha": 8,
+        "path": "./alpha", "r": 4, "lora_alpha": 8,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                            "down_proj"]}
     assert printed["served_base_name"] == "tiny-llama"
