@@ -16,7 +16,6 @@ from hyperlex import __version__
 from hyperlex.cli_options import (
     UserErrorGroup,
     engine_options,
-    remote_api_key,
     remote_options,
 )
 from hyperlex.errors import HyperlexError, UnknownPersona
@@ -359,8 +358,10 @@ def chat(
     chosen = choose_backend(backend, dtype, quantize, merge)
     if chosen == "llamacpp":  # the scene encoders load while llama.cpp loads and prefills
         warm_up_encoders(host)
+    from hyperlex.distill import api_key_from
+
     engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen,
-                         base_url=base_url, api_key=remote_api_key(api_key_env))
+                         base_url=base_url, api_key=api_key_from(api_key_env))
     store = None if no_store else Store()
     if store is not None and session is None:
         session = store.open_session().info.name

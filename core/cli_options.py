@@ -62,9 +62,3 @@ def remote_options(func: Any) -> Any:
         "--base-url", default=None, metavar="URL", envvar="HYPERLEX_BASE_URL",
         help="OpenAI-compatible server for --backend openai, e.g. http://127.0.0.1:8000/v1 "
         "[env: HYPERLEX_BASE_URL].")(func)
-
-
-def remote_api_key(env_var: str) -> str | None:
-    import os
-
-    return os.environ.get(env_var) or None

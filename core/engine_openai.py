@@ -20,7 +20,7 @@ from typing import Any
 from hyperlex.engine import Engine, Generation, Layers, Message
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import GenerationParams
-from hyperlex.models import BaseModel, resolve_base
+from hyperlex.models import BaseModel, base_source, resolve_base
 from hyperlex.persona import Persona
 
 ENGINE_MODE = {"X-Hyperlex-Mode": "engine"}
@@ -64,9 +64,10 @@ class OpenAIEngine(Engine):
                 self.skipped[persona.name] = (
                     f"the server at {base_url} does not serve a model named {persona.name!r} "
                     f"(it serves {', '.join(sorted(served)) or 'nothing'})")
-        self._tokenizer = _tokenizer(self.base)
+        source = base_source(self.base, progress=False)
+        self._tokenizer = _tokenizer(source)
         lengths = [served[m] for m in self.models.values() if served.get(m)]
-        self._context_length = min(lengths) if lengths else _context_length(self.base)
+        self._context_length = min(lengths) if lengths else _context_length(source)
 
     def _served_models(self) -> dict[str, int | None]:
         """Model id -> its context length where the server says (vLLM: ``max_model_len``)."""
@@ -176,25 +177,21 @@ def _message(exc: Any) -> str:
     return str(exc.message)
 
 
-def _tokenizer(base: BaseModel) -> Any:
+def _tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
-    from hyperlex.models import ensure_embedded, quiet_libraries
+    from hyperlex.models import quiet_libraries
 
     quiet_libraries()
-    source = str(ensure_embedded(progress=False)) if base.kind == "embedded" else base.source
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except OSError as exc:
-        raise HyperlexError(f"could not load the tokenizer of {base.source!r}: "
+        raise HyperlexError(f"could not load the tokenizer of {source!r}: "
                             f"{str(exc).splitlines()[0]}") from None
 
 
-def _context_length(base: BaseModel) -> int:
+def _context_length(source: str) -> int:
     from transformers import AutoConfig
 
-    from hyperlex.models import ensure_embedded
-
-    source = str(ensure_embedded(progress=False)) if base.kind == "embedded" else base.source
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     return int(getattr(config, "max_position_embeddings", 2048))

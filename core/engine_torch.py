@@ -265,6 +265,29 @@ class TorchEngine(Engine):
             results.update(zip(rows, done, strict=True))
         return [results[i] for i in range(len(requests))]
 
+    def _left_padded(self, rows: Sequence[list[int]]) -> tuple[Any, Any]:
+        """Prompt token rows as one left-padded batch: (input_ids, attention_mask)."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        return (torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+                torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
+    def _generate_rows(self, input_ids: Any, attention: Any, personas: Sequence[str | None],
+                       **kwargs: Any) -> Any:
+        """One ``generate`` in which each row runs with its own persona's adapter (PEFT's
+        per-row ``adapter_names``; ``"__base__"``: none). Call it holding the lock."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self._unmerge()  # PEFT's per-row adapters need unmerged layers
+            kwargs["adapter_names"] = [
+                p if p is not None and self.personas[p].adapter_dir is not None else "__base__"
+                for p in personas]
+        return self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+
     def _batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                params: GenerationParams,
                composition: tuple[str | None, tuple[tuple[str, float], ...]] | None
@@ -272,18 +295,12 @@ class TorchEngine(Engine):
         """``composition`` None: per-row adapters through PEFT; else one (persona, layers)
         activated for every row."""
         import torch
-        from peft import PeftModel
 
         if not requests:
             return []
         rows = [self._encode(messages)["input_ids"][0].tolist() for messages, _ in requests]
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else self.tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        names = [p if p is not None and self.personas[p].adapter_dir is not None else "__base__"
-                 for _, p in requests]
+        input_ids, attention = self._left_padded(rows)
         kwargs = _generate_kwargs(params, self.tokenizer)
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
@@ -293,12 +310,8 @@ class TorchEngine(Engine):
                 self._activate(*composition)
                 output = self._inner.generate(input_ids=input_ids, attention_mask=attention,
                                               **kwargs)
-            elif isinstance(self.model, PeftModel):
-                self._unmerge()  # PEFT's per-row adapters need unmerged layers
-                output = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                             adapter_names=names, **kwargs)
             else:
-                output = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                output = self._generate_rows(input_ids, attention, [p for _, p in requests],
                                              **kwargs)
         seconds = time.perf_counter() - start
         eos = set(_eos_ids(self.tokenizer, self._inner))

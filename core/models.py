@@ -140,6 +140,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
 
+def base_source(base: BaseModel, progress: bool = True) -> str:
+    """Where transformers loads ``base`` from: the converted embedded model (converted on
+    first use), a local directory or a hub id."""
+    return str(ensure_embedded(progress)) if base.kind == "embedded" else base.source
+
+
 def load_base(
     base: BaseModel, dtype: str = "float32", quantize: str | None = None, progress: bool = True
 ) -> tuple[Any, Any]:
@@ -153,7 +159,7 @@ def load_base(
         raise HyperlexError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if quantize not in (None, *QUANTIZATIONS):
         raise HyperlexError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZATIONS)}")
-    source = str(ensure_embedded(progress)) if base.kind == "embedded" else base.source
+    source = base_source(base, progress)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": False}

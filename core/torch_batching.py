@@ -77,31 +77,19 @@ def batch_key(generation: _TorchGeneration) -> Any:
 
 def run_batch(engine: TorchEngine, generations: list[_TorchGeneration]) -> None:
     import torch
-    from peft import PeftModel
 
     from hyperlex.engine_torch import _eos_ids, _generate_kwargs
 
     try:
-        rows = [g.prompt_ids for g in generations]
-        width = max(len(r) for r in rows)
         tokenizer = engine.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        input_ids, attention = engine._left_padded([g.prompt_ids for g in generations])
         limits = [g.params.max_new_tokens for g in generations]
         params = replace(generations[0].params, max_new_tokens=max(limits))
         rows_out = _Rows(generations, set(_eos_ids(tokenizer, engine._inner)), limits)
         kwargs = _generate_kwargs(params, tokenizer)
         start = time.perf_counter()
         with engine._lock, torch.inference_mode():
-            if isinstance(engine.model, PeftModel):
-                engine._unmerge()  # PEFT's per-row adapters need unmerged layers
-                names = [g.persona if g.persona is not None
-                         and engine.personas[g.persona].adapter_dir is not None else "__base__"
-                         for g in generations]
-                kwargs["adapter_names"] = names
-            engine.model.generate(input_ids=input_ids, attention_mask=attention,
+            engine._generate_rows(input_ids, attention, [g.persona for g in generations],
                                   streamer=rows_out, stopping_criteria=[rows_out], **kwargs)
         seconds = time.perf_counter() - start
         for i, generation in enumerate(generations):

@@ -7,22 +7,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
+from bench.cold import agent_command
+
 pytestmark = pytest.mark.real_model
 
 KEY = "sk-hyperlex-test"
 QUESTION = "What is time?"
-
-
-def agent() -> list[str]:
-    script = Path(sys.executable).with_name("agent")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "hyperlex.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def use_real_home(real_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def server(real_home: Path) -> Iterator[tuple[subprocess.Popen, str]]:
     env = {**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_API_KEY": KEY}
-    proc = subprocess.Popen([*agent(), "serve", "--port", "0", "--quiet"], env=env,
+    proc = subprocess.Popen([*agent_command(), "serve", "--port", "0", "--quiet"], env=env,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines = []
@@ -107,7 +103,7 @@ def test_chat_on_the_openai_backend_gets_the_servers_reply(server, client,
     replies agree word for word."""
     env = {**os.environ, "HYPERLEX_HOME": str(real_home), "OPENAI_API_KEY": KEY}
     result = subprocess.run(
-        [*agent(), "chat", "--backend", "openai", "--base-url", server[1], "-p",
+        [*agent_command(), "chat", "--backend", "openai", "--base-url", server[1], "-p",
          "philosopher", "-m", QUESTION, "-o", "temperature", "0", "-o", "max_new_tokens",
          "24", "--no-store"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
