@@ -19,7 +19,7 @@ NAME_LINE = re.compile(r"^name:.*$", re.MULTILINE)
 def shipped_bundles() -> list[Path]:
     """The built-in persona bundles that carry an adapter (moods left out)."""
     import hyperlex.personas
-    from hyperlex.persona import Persona
+    from hyperlex.persona.bundle import Persona
 
     root = Path(hyperlex.personas.__file__).parent
     found = []
@@ -90,7 +90,7 @@ class Cast:
 
     def personas(self, count: int) -> list[Any]:
         """``count`` resident personas p00, p01, ... cycling over the source bundles."""
-        from hyperlex.persona import Persona
+        from hyperlex.persona.bundle import Persona
 
         sources = self.sources()
         while len(self._clones) < count:
@@ -109,7 +109,7 @@ class Cast:
     def build(self, count: int) -> tuple[Any, float, float]:
         """A new TorchEngine with ``count`` personas: (engine, total seconds, base-load
         seconds inside that construction)."""
-        from hyperlex import engine_torch
+        import hyperlex.engines.torch.engine as engine_torch
 
         personas = self.personas(count)
         with timed_base_load() as base_seconds:
@@ -138,7 +138,7 @@ class Cast:
 def timed_base_load() -> Iterator[list[float]]:
     """Time ``load_base`` inside TorchEngine's constructor (the engine module's own name for
     it is wrapped for the duration; core is not changed)."""
-    from hyperlex import engine_torch
+    import hyperlex.engines.torch.engine as engine_torch
 
     seconds = [0.0]
     original = engine_torch.load_base

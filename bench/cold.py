@@ -57,7 +57,7 @@ def wall_seconds(command: list[str], env: dict[str, str]) -> float:
 
 
 def cold_start(config: Config) -> list[Row]:
-    from hyperlex.models import ensure_embedded
+    from hyperlex.engines.models import ensure_embedded
 
     env = dict(os.environ)
     repeats = config.repeats

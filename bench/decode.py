@@ -105,7 +105,7 @@ DTYPES = (("P6f32", "float32", None), ("P6bf16", "bfloat16", None), ("P6nf4", "f
 
 
 def bandwidth_floor(config: Config, cast: Cast) -> list[Row]:
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     bandwidth, bandwidth_samples = copy_bandwidth(config.repeats)
     tokens = max(config.max_new_tokens, 8)

@@ -71,7 +71,7 @@ def switch_seconds(engine: Any, names: list[str], calls: int) -> tuple[float, fl
 
 
 def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
-    from hyperlex.engine_llamacpp import LlamaCppEngine, available
+    from hyperlex.engines.llamacpp.engine import LlamaCppEngine, available
 
     if not available():
         note = "skipped: llama-cpp-python not installed (pip install 'hyperlex[llamacpp]')"

@@ -26,7 +26,7 @@ def adapter_file_bytes(adapter_dir: Path) -> int:
     """Bytes of the weights stored in an adapter's safetensors file (header excluded)."""
     from safetensors import safe_open
 
-    from hyperlex.persona import ADAPTER_WEIGHTS
+    from hyperlex.persona.bundle import ADAPTER_WEIGHTS
 
     total = 0
     with safe_open(adapter_dir / ADAPTER_WEIGHTS, "pt") as weights:

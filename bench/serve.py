@@ -7,7 +7,7 @@ near-tie that went the other way is still its own persona's, a mix is not.
 
 On the embedded model, S1-S3 run the installed personas on llama.cpp with a pool of
 contexts (what ``agent serve`` does by default) and S4-S6 the same on the torch engine, whose
-waiting turns are batched (``hyperlex.torch_batching``); with ``--base DIR`` (or the tests'
+waiting turns are batched (``hyperlex.engines.torch.batching``); with ``--base DIR`` (or the tests'
 bundles), or without llama-cpp-python, S1-S3 are the torch engine's. ``--quick`` sends 12
 requests instead of 50.
 """
@@ -95,10 +95,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
     from hyperlex.host import Host
     from hyperlex.plugins import builtin_encoders
-    from hyperlex.server import PersonaService
+    from hyperlex.serve.server import PersonaService
 
     if config.base is None and not config.bundles:  # the installed cast, as agent serve has it
         host = Host()
@@ -112,9 +112,9 @@ def _torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
 
 
 def _llamacpp_service() -> tuple[Any, Any, str]:
-    from hyperlex.engine_llamacpp import LlamaCppEngine
+    from hyperlex.engines.llamacpp.engine import LlamaCppEngine
     from hyperlex.host import Host
-    from hyperlex.server import PersonaService
+    from hyperlex.serve.server import PersonaService
 
     host = Host()
     engine = LlamaCppEngine(list(host.personas.values()), contexts=PARALLEL, progress=False)
@@ -124,7 +124,7 @@ def _llamacpp_service() -> tuple[Any, Any, str]:
 def serve_load(config: Config, cast: Cast) -> list[Row]:
     """S1-S3 on what ``agent serve`` runs by default here (llama.cpp on the embedded model,
     when installed); S4-S6 the same on the torch engine, whose waiting turns are batched."""
-    from hyperlex.engine_llamacpp import available
+    from hyperlex.engines.llamacpp.engine import available
 
     count = 12 if config.quick else REQUESTS
     real = config.base is None and not config.bundles
@@ -154,7 +154,7 @@ def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int
     """The same ``count`` requests one after another, then all at once."""
     import openai
 
-    from hyperlex.server import Server
+    from hyperlex.serve.server import Server
 
     service, engine, what = service_engine_what
     personas = service.speakers

@@ -1,7 +1,7 @@
 """One training run for P7, in a process of its own so that its peak memory is its own:
 ``python -m bench.train_worker MODE BUNDLE BASE`` prints one JSON line.
 
-MODE ``hyperlex`` runs ``hyperlex.train.train`` (what ``agent train`` runs), ``qlora`` the
+MODE ``hyperlex`` runs ``hyperlex.training.train.train`` (what ``agent train`` runs), ``qlora`` the
 same with a 4-bit base, ``lora-gc`` / ``qlora-gc`` those two with gradient checkpointing, and
 ``hand`` a minimal hand-written PEFT loop over the same encoded batches in the same order.
 Tokens/s counts the non-padding tokens of every step after the first (the first pays one-off
@@ -30,9 +30,9 @@ def peak_rss() -> int:
 
 def encoded_batches(bundle: Path, tokenizer: Any, config: Any) -> list[list[tuple]]:
     """The batches ``train`` forms for its first epoch: same encoding, same shuffle."""
-    from hyperlex.data import read_dataset
-    from hyperlex.persona import Persona
-    from hyperlex.train import encode_example
+    from hyperlex.persona.bundle import Persona
+    from hyperlex.training.data import read_dataset
+    from hyperlex.training.train import encode_example
 
     persona = Persona.from_dir(bundle)
     examples = [encode_example(tokenizer, persona.system_message(e.scene), e, config.max_length)
@@ -47,8 +47,8 @@ def hand_loop(base: str | None, config: Any, batches: list[list[tuple]],
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from hyperlex.models import load_base, resolve_base
-    from hyperlex.train import _batches
+    from hyperlex.engines.models import load_base, resolve_base
+    from hyperlex.training.train import _batches
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_base(resolve_base(base), progress=False)
@@ -75,8 +75,8 @@ def main(argv: list[str]) -> None:
     import torch  # noqa: F401
     from transformers import AutoTokenizer
 
-    from hyperlex.models import ensure_embedded, resolve_base
-    from hyperlex.train import load_config, train
+    from hyperlex.engines.models import ensure_embedded, resolve_base
+    from hyperlex.training.train import load_config, train
 
     config = load_config(bundle, {"epochs": 1, "qlora": mode.startswith("qlora"),
                                   "gradient_checkpointing": mode.endswith("-gc")})

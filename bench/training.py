@@ -22,8 +22,8 @@ def training_bundle(config: Config, workdir: Path, steps: int) -> Path:
     held-out set, no adapter (the runs train one) and ``base_model`` set to the base being
     measured."""
     import hyperlex.personas
-    from hyperlex.models import resolve_base
-    from hyperlex.train import load_config
+    from hyperlex.engines.models import resolve_base
+    from hyperlex.training.train import load_config
 
     source = Path(hyperlex.personas.__file__).parent / TRAINER
     target = workdir / "train-bench"

@@ -14,17 +14,17 @@ from hyperlex.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Persona": "hyperlex.persona",
-    "Contract": "hyperlex.persona",
-    "BundleError": "hyperlex.persona",
-    "Scene": "hyperlex.scene",
-    "Hyperlexeme": "hyperlex.scene",
-    "Link": "hyperlex.scene",
-    "Field": "hyperlex.scene",
-    "Delta": "hyperlex.scene",
-    "RouteDecision": "hyperlex.router",
-    "AutoRoute": "hyperlex.router",
-    "Turn": "hyperlex.controller",
+    "Persona": "hyperlex.persona.bundle",
+    "Contract": "hyperlex.persona.bundle",
+    "BundleError": "hyperlex.persona.bundle",
+    "Scene": "hyperlex.scene.model",
+    "Hyperlexeme": "hyperlex.scene.model",
+    "Link": "hyperlex.scene.model",
+    "Field": "hyperlex.scene.model",
+    "Delta": "hyperlex.scene.model",
+    "RouteDecision": "hyperlex.agent.router",
+    "AutoRoute": "hyperlex.agent.router",
+    "Turn": "hyperlex.agent.controller",
     "GenerationParams": "hyperlex.generation",
     "HyperlexError": "hyperlex.errors",
 }
@@ -32,12 +32,12 @@ _LAZY = {
 __all__ = ["__version__", "hookimpl", *_LAZY]
 
 if TYPE_CHECKING:
-    from hyperlex.controller import Turn  # noqa: F401
+    from hyperlex.agent.controller import Turn  # noqa: F401
+    from hyperlex.agent.router import AutoRoute, RouteDecision  # noqa: F401
     from hyperlex.errors import HyperlexError  # noqa: F401
     from hyperlex.generation import GenerationParams  # noqa: F401
-    from hyperlex.persona import BundleError, Contract, Persona  # noqa: F401
-    from hyperlex.router import AutoRoute, RouteDecision  # noqa: F401
-    from hyperlex.scene import Delta, Field, Hyperlexeme, Link, Scene  # noqa: F401
+    from hyperlex.persona.bundle import BundleError, Contract, Persona  # noqa: F401
+    from hyperlex.scene.model import Delta, Field, Hyperlexeme, Link, Scene  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

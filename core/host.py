@@ -20,7 +20,7 @@ import pluggy
 
 from hyperlex import hookspecs
 from hyperlex.errors import UnknownPersona
-from hyperlex.persona import BundleError, Persona
+from hyperlex.persona.bundle import BundleError, Persona
 
 ENTRY_POINT_GROUP = "hyperlex"
 LOAD_ENV = "HYPERLEX_LOAD_PLUGINS"

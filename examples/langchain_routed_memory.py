@@ -14,7 +14,7 @@ import uuid
 
 from langchain_core.prompts import ChatPromptTemplate
 
-from hyperlex.langchain import HyperlexAgent
+from hyperlex.integrations.langchain.chat import HyperlexAgent
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 Run with `.venv/bin/python examples/python_api.py`.
 """
 
-from hyperlex.controller import Controller
-from hyperlex.engine_torch import TorchEngine
+from hyperlex.agent.controller import Controller
+from hyperlex.engines.torch.engine import TorchEngine
 from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
 

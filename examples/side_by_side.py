@@ -7,7 +7,7 @@ Usage: .venv/bin/python examples/side_by_side.py [--persona NAME] "prompt" ["pro
 import argparse
 import textwrap
 
-from hyperlex.engine_torch import TorchEngine
+from hyperlex.engines.torch.engine import TorchEngine
 from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
 

@@ -1,13 +1,13 @@
 """Registers the built-in scene encoders, like any other plugin would.
 
-``default`` is :class:`hyperlex.encoders.DefaultEncoder` (spaCy). Registering it is cheap:
+``default`` is :class:`hyperlex.scene.encoders.DefaultEncoder` (spaCy). Registering it is cheap:
 its language pipeline is loaded on the first call, not here.
 """
 
 from __future__ import annotations
 
 from hyperlex import hookimpl
-from hyperlex.encoders import DefaultEncoder
+from hyperlex.scene.encoders import DefaultEncoder
 
 
 @hookimpl

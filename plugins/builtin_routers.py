@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hyperlex import hookimpl
-from hyperlex.router import EmbeddingRouter
+from hyperlex.agent.router import EmbeddingRouter
 
 
 @hookimpl

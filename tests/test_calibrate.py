@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from hyperlex.calibrate import (
+from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.eval.calibrate import (
     ScalePoint,
     calibrate,
     check_writable,
@@ -19,10 +20,9 @@ from hyperlex.calibrate import (
     recommend,
     write_scale,
 )
-from hyperlex.data import Example
-from hyperlex.errors import HyperlexError, UnknownPersona
-from hyperlex.evaluate import evaluation_params, persona_messages
-from hyperlex.persona import BundleError, Persona
+from hyperlex.eval.fidelity import evaluation_params, persona_messages
+from hyperlex.persona.bundle import BundleError, Persona
+from hyperlex.training.data import Example
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
@@ -68,7 +68,7 @@ def halved(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, tiny_bundles: dict[str, Path],
            tmp_path_factory: pytest.TempPathFactory):
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     root = tmp_path_factory.mktemp("cast")
     gloom = write_bundle(root, "gloom", adapter_seed=7, tiny_base=tiny_base,
@@ -112,7 +112,7 @@ def test_the_bundle_scale_is_applied_at_load_like_peft_scaling(
         tiny_base: Path, halved: Path, tiny_bundles: dict[str, Path]) -> None:
     import torch
 
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     persona = Persona.from_dir(halved)
     assert persona.scale == 0.5
@@ -307,7 +307,7 @@ def test_write_scale_refuses_object_bundles_and_read_only_files(
     with pytest.raises(HyperlexError, match="'stoic' is not a directory bundle"):
         check_writable(Persona.from_mapping(minimal()))
     bundle = write_bundle(tmp_path, "stoic", adapter_seed=None)
-    monkeypatch.setattr("hyperlex.calibrate.os.access", lambda path, mode: False)
+    monkeypatch.setattr("hyperlex.eval.calibrate.os.access", lambda path, mode: False)
     with pytest.raises(HyperlexError, match=r"persona.yaml: not writable; add the line"):
         write_scale(Persona.from_dir(bundle), 0.5)
 
@@ -319,9 +319,9 @@ def calibrate_cli(plugin_site: Path, tiny_base: Path, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch):
     """``agent eval calibrate`` over two fresh tiny bundles with data, the fake embeddings in
     place of MiniLM; returns a runner function and the bundles."""
-    from hyperlex import embeddings
+    import hyperlex.engines.embeddings as embeddings
     from hyperlex.cli import cli, eval_group
-    from hyperlex.cli_calibrate import calibrate as command
+    from hyperlex.cli.calibrate import calibrate as command
 
     bundles = {}
     for name, seed in (("alpha", 1), ("beta", 2)):
@@ -378,7 +378,7 @@ def test_calibrate_command_json_and_refusals(calibrate_cli) -> None:
 @pytest.mark.real_model
 def test_calibrating_the_philosopher_on_the_real_model(monkeypatch: pytest.MonkeyPatch) -> None:
     from hyperlex.cli import cli, eval_group
-    from hyperlex.cli_calibrate import calibrate as command
+    from hyperlex.cli.calibrate import calibrate as command
     from hyperlex.host import Host
 
     monkeypatch.setitem(eval_group.commands, "calibrate", command)  # as hyperlex.cli does

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from hyperlex import hookimpl
-from hyperlex.chat import ChatLoop
-from hyperlex.controller import Controller
+from hyperlex.agent.controller import Controller
+from hyperlex.cli.repl import ChatLoop
 from hyperlex.host import Host
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engine_torch import TorchEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
 
     return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
 
@@ -87,7 +87,7 @@ def test_long_history_is_trimmed_to_fit_the_context(engine) -> None:
 
 def test_ctrl_c_during_a_reply_cancels_it_and_the_chat_goes_on(engine, monkeypatch,
                                                                 capsys) -> None:
-    import hyperlex.chat as chat_module
+    import hyperlex.cli.repl as chat_module
 
     controller = make_controller(engine, persona="alpha", max_new_tokens=40)
     real_echo = chat_module.click.echo
@@ -119,7 +119,7 @@ class WordEncoder:
     def encode(text: str):
         import re
 
-        from hyperlex.scene import Delta, Hyperlexeme, Link
+        from hyperlex.scene.model import Delta, Hyperlexeme, Link
 
         words = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]{5,}", text)))
         ids = {w: f"h{i}" for i, w in enumerate(words)}
@@ -169,7 +169,7 @@ def test_a_failing_encoder_is_reported_and_the_turn_goes_on(engine) -> None:
 
 
 def test_turns_scene_and_routing_are_stored_and_a_session_resumes(engine, tmp_path) -> None:
-    from hyperlex.store import Store
+    from hyperlex.agent.store import Store
 
     store = Store(tmp_path / "hyperlex.db")
     controller = make_controller(engine, WordEncoder(), store=store, session="walk")
@@ -191,7 +191,7 @@ def test_turns_scene_and_routing_are_stored_and_a_session_resumes(engine, tmp_pa
 
 
 def test_pinned_persona_and_mood_are_part_of_the_session(engine, tmp_path) -> None:
-    from hyperlex.store import Store
+    from hyperlex.agent.store import Store
 
     controller = make_controller(engine, store=Store(tmp_path / "db"), session="s")
     controller.pin("alpha")

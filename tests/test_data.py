@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from hyperlex.cli import cli
-from hyperlex.data import DataError, read_dataset
-from hyperlex.synth import EMOTIONS, RHYTHMS, TEMPLATES, synth_records
+from hyperlex.training.data import DataError, read_dataset
+from hyperlex.training.synth import EMOTIONS, RHYTHMS, TEMPLATES, synth_records
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from hyperlex.cli import cli
-from hyperlex.data import read_dataset
 from hyperlex.generation import GenerationParams
+from hyperlex.training.data import read_dataset
 
 from .conftest import bundles_plugin, install_plugin
 
@@ -124,8 +124,8 @@ def test_distill_with_the_local_base_as_teacher(tmp_path: Path, tiny_base: Path,
 
 def test_generate_batch_matches_one_at_a_time(tiny_base: Path,
                                              tiny_bundles: dict[str, Path]) -> None:
-    from hyperlex.engine_torch import TorchEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
 
     engine = TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()],
                          base=str(tiny_base))

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hyperlex.encoders import DefaultEncoder, affect_lexicon
-from hyperlex.scene import KINDS, Delta
-from hyperlex.scene_eval import TARGETS, load_gold, score_encoder
+from hyperlex.eval.scene import TARGETS, load_gold, score_encoder
+from hyperlex.scene.encoders import DefaultEncoder, affect_lexicon
+from hyperlex.scene.model import KINDS, Delta
 
 GOLD = Path(__file__).parent / "data" / "scene_gold.jsonl"
 NEGATION = re.compile(r"\b(not|never|no|nobody|nothing|none|neither|nor)\b|n't", re.I)
@@ -37,7 +37,8 @@ def hyperlexeme(delta: Delta, label: str):
 
 
 def test_importing_the_encoder_and_its_plugin_does_not_load_spacy() -> None:
-    code = ("import sys, hyperlex.encoders, hyperlex.plugins.builtin_encoders, hyperlex.cli_scene;"
+    code = ("import sys, hyperlex.scene.encoders, hyperlex.plugins.builtin_encoders, "
+            "hyperlex.cli.scene;"
             "assert 'spacy' not in sys.modules, 'spacy imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -237,7 +238,7 @@ def test_default_encoder_meets_the_targets_on_the_gold_set(encoder: DefaultEncod
 
 
 def test_scorer_on_perfect_and_empty_encoders(tmp_path: Path) -> None:
-    from hyperlex.scene import Hyperlexeme, Link
+    from hyperlex.scene.model import Hyperlexeme, Link
 
     gold = load_gold(GOLD)
     by_text = {item["text"]: item for item in gold}
@@ -280,7 +281,7 @@ def test_bad_gold_lines_are_named(tmp_path: Path) -> None:
 
 
 def test_scene_encode_json_is_the_delta(runner: CliRunner) -> None:
-    from hyperlex.cli_scene import scene
+    from hyperlex.cli.scene import scene
 
     result = runner.invoke(scene, ["encode", "--json", "The cat did not chase the old mouse."])
     assert result.exit_code == 0, result.output
@@ -295,7 +296,7 @@ def test_scene_encode_json_is_the_delta(runner: CliRunner) -> None:
 
 
 def test_scene_encode_reads_stdin_and_prints_a_summary(runner: CliRunner) -> None:
-    from hyperlex.cli_scene import scene
+    from hyperlex.cli.scene import scene
 
     result = runner.invoke(scene, ["encode", "-"], input="No cat chases the mouse.\n")
     assert result.exit_code == 0, result.output
@@ -304,7 +305,7 @@ def test_scene_encode_reads_stdin_and_prints_a_summary(runner: CliRunner) -> Non
 
 
 def test_unknown_encoder_is_a_usage_error_listing_known_ones(runner: CliRunner) -> None:
-    from hyperlex.cli_scene import scene
+    from hyperlex.cli.scene import scene
 
     for args in (["encode", "--encoder", "nope", "text"], ["eval", "--encoder", "nope",
                                                            "--gold", str(GOLD)]):
@@ -315,7 +316,7 @@ def test_unknown_encoder_is_a_usage_error_listing_known_ones(runner: CliRunner) 
 
 
 def test_scene_eval_prints_scores(runner: CliRunner, tmp_path: Path) -> None:
-    from hyperlex.cli_scene import scene
+    from hyperlex.cli.scene import scene
 
     result = runner.invoke(scene, ["eval", "--gold", str(GOLD), "--json"])
     assert result.exit_code == 0, result.output
@@ -334,12 +335,12 @@ def test_loading_the_pipeline_leaves_torch_importable() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from hyperlex.encoders import load_pipeline; load_pipeline();"
+    code = ("import sys; from hyperlex.scene.encoders import load_pipeline; load_pipeline();"
             "assert 'torch' not in sys.modules; import torch; print(torch.tensor([1]).sum())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     # another thread importing torch while the pipeline loads is not affected
-    concurrent = ("import threading; from hyperlex.encoders import load_pipeline;"
+    concurrent = ("import threading; from hyperlex.scene.encoders import load_pipeline;"
                   "t = threading.Thread(target=load_pipeline); t.start();"
                   "import torch; t.join(); print(torch.tensor([2]).sum())")
     done = subprocess.run([sys.executable, "-c", concurrent], capture_output=True, text=True)

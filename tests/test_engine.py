@@ -9,7 +9,7 @@ import pytest
 
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
-from hyperlex.persona import Persona
+from hyperlex.persona.bundle import Persona
 
 from .conftest import write_bundle
 
@@ -20,7 +20,7 @@ MESSAGES = [{"role": "system", "content": "You are a test."},
 
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     personas = [Persona.from_dir(path) for path in tiny_bundles.values()]
     return TorchEngine(personas, base=str(tiny_base), progress=False)
@@ -91,7 +91,7 @@ def test_adapters_attached_in_one_pass_equal_peft_load_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     bundles = [write_bundle(tmp_path, f"p{i}", tiny_base=tiny_base, adapter_seed=i)
                for i in range(3)]
@@ -120,7 +120,7 @@ def test_an_adapter_attached_in_one_pass_on_a_4bit_base_matches_peft(
         tiny_base: Path, tiny_bundles: dict[str, Path]) -> None:
     """On an NF4 base, beta added straight onto alpha's layers answers as beta loaded by
     PEFT itself (alone, through ``PeftModel.from_pretrained``)."""
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     alpha, beta = (Persona.from_dir(tiny_bundles[n]) for n in ("alpha", "beta"))
     both = TorchEngine([alpha, beta], base=str(tiny_base), quantize="nf4", progress=False)
@@ -192,7 +192,7 @@ def test_unknown_persona_is_a_clear_error(engine) -> None:
 
 def test_adapter_for_another_base_is_skipped_with_a_reason(tiny_base: Path, tmp_path: Path,
                                                            tiny_bundles: dict[str, Path]) -> None:
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     from .conftest import write_bundle
 
@@ -210,7 +210,7 @@ def test_bfloat16_base_runs_the_same_personas(tiny_base: Path,
                                              tiny_bundles: dict[str, Path]) -> None:
     import torch
 
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     engine = TorchEngine([Persona.from_dir(tiny_bundles["alpha"])], base=str(tiny_base),
                          dtype="bfloat16")
@@ -225,7 +225,7 @@ def test_bfloat16_adapter_stays_bfloat16_resident_and_agrees_with_float32(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     half = Path(shutil.copytree(tiny_bundles["alpha"], tmp_path / "halved"))
     text = (half / "persona.yaml").read_text().replace("name: alpha", "name: halved")
@@ -251,7 +251,7 @@ def test_persona_named_like_a_torch_method_is_skipped_with_a_reason(
         tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     clash = Path(shutil.copytree(tiny_bundles["alpha"], tmp_path / "train"))
     (clash / "persona.yaml").write_text(
@@ -264,7 +264,7 @@ def test_persona_named_like_a_torch_method_is_skipped_with_a_reason(
 
 @pytest.fixture(scope="module")
 def mood_engine(tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path_factory):
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     gloom = write_bundle(tmp_path_factory.mktemp("moods"), "gloom", adapter_seed=7,
                          tiny_base=tiny_base, extra_yaml="kind: mood\n")
@@ -316,7 +316,7 @@ def test_merged_persona_gives_the_unmerged_logits_and_switching_restores_the_bas
         tiny_base: Path, tiny_bundles: dict[str, Path], engine) -> None:
     import torch
 
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     personas = [Persona.from_dir(path) for path in tiny_bundles.values()]
     merged = TorchEngine(personas, base=str(tiny_base), progress=False, merge=True)
@@ -341,7 +341,7 @@ def test_merged_persona_gives_the_unmerged_logits_and_switching_restores_the_bas
 
 
 def test_merging_refuses_a_base_that_cannot_hold_merged_weights(tiny_base: Path) -> None:
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     with pytest.raises(HyperlexError, match="float32 base"):
         TorchEngine([], base=str(tiny_base), dtype="bfloat16", merge=True, progress=False)

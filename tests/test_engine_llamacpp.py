@@ -12,7 +12,7 @@ import pytest
 
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
-from hyperlex.persona import Persona
+from hyperlex.persona.bundle import Persona
 
 from .conftest import write_bundle
 
@@ -32,13 +32,13 @@ def bundles(tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path_factory) ->
 
 @pytest.fixture(scope="module")
 def torch_engine(tiny_base: Path, bundles: list[Persona]):
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     return TorchEngine(bundles, base=str(tiny_base), progress=False)
 
 
 def llama_engine(tiny_base: Path, bundles: list[Persona], **kwargs):
-    from hyperlex.engine_llamacpp import LlamaCppEngine
+    from hyperlex.engines.llamacpp.engine import LlamaCppEngine
 
     return LlamaCppEngine(bundles, base=str(tiny_base), exact=True, threads=1, n_ctx=512,
                           progress=False, **kwargs)
@@ -151,7 +151,7 @@ def test_concurrent_turns_on_two_contexts_never_mix_personas(tiny_base: Path, bu
 def test_unknown_persona_and_missing_library_are_clear_errors(engine, monkeypatch) -> None:
     with pytest.raises(UnknownPersona, match="unknown persona 'gamma'"):
         engine.stream(MESSAGES, "gamma")
-    from hyperlex import engine_llamacpp
+    import hyperlex.engines.llamacpp.engine as engine_llamacpp
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(HyperlexError, match=r"pip install 'hyperlex\[llamacpp\]'"):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hyperlex.data import Example
-from hyperlex.embeddings import minilm_embedder
-from hyperlex.evaluate import PersonaClassifier, fidelity, gain_recovery, macro_f1
+from hyperlex.engines.embeddings import minilm_embedder
+from hyperlex.eval.fidelity import PersonaClassifier, fidelity, gain_recovery, macro_f1
 from hyperlex.generation import GenerationParams
-from hyperlex.persona import Persona
+from hyperlex.persona.bundle import Persona
+from hyperlex.training.data import Example
 
 REFERENCES = {
     "alpha": ["The sea is wide and blue and the waves sing.",
@@ -45,7 +45,7 @@ def test_classifier_identifies_personas_from_minilm_embeddings(embed) -> None:
 
 def test_fidelity_report_covers_every_condition(embed, tiny_base: Path,
                                                 tiny_bundles: dict[str, Path]) -> None:
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     personas = {n: Persona.from_dir(p) for n, p in tiny_bundles.items()}
     engine = TorchEngine(list(personas.values()), base=str(tiny_base))

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hyperlex.cli_export import export
+from hyperlex.cli.export import export
+from hyperlex.engines.models import EMBEDDED_HUB_ID, EMBEDDED_NAME
 from hyperlex.errors import HyperlexError
-from hyperlex.export_vllm import MANIFEST, MOOD_REASON, export_vllm, lora_rank_flag
-from hyperlex.models import EMBEDDED_HUB_ID, EMBEDDED_NAME
-from hyperlex.persona import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Persona
+from hyperlex.persona.bundle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Persona
+from hyperlex.serve.vllm import MANIFEST, MOOD_REASON, export_vllm, lora_rank_flag
 
 from .conftest import write_bundle
 
@@ -116,10 +116,10 @@ def test_with_base_writes_a_loadable_base_and_uses_its_path(tmp_path: Path, tiny
 
 def test_with_base_copies_the_embedded_base(runner: CliRunner, tmp_path: Path, tiny_base: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import hyperlex.export_vllm
+    import hyperlex.serve.vllm
 
     # stands in for the converted embedded model (converting it takes a while)
-    monkeypatch.setattr(hyperlex.export_vllm, "ensure_embedded", lambda: tiny_base)
+    monkeypatch.setattr(hyperlex.serve.vllm, "ensure_embedded", lambda: tiny_base)
     out = tmp_path / "out"
     result = runner.invoke(export, ["vllm", str(out), "-p", "poet", "--with-base"])
     assert result.exit_code == 0, result.output

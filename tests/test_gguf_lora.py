@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from hyperlex import gguf_base, gguf_lora
+from hyperlex.engines.llamacpp import gguf_base, gguf_lora
+from hyperlex.engines.llamacpp.gguf_base import write_base_gguf
+from hyperlex.engines.llamacpp.gguf_lora import cached_gguf_adapter, convert_adapter, permute_qk
 from hyperlex.errors import HyperlexError
-from hyperlex.gguf_base import write_base_gguf
-from hyperlex.gguf_lora import cached_gguf_adapter, convert_adapter, permute_qk
 
 from .conftest import write_adapter
 
@@ -275,7 +275,7 @@ def test_the_base_is_described_by_its_config_directory_or_gguf(tiny_base: Path,
 
 
 def test_base_ggufs_for_local_bases_are_written_once(tiny_base: Path, tmp_path: Path) -> None:
-    from hyperlex.models import resolve_base
+    from hyperlex.engines.models import resolve_base
 
     base = resolve_base(str(tiny_base))
     exact = gguf_base.base_gguf(base, exact=True, progress=False)
@@ -443,8 +443,8 @@ def test_shipped_philosopher_agrees_with_peft_in_llama_cpp(tmp_path: Path) -> No
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hyperlex.gguf_base import base_gguf
-    from hyperlex.models import embedded_gguf, ensure_embedded, resolve_base
+    from hyperlex.engines.llamacpp.gguf_base import base_gguf
+    from hyperlex.engines.models import embedded_gguf, ensure_embedded, resolve_base
 
     base_dir = ensure_embedded(progress=False)
     adapter_dir = Path(__file__).parents[1] / "personas" / "philosopher" / "adapter"

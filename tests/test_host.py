@@ -8,7 +8,7 @@ import pytest
 
 from hyperlex import hookimpl
 from hyperlex.host import Host
-from hyperlex.scene import Scene
+from hyperlex.scene.model import Scene
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 

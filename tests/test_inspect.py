@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hyperlex.cli_inspect import inspect as inspect_command
+from hyperlex.cli.inspect import inspect as inspect_command
 from hyperlex.errors import HyperlexError, UnknownPersona
-from hyperlex.inspect import compare, inspect_persona, plot_compare, plot_heatmap
-from hyperlex.persona import Persona
+from hyperlex.eval.activations import compare, inspect_persona, plot_compare, plot_heatmap
+from hyperlex.persona.bundle import Persona
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
@@ -35,7 +35,7 @@ def mood_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Pa
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, tiny_bundles: dict[str, Path], plain_bundle: Path,
            mood_bundle: Path):
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     bundles = [*tiny_bundles.values(), plain_bundle, mood_bundle]
     return TorchEngine([Persona.from_dir(b) for b in bundles], base=str(tiny_base),
@@ -247,7 +247,7 @@ def test_runs_as_an_agent_subcommand(tiny_plugin, tiny_base: Path,
 
 
 def test_importing_the_command_first_needs_neither_the_cli_nor_torch() -> None:
-    code = ("import sys, hyperlex.cli_inspect; "
+    code = ("import sys, hyperlex.cli.inspect; "
             "assert 'hyperlex.cli' not in sys.modules and 'torch' not in sys.modules; "
             "import hyperlex.cli")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -270,7 +270,7 @@ def test_the_philosopher_acts_on_the_real_model(
         tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path_factory.mktemp("real-home")
     monkeypatch.setenv("HYPERLEX_HOME", str(home))
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
     from hyperlex.host import Host
 
     engine = TorchEngine([Host().persona("philosopher")], progress=False)

@@ -19,13 +19,13 @@ from langchain_core.runnables import ConfigurableField
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-import hyperlex.langchain as hl
+import hyperlex.integrations.langchain.chat as hl
 from hyperlex import hookimpl
+from hyperlex.agent.store import Store, check_name
 from hyperlex.errors import HyperlexError
 from hyperlex.host import Host
-from hyperlex.langchain import ChatPersona, HyperlexAgent, PersonaNotAvailable
-from hyperlex.persona import Persona
-from hyperlex.store import Store, check_name
+from hyperlex.integrations.langchain.chat import ChatPersona, HyperlexAgent, PersonaNotAvailable
+from hyperlex.persona.bundle import Persona
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path_factory):
     """The tiny base with personas alpha and beta and the mood gloom."""
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     gloom = write_bundle(tmp_path_factory.mktemp("moods"), "gloom", adapter_seed=7,
                          tiny_base=tiny_base, extra_yaml="kind: mood\n")
@@ -162,7 +162,7 @@ class Spy:
 
 def test_importing_the_integration_loads_neither_torch_nor_weights() -> None:
     code = ("import sys, hyperlex; assert 'langchain_core' not in sys.modules; "
-            "from hyperlex.langchain import ChatPersona, HyperlexAgent; "
+            "from hyperlex.integrations.langchain.chat import ChatPersona, HyperlexAgent; "
             "m = ChatPersona(persona='poet', temperature=0); HyperlexAgent(); "
             "m._identifying_params; m._get_ls_params(); "
             "assert 'torch' not in sys.modules, 'torch imported'")

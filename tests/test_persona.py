@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperlex.persona import BundleError, Persona
-from hyperlex.scene import Hyperlexeme, Scene
+from hyperlex.persona.bundle import BundleError, Persona
+from hyperlex.scene.model import Hyperlexeme, Scene
 
 from .conftest import write_bundle
 
@@ -53,7 +53,7 @@ def test_contract_renders_slots_and_style(bundle: Path) -> None:
 
 
 def test_the_scene_in_the_system_message_fits_the_contract_budget(bundle: Path) -> None:
-    from hyperlex.scene import Delta
+    from hyperlex.scene.model import Delta
 
     rewrite(bundle, "  style: [Be brief]", "  style: [Be brief]\n  scene_view: all\n"
                                            "  scene_budget: 12")

@@ -29,14 +29,14 @@ def use_real_home(real_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def engine(real_home: Path):
     os.environ["HYPERLEX_HOME"] = str(real_home)
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
     from hyperlex.host import Host
 
     return TorchEngine(list(Host().personas.values()))
 
 
 def test_embedded_model_is_converted_once_then_loaded_from_the_cache(engine, real_home: Path):
-    from hyperlex.models import ensure_embedded
+    from hyperlex.engines.models import ensure_embedded
 
     cached = real_home / "models" / "smollm2-135m-instruct"
     weights = cached / "model.safetensors"
@@ -94,7 +94,7 @@ def test_agent_chat_one_shot_on_the_real_model(real_home: Path) -> None:
 
 
 def test_nf4_base_with_the_philosopher_adapter_generates(real_home: Path) -> None:
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
     from hyperlex.generation import GenerationParams
     from hyperlex.host import Host
 
@@ -187,7 +187,7 @@ def test_every_shipped_persona_answers_through_llama_cpp_as_through_torch(engine
     """The llama.cpp engine on an F32 GGUF of the same weights gives each persona's greedy
     reply token for token (the tiny-model tests check the mechanics)."""
     pytest.importorskip("llama_cpp")
-    from hyperlex.engine_llamacpp import LlamaCppEngine
+    from hyperlex.engines.llamacpp.engine import LlamaCppEngine
     from hyperlex.generation import GenerationParams
 
     fast = LlamaCppEngine([*engine.personas.values(), *engine.moods.values()], exact=True,

@@ -1,4 +1,4 @@
-"""Evaluation reports and CI thresholds (``hyperlex.report``), on hand-made reports."""
+"""Evaluation reports and CI thresholds (``hyperlex.eval.report``), on hand-made reports."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hyperlex.errors import HyperlexError
-from hyperlex.evaluate import FidelityReport
-from hyperlex.mood_eval import MoodReport
-from hyperlex.report import (
+from hyperlex.eval.fidelity import FidelityReport
+from hyperlex.eval.mood import MoodReport
+from hyperlex.eval.report import (
     GATE_EXIT,
     GATED_METRICS,
     check,
@@ -23,8 +23,8 @@ from hyperlex.report import (
     routing_section,
     write_report,
 )
-from hyperlex.roundtrip import METRICS, RoundtripReport
-from hyperlex.route_eval import RoutingReport
+from hyperlex.eval.roundtrip import METRICS, RoundtripReport
+from hyperlex.eval.routing import RoutingReport
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -171,7 +171,7 @@ def test_report_writes_markdown_json_and_charts(tmp_path: Path) -> None:
 
 
 def test_report_module_and_eval_help_stay_light() -> None:
-    code = ("import sys; import hyperlex.report, hyperlex.roundtrip\n"
+    code = ("import sys; import hyperlex.eval.report, hyperlex.eval.roundtrip\n"
             "from hyperlex.cli import main; sys.argv = ['agent', 'eval', 'all', '--help']\n"
             "try: main()\nexcept SystemExit: pass\n"
             "heavy = [m for m in ('torch', 'matplotlib', 'spacy', 'transformers') "

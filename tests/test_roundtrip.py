@@ -13,10 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from hyperlex.cli import cli
-from hyperlex.engine import Completion
+from hyperlex.engines.base import Completion
 from hyperlex.errors import HyperlexError
-from hyperlex.persona import Persona
-from hyperlex.roundtrip import (
+from hyperlex.eval.roundtrip import (
     INSTRUCTION,
     METRICS,
     EvalScene,
@@ -29,7 +28,8 @@ from hyperlex.roundtrip import (
     shipped_scenes,
     speaking_messages,
 )
-from hyperlex.scene import Field, Hyperlexeme, Link, Scene, slugify
+from hyperlex.persona.bundle import Persona
+from hyperlex.scene.model import Field, Hyperlexeme, Link, Scene, slugify
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
@@ -157,7 +157,7 @@ def test_aggregate_micro_averages_over_scenes() -> None:
 
 @pytest.fixture(scope="module")
 def encoder():
-    from hyperlex.encoders import DefaultEncoder
+    from hyperlex.scene.encoders import DefaultEncoder
 
     return DefaultEncoder()
 
@@ -220,7 +220,7 @@ def scene_line(**changes) -> str:
      "polarity must be 1 or -1"),
     (scene_line(hyperlexemes=[{"id": "a", "label": "Cat"}, {"id": "b", "label": "cat "}]),
      "same label 'cat'"),
-    (scene_line(id="cat-mat"), "scene id 'cat-mat' is already used at hyperlex/eval_data/"),
+    (scene_line(id="cat-mat"), "scene id 'cat-mat' is already used at hyperlex/eval/data/"),
 ])
 def test_a_bad_scene_file_names_the_file_and_line(tmp_path: Path, line: str,
                                                    message: str) -> None:
@@ -447,7 +447,7 @@ def test_eval_all_writes_one_report_for_three_evaluations(
     assert "routing.explicit: 1 < 1.01" in result.stderr
     document = json.loads((out / "report.json").read_text())
     assert list(document["sections"]) == ["fidelity", "routing", "roundtrip"]
-    assert document["sections"]["routing"]["cases"].endswith("eval_data/routing.jsonl")
+    assert document["sections"]["routing"]["cases"].endswith("eval/data/routing.jsonl")
     assert document["sections"]["roundtrip"]["personas"] == ["delta", "gamma"]
     assert len(document["sections"]["roundtrip"]["scenes"]) == 1
     assert math.isclose(document["sections"]["routing"]["accuracy"]["explicit"], 1.0)

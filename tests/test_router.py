@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from hyperlex import hookimpl
+from hyperlex.agent.router import EmbeddingRouter, TurnRouter, requested_persona
+from hyperlex.eval.routing import TARGETS, evaluate_routing, load_cases
 from hyperlex.host import Host
-from hyperlex.persona import Persona
-from hyperlex.route_eval import TARGETS, evaluate_routing, load_cases
-from hyperlex.router import EmbeddingRouter, TurnRouter, requested_persona
+from hyperlex.persona.bundle import Persona
 
 ROUTING_SET = Path(__file__).parent / "data" / "routing.jsonl"
 CAST = ["dreamer", "interface", "logician", "philosopher", "poet", "scientist"]
@@ -96,7 +96,7 @@ def test_a_wide_margin_makes_the_router_stickier():
 
 
 def test_the_scene_focus_tilts_an_ambiguous_message():
-    from hyperlex.scene import Delta, Hyperlexeme, Scene
+    from hyperlex.scene.model import Delta, Hyperlexeme, Scene
 
     scene = Scene().apply(Delta([Hyperlexeme("h1", "energy"), Hyperlexeme("h2", "atom")]))
     router = EmbeddingRouter(bag_of_words, focus_weight=0.5)

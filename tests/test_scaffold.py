@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from hyperlex.cli import cli
-from hyperlex.persona import Persona
+from hyperlex.persona.bundle import Persona
 
 
 def pip_install(package: Path, target: Path) -> None:

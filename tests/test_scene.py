@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from hyperlex.scene import (
+from hyperlex.scene.model import (
     LINK_WEIGHT_CAP,
     SALIENCE_CAP,
     Delta,

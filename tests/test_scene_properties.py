@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperlex.scene import (
+from hyperlex.scene.model import (
     DIFF_TOLERANCE,
     KINDS,
     SALIENCE_CAP,

@@ -12,10 +12,10 @@ from typing import Any
 import openai
 import pytest
 
-from hyperlex.controller import Controller
+from hyperlex.agent.controller import Controller
+from hyperlex.agent.store import Store
 from hyperlex.host import Host
-from hyperlex.server import PersonaService, Server
-from hyperlex.store import Store
+from hyperlex.serve.server import PersonaService, Server
 
 from .conftest import write_bundle
 
@@ -24,8 +24,8 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engine_torch import TorchEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
 
     return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
 
@@ -252,8 +252,8 @@ def test_the_user_field_is_a_conversation_id(client, server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def remote(server: Server, tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engine_openai import OpenAIEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.openai import OpenAIEngine
+    from hyperlex.persona.bundle import Persona
 
     return OpenAIEngine([Persona.from_dir(p) for p in tiny_bundles.values()], server.url,
                         base=str(tiny_base))
@@ -283,9 +283,9 @@ def test_a_controller_on_the_backend_keeps_scene_and_history_locally(remote, hos
 
 def test_the_backend_names_what_the_server_lacks(server: Server, tiny_base, tiny_bundles,
                                                  tmp_path: Path) -> None:
-    from hyperlex.engine_openai import OpenAIEngine
+    from hyperlex.engines.openai import OpenAIEngine
     from hyperlex.errors import HyperlexError
-    from hyperlex.persona import Persona
+    from hyperlex.persona.bundle import Persona
 
     extra = Persona.from_dir(write_bundle(tmp_path, "gamma", adapter_seed=3,
                                           tiny_base=tiny_base))
@@ -338,8 +338,8 @@ def test_a_prompt_longer_than_the_context_is_a_400_and_changes_nothing(client,
 
 def test_a_mood_can_be_asked_for_per_request(client, host, engine, tmp_path_factory,
                                              tiny_base: Path, tiny_bundles) -> None:
-    from hyperlex.engine_torch import TorchEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
 
     root = tmp_path_factory.mktemp("moods")
     gloomy = write_bundle(root, "gloomy", adapter_seed=5, tiny_base=tiny_base,
@@ -380,8 +380,8 @@ def test_other_methods_and_string_numbers_get_error_bodies(server: Server, clien
 
 def test_a_persona_that_could_not_be_loaded_says_why(host, tiny_base: Path, tiny_bundles,
                                                      tmp_path: Path) -> None:
-    from hyperlex.engine_torch import TorchEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
 
     stranger = Persona.from_dir(write_bundle(tmp_path, "stranger", adapter_seed=6,
                                              tiny_base=tiny_base, base_model="another-base"))

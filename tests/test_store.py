@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hyperlex import store as store_module
-from hyperlex.cli_sessions import sessions
+import hyperlex.agent.store as store_module
+from hyperlex.agent.store import SCHEMA_VERSION, Store
+from hyperlex.cli.sessions import sessions
 from hyperlex.errors import HyperlexError
-from hyperlex.store import SCHEMA_VERSION, Store
 
 
 def make_turn(index: int, persona: str = "poet", user: str = "hello", **extra) -> dict:
@@ -234,7 +234,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from hyperlex.store import Store
+    from hyperlex.agent.store import Store
 
     db, worker, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     store = Store(db)
@@ -311,7 +311,7 @@ def test_writer_waits_for_another_connection(db: Path):
 CRASHER = textwrap.dedent(
     """
     import sys, time
-    from hyperlex.store import Store
+    from hyperlex.agent.store import Store
 
     store = Store(sys.argv[1])
     store.open_session("crash")

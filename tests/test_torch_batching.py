@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperlex import torch_batching
+import hyperlex.engines.torch.batching as torch_batching
 from hyperlex.generation import GenerationParams
 
 GREEDY = GenerationParams(temperature=0, max_new_tokens=8)
@@ -19,8 +19,8 @@ QUESTION = [{"role": "user", "content": "What is time?"}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engine_torch import TorchEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
 
     return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
 
@@ -143,8 +143,8 @@ def test_turns_with_a_seed_or_a_mood_or_other_settings_run_alone(engine, batches
 
 
 def test_max_batch_one_runs_every_turn_alone(tiny_base: Path, tiny_bundles, batches) -> None:
-    from hyperlex.engine_torch import TorchEngine
-    from hyperlex.persona import Persona
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
 
     single = TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()],
                          base=str(tiny_base), max_batch=1)

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from hyperlex.cli import cli
 from hyperlex.errors import HyperlexError
-from hyperlex.persona import Persona
-from hyperlex.train import TrainConfig, TrainingInterrupted, load_config, train
+from hyperlex.persona.bundle import Persona
+from hyperlex.training.train import TrainConfig, TrainingInterrupted, load_config, train
 
 from .conftest import write_bundle
 
@@ -38,7 +38,7 @@ def bundle(tmp_path: Path, tiny_base: Path) -> Path:
 
 def test_training_lowers_the_loss_and_writes_an_adapter_that_loads(bundle: Path,
                                                                    tiny_base: Path) -> None:
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     card = train(bundle, FAST, base=str(tiny_base), progress=False)
     assert card["final_loss"] < card["first_loss"]

@@ -3,7 +3,7 @@ entry point, and the persona answers on the base model."""
 
 from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
-from hyperlex.persona import Persona
+from hyperlex.persona.bundle import Persona
 
 from hyperlex_persona_stoic import BUNDLE
 
@@ -21,7 +21,7 @@ def test_hyperlex_finds_the_persona_and_its_encoder_through_the_entry_point():
 
 
 def test_the_persona_answers():
-    from hyperlex.engine_torch import TorchEngine
+    from hyperlex.engines.torch.engine import TorchEngine
 
     persona = Persona.from_dir(BUNDLE)
     engine = TorchEngine([persona], progress=False)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from hyperlex.encoders import DefaultEncoder
-from hyperlex.scene import Delta
+from hyperlex.scene.encoders import DefaultEncoder
+from hyperlex.scene.model import Delta
 
 
 def load_control_words() -> dict[str, str]:

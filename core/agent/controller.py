@@ -1,0 +1,347 @@
+"""The meta-controller: decides who speaks each turn, keeps the scene and records the turn.
+
+Routing is :class:`hyperlex.agent.router.TurnRouter`'s (explicit choices, requests in words, the
+``route_turn`` hook, the automatic router). Per turn the user's message is encoded into the
+scene before the persona speaks (so the prompt shows it) and the reply is encoded after; all
+personas read and write that one scene. With a store, each finished turn and the scene it
+left are saved in one transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from hyperlex.agent.router import DEFAULT_ROUTER, RouteDecision, TurnRouter
+from hyperlex.engines.base import Engine, Generation, Message
+from hyperlex.errors import ContextTooLong, HyperlexError, UnknownPersona
+from hyperlex.generation import GenerationParams
+from hyperlex.host import Host
+from hyperlex.scene.model import Scene
+
+if TYPE_CHECKING:
+    from hyperlex.agent.store import Store
+
+
+
+@dataclass
+class Turn:
+    """One finished (or running) exchange: who answered, why, and what it cost."""
+
+    index: int
+    user: str
+    persona: str
+    reason: str
+    reply: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    route: dict[str, Any] = field(default_factory=dict)
+    mood: str | None = None
+    scene_version: int | None = None
+    annotations: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "persona": self.persona,
+            "reason": self.reason,
+            "user": self.user,
+            "reply": self.reply,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            },
+            "seconds": round(self.seconds, 3),
+            "route": self.route,
+            "mood": self.mood,
+            "scene_version": self.scene_version,
+            "annotations": self.annotations,
+        }
+
+
+class Controller:
+    def __init__(
+        self,
+        host: Host,
+        engine: Engine,
+        persona: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        *,
+        router: str | None = DEFAULT_ROUTER,
+        mood: str | None = None,
+        store: Store | None = None,
+        session: str | None = None,
+    ):
+        """``persona`` pins a persona ("auto": route; None: route, or keep the persona a resumed
+        session had pinned). ``router`` names a registered router (None: no automatic
+        routing). With ``store`` and ``session`` the conversation is saved turn by turn and an
+        existing session resumes with its history, scene, pinned persona and mood."""
+        self.host = host
+        self.engine = engine
+        self.overrides = dict(overrides or {})
+        self.scene = Scene()
+        self.history: list[Message] = []
+        self.turns: list[Turn] = []
+        self.first_index = 0  # turns a resumed session already had
+        self.pinned: str | None = None
+        self.current: str | None = None
+        self.mood: tuple[str, float] | None = None
+        self.last_decision: RouteDecision | None = None
+        self.store = store
+        self.session = session
+        self.turn_router = TurnRouter(host, engine.personas, router)
+        if store is not None and session is not None:
+            self._resume(persona, mood)
+        if persona is not None:
+            self.pin(persona)
+        if mood is not None:
+            self.set_mood(mood)
+
+    # state -----------------------------------------------------------------------------------
+
+    @property
+    def personas(self) -> list[str]:
+        return sorted(self.engine.personas)
+
+    @property
+    def mood_label(self) -> str | None:
+        return mood_label(self.mood)
+
+    def _check(self, name: str) -> str:
+        if name in self.engine.personas:
+            return name
+        if name in self.engine.skipped:
+            raise HyperlexError(self.engine.skipped[name])
+        raise UnknownPersona(name, self.personas)
+
+    def pin(self, name: str | None) -> None:
+        """Make ``name`` answer every turn until unpinned (``None``/"auto": route)."""
+        self.pinned = None if name in (None, "auto") else self._check(name)
+        if self.pinned is not None:
+            self.current = self.pinned
+        self._save_session_state()
+
+    def set_mood(self, spec: str | None) -> None:
+        """Compose a mood layer over every persona: ``NAME`` or ``NAME:WEIGHT`` (``None`` or
+        "off": no mood)."""
+        self.mood = parse_mood(self.engine.moods, spec)
+        self._save_session_state()
+
+    def _save_session_state(self) -> None:
+        if self.store is not None and self.session is not None:
+            self.store.update_session(self.session, persona=self.pinned, mood=self.mood_label)
+
+    def _resume(self, persona: str | None, mood: str | None) -> None:
+        assert self.store is not None and self.session is not None
+        record = self.store.open_session(
+            self.session, persona=None if persona == "auto" else persona, mood=mood)
+        for saved in record.turns:
+            self.history += [{"role": "user", "content": saved["user"]},
+                             {"role": "assistant", "content": saved["reply"]}]
+            self.current = saved["persona"] if saved["persona"] in self.engine.personas else None
+        self.first_index = len(record.turns)
+        scene = record.latest_scene()
+        if scene is not None:
+            self.scene = Scene.from_json(scene)
+        if persona is None and record.info.persona in self.engine.personas:
+            self.pinned = self.current = record.info.persona
+        if mood is None and record.info.mood:
+            try:
+                self.set_mood(record.info.mood)
+            except HyperlexError as exc:
+                self.host.report(f"session {self.session!r}: mood not restored: {exc}")
+
+    # routing ---------------------------------------------------------------------------------
+
+    def route(self, message: str, persona: str | None = None) -> RouteDecision:
+        """Choose who answers ``message`` (see :class:`hyperlex.agent.router.TurnRouter`);
+        ``persona`` overrides the pinned persona for this decision ("auto": route)."""
+        pinned = self.pinned if persona is None else (
+            None if persona == "auto" else self._check(persona))
+        return self.turn_router.decide(message, self.scene, self.current, pinned)
+
+    # the scene -------------------------------------------------------------------------------
+
+    def encode(self, text: str, persona: str, turn: int) -> None:
+        """Merge what ``text`` says into the scene with ``persona``'s encoder."""
+        wanted = self.engine.personas[persona].scene_encoder
+        encoders = self.host.scene_encoders
+        encoder = encoders.get(wanted) or encoders.get("default")
+        if encoder is None:
+            return
+        try:
+            self.scene = self.scene.apply(encoder(text), turn=turn)
+        except Exception as exc:  # plugin code: report it and keep the conversation going
+            self.host.report(f"scene encoder {wanted!r} failed: {type(exc).__name__}: {exc}")
+
+    # turns -----------------------------------------------------------------------------------
+
+    def params_for(self, persona: str) -> GenerationParams:
+        return self.engine.personas[persona].contract.params().updated(self.overrides, "-o")
+
+    def system_message(self, persona: str, mood: tuple[str, float] | None = None) -> str:
+        """The persona's contract with the scene; a prompt-only ``mood`` (default: the
+        controller's) adds its own contract text."""
+        bundle = self.engine.personas[persona]
+        text = bundle.system_message(self.scene, self._count_text_tokens)
+        mood = mood or self.mood
+        if mood is not None:
+            layer = self.engine.moods[mood[0]]
+            if layer.adapter_dir is None:  # a prompt-only mood speaks through the prompt
+                text += "\n" + layer.system_message(self.scene, self._count_text_tokens)
+        return text
+
+    def _count_text_tokens(self, text: str) -> int:
+        return max(0, self.engine.count_tokens([{"role": "user", "content": text}]) - 4)
+
+    def _prompt(self, persona: str, message: str, params: GenerationParams,
+                mood: tuple[str, float] | None, instructions: str | None = None
+                ) -> list[Message]:
+        """System message (+ ``instructions``) + as much recent history as fits the context
+        window + the message."""
+        system_text = self.system_message(persona, mood)
+        if instructions:
+            system_text += "\n\n" + instructions
+        system = {"role": "system", "content": system_text}
+        user = {"role": "user", "content": message}
+        history = list(self.history)
+        while True:
+            messages = [system, *history, user]
+            fits = (
+                self.engine.count_tokens(messages) + params.max_new_tokens
+                <= self.engine.context_length
+            )
+            if fits or not history:
+                return messages
+            history = history[2:]
+
+    def prefill(self) -> None:
+        """Let the engine compute the next turn's prompt ahead, as far as it is known: the
+        pinned (or current) persona's system message and the history. A cache-keeping engine
+        (llama.cpp) then decodes only the scene's change and the new message."""
+        persona = self.pinned or self.current
+        if persona is None or persona not in self.engine.personas:
+            return
+        system = {"role": "system", "content": self.system_message(persona)}
+        adapter_mood = self.mood and self.engine.moods[self.mood[0]].adapter_dir is not None
+        self.engine.prefill([system, *self.history], persona,
+                            [self.mood] if adapter_mood and self.mood else [])
+
+    def send(self, message: str, *, persona: str | None = None, mood: str | None = None,
+             options: Mapping[str, Any] | None = None, stop: Sequence[str] = (),
+             instructions: str | None = None) -> TurnStream:
+        """Start a turn. Iterate the result for the streamed reply; the turn is recorded
+        (and ``on_turn`` hooks run) when the reply finishes, unless it was cancelled.
+
+        ``persona`` and ``mood`` override the pinned persona ("auto": route) and the mood
+        for this turn only; they are not saved with the session. ``options`` (generation
+        options over the contract's and the controller's), ``stop`` strings and
+        ``instructions`` (appended to the persona's system message) apply to this turn only:
+        this is how a served request carries its own settings."""
+        turn_mood = self.mood if mood is None else parse_mood(self.engine.moods, mood)
+        decision = self.route(message, persona)
+        self.last_decision = decision
+        persona = decision.persona
+        self.current = persona
+        params = self.params_for(persona).updated(options or {}, "request")
+        index = self.first_index + len(self.turns)
+        turn = Turn(index=index, user=decision.message, persona=persona, reason=decision.reason,
+                    route=decision.as_dict(), mood=mood_label(turn_mood))
+        scene_before = self.scene
+        self.encode(decision.message, persona, index)
+        adapter_mood = turn_mood and self.engine.moods[turn_mood[0]].adapter_dir is not None
+        layers = [turn_mood] if adapter_mood else []
+        messages = self._prompt(persona, decision.message, params, turn_mood, instructions)
+        try:
+            params = fit_reply(self.engine, messages, params)
+        except ContextTooLong:
+            self.scene = scene_before
+            raise
+        generation = self.engine.stream(messages, persona, params, stop, layers)
+        return TurnStream(self, turn, generation, scene_before)
+
+    def _record(self, turn: Turn) -> None:
+        self.encode(turn.reply, turn.persona, turn.index)
+        turn.scene_version = self.scene.version
+        self.history += [
+            {"role": "user", "content": turn.user},
+            {"role": "assistant", "content": turn.reply},
+        ]
+        self.turns.append(turn)
+        self.host.on_turn(turn, self.scene)
+        if self.store is not None and self.session is not None:
+            self.store.record_turn(self.session, turn.as_dict(), self.scene.to_json(),
+                                   self.scene.version)
+
+
+def fit_reply(engine: Engine, messages: Sequence[Message],
+              params: GenerationParams) -> GenerationParams:
+    """``params`` with ``max_new_tokens`` cut to the room the context leaves after the prompt;
+    :class:`ContextTooLong` when the prompt alone fills it."""
+    prompt_tokens = engine.count_tokens(messages)
+    room = engine.context_length - prompt_tokens
+    if room < 1:
+        raise ContextTooLong(prompt_tokens, engine.context_length)
+    return params if params.max_new_tokens <= room else replace(params, max_new_tokens=room)
+
+
+def parse_mood(moods: Mapping[str, Any], spec: str | None) -> tuple[str, float] | None:
+    """``NAME`` or ``NAME:WEIGHT`` (weight in (0, 2], default 1) -> (name, weight); None,
+    "off" or "none" -> None. Unknown moods and bad weights are a :class:`HyperlexError`."""
+    if spec is None or spec in ("off", "none"):
+        return None
+    name, _, weight_text = str(spec).partition(":")
+    if name not in moods:
+        raise UnknownPersona(name, list(moods), kind="mood")
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise HyperlexError(f"mood weight in {spec!r} must be a number") from None
+    if not 0.0 < weight <= 2.0:
+        raise HyperlexError(f"mood weight in {spec!r} must be in (0, 2]")
+    return name, weight
+
+
+def mood_label(mood: tuple[str, float] | None) -> str | None:
+    if mood is None:
+        return None
+    name, weight = mood
+    return name if weight == 1.0 else f"{name}:{weight:g}"
+
+
+class TurnStream:
+    def __init__(self, controller: Controller, turn: Turn, generation: Generation,
+                 scene_before: Scene):
+        self.controller = controller
+        self.turn = turn
+        self.generation = generation
+        self._scene_before = scene_before
+
+    def __iter__(self) -> Iterator[str]:
+        start = time.perf_counter()
+        try:
+            yield from self.generation
+        finally:
+            gen, turn = self.generation, self.turn
+            turn.reply = gen.text.strip()
+            turn.finish_reason = gen.finish_reason
+            turn.prompt_tokens = gen.usage.prompt_tokens
+            turn.completion_tokens = gen.usage.completion_tokens
+            turn.seconds = time.perf_counter() - start
+            if gen.finish_reason in ("stop", "length"):
+                self.controller._record(turn)
+            else:  # cancelled or failed: the turn never happened
+                self.controller.scene = self._scene_before
+
+    def cancel(self) -> None:
+        self.generation.cancel()
+
+    def complete(self) -> Turn:
+        for _ in self:
+            pass
+        return self.turn

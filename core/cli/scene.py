@@ -1,0 +1,144 @@
+"""``agent scene``: run a scene encoder on text, and score encoders against a gold set.
+
+Content goes to stdout; diagnostics to stderr. Encoders come from the plugin host
+(``register_scene_encoders``); the language pipeline of an encoder loads on first use only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hyperlex.errors import HyperlexError
+
+DEFAULT_GOLD = Path("tests") / "data" / "scene_gold.jsonl"
+
+
+def _encoders() -> dict[str, Any]:
+    from hyperlex.cli.common import get_host
+
+    return get_host().scene_encoders
+
+
+def _encoder(name: str) -> Any:
+    encoders = _encoders()
+    if name not in encoders:
+        known = ", ".join(sorted(encoders)) or "none"
+        raise click.UsageError(f"unknown scene encoder {name!r}; installed encoders: {known}")
+    return encoders[name]
+
+
+def _run(encoder: Any, text: str) -> Any:
+    from hyperlex.scene.model import Delta
+
+    try:
+        delta = encoder(text)
+    except HyperlexError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # plugin code: one line, not a traceback
+        raise click.ClickException(
+            f"scene encoder failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(delta, Delta):
+        raise click.ClickException(
+            f"scene encoder returned {type(delta).__name__}, not a hyperlex.scene.model.Delta")
+    return delta
+
+
+def format_delta(delta: Any) -> str:
+    """A readable summary of a delta: hyperlexemes, links ("cat NOT chase mouse"), field."""
+    labels = {h.id: h.label for h in delta.hyperlexemes}
+    lines = ["hyperlexemes:"]
+    for h in delta.hyperlexemes:
+        attrs = ", ".join(f"{k}={v}" for k, v in sorted(h.attrs.items()))
+        lines.append(f"  {h.id} {h.label} ({h.kind}){'  ' + attrs if attrs else ''}")
+    if not delta.hyperlexemes:
+        lines.append("  (none)")
+    lines.append("links:")
+    for link in delta.links:
+        neg = "NOT " if link.polarity < 0 else ""
+        src, dst = labels.get(link.src, link.src), labels.get(link.dst, link.dst)
+        lines.append(f"  {src} {neg}{link.rel} {dst}")
+    if not delta.links:
+        lines.append("  (none)")
+    lines.append(f"field: {delta.field.render() if delta.field is not None else '(none)'}")
+    return "\n".join(lines)
+
+
+@click.group("scene")
+def scene() -> None:
+    """The scene: encode text into scene deltas and evaluate encoders."""
+
+
+@scene.command("encode")
+@click.argument("text")
+@click.option("--encoder", "encoder_name", default="default", show_default=True,
+              help="Name of a registered scene encoder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the delta as JSON (Delta.to_dict).")
+def encode(text: str, encoder_name: str, as_json: bool) -> None:
+    """Encode TEXT (or '-' for standard input) into a scene delta."""
+    encoder = _encoder(encoder_name)
+    if text == "-":
+        text = sys.stdin.read()
+    delta = _run(encoder, text)
+    if as_json:
+        click.echo(json.dumps(delta.to_dict(), ensure_ascii=False))
+    else:
+        click.echo(format_delta(delta))
+
+
+@scene.command("eval")
+@click.option("--gold", "gold", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Gold file (JSON lines). Default: {DEFAULT_GOLD} in the current directory.")
+@click.option("--encoder", "encoder_name", default="default", show_default=True,
+              help="Name of a registered scene encoder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full scores as JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the worst sentences on stderr.")
+@click.option("--worst", default=10, show_default=True, help="How many sentences --verbose shows.")
+def evaluate(gold: Path | None, encoder_name: str, as_json: bool, verbose: bool,
+             worst: int) -> None:
+    """Score an encoder against a gold set: hyperlexeme and link F1, negation polarity."""
+    from hyperlex.eval.scene import score_encoder
+
+    if gold is None:
+        if not DEFAULT_GOLD.is_file():
+            raise click.UsageError(f"no gold file at {DEFAULT_GOLD}; pass --gold FILE")
+        gold = DEFAULT_GOLD
+    if not gold.is_file():
+        raise click.UsageError(f"gold file {str(gold)!r} does not exist")
+    encoder = _encoder(encoder_name)
+    try:
+        report = score_encoder(encoder, gold)
+    except ValueError as exc:
+        raise click.ClickException(f"bad gold file: {exc}") from None
+    except HyperlexError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        h, links, pol = report["hyperlexemes"], report["links"], report["polarity"]
+        click.echo(f"encoder {encoder_name!r} on {report['gold']} ({report['sentences']} "
+                   "sentences)")
+        click.echo(f"hyperlexemes  P {h['precision']:.3f}  R {h['recall']:.3f}  "
+                   f"F1 {h['f1']:.3f}")
+        click.echo(f"links         P {links['precision']:.3f}  R {links['recall']:.3f}  "
+                   f"F1 {links['f1']:.3f}")
+        click.echo(f"polarity      accuracy {pol['accuracy']:.3f} ({pol['correct']}/"
+                   f"{pol['total']} matched links; negated recall {pol['negated_recall']:.3f})")
+        click.echo(f"kinds         accuracy {report['kinds']['accuracy']:.3f}")
+        if report["sentences_per_second"]:
+            click.echo(f"speed         {report['sentences_per_second']:.0f} sentences/s")
+        for metric, met in report["met"].items():
+            click.echo(f"{metric}: {'met' if met else 'NOT met'} "
+                       f"(target {report['targets'][metric]})")
+    if verbose:
+        for entry in report["errors"][:worst]:
+            click.echo(f"- {entry['text']!r}", err=True)
+            for key in ("missing_hyperlexemes", "extra_hyperlexemes", "missing_links",
+                        "extra_links", "wrong_polarity", "wrong_kinds"):
+                if entry[key]:
+                    click.echo(f"    {key}: {json.dumps(entry[key], ensure_ascii=False)}",
+                               err=True)

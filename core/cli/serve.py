@@ -1,0 +1,102 @@
+"""``agent serve``: the personas behind an OpenAI-compatible API (see docs/serving.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import click
+
+from hyperlex.cli.common import engine_options
+from hyperlex.errors import HyperlexError
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback exposes the personas to the network.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0: any free port; the URL is printed).")
+@click.option("--api-key", envvar="HYPERLEX_API_KEY", default=None, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on every request "
+              "[env: HYPERLEX_API_KEY].")
+@click.option("--engine", "--backend", "backend",
+              type=click.Choice(["auto", "torch", "llamacpp"]), default="auto",
+              show_default=True,
+              help="Inference engine; auto: llama.cpp when installed, else transformers + PEFT.")
+@click.option("--parallel", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Turns generated at once: llama.cpp contexts (~115 MB each), or on the "
+              "torch engine the rows of one batch that waiting turns share.")
+@click.option("--router", default="embedding", show_default=True,
+              help="Automatic router for the 'auto' model ('none': keep the current persona).")
+@click.option("--no-store", is_flag=True,
+              help="Do not save conversations (requests with a conversation id are saved as "
+              "sessions of that name by default).")
+@click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
+              help="Default generation option for every request, e.g. -o max_new_tokens 128.")
+@click.option("--quiet", is_flag=True, help="Do not log each request to stderr.")
+@engine_options
+def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int, router: str,
+          no_store: bool, options: tuple[tuple[str, str], ...], quiet: bool, base: str | None,
+          dtype: str, quantize: str | None) -> None:
+    """Serve the personas over an OpenAI-compatible API.
+
+    GET /v1/models lists 'auto' and every persona; POST /v1/chat/completions answers with
+    the persona named by 'model' (or routes, for 'auto'), streaming with "stream": true. Send
+    an X-Conversation-Id header (or the 'user' field) to keep the scene across requests.
+    Ctrl-C stops the server.
+    """
+    from hyperlex.agent.store import Store
+    from hyperlex.cli.common import choose_backend, get_host, open_engine, warm_up_encoders, warn
+    from hyperlex.generation import parse_options
+    from hyperlex.serve.server import PersonaService, Server
+
+    app = get_host()
+    overrides = parse_options(options)
+    for line in app.failures:
+        warn(line)
+    if router != "none" and router not in app.routers:
+        known = ", ".join(sorted(app.routers)) or "none"
+        raise click.BadParameter(f"unknown router {router!r}; registered routers: {known}",
+                                 param_hint="'--router'")
+    if not _loopback(host) and not api_key:
+        warn(f"serving on {host} without --api-key: anyone who can reach this machine can use "
+             "the personas")
+    chosen = choose_backend(backend, dtype, quantize, merge=False)
+    warm_up_encoders(app)
+    engine = open_engine(app, base, dtype, quantize, backend=chosen, parallel=parallel)
+    if not engine.personas:
+        raise HyperlexError("no personas could be loaded (agent personas shows why)")
+    store = None if no_store else Store()
+    service = PersonaService(app, engine, router=None if router == "none" else router,
+                             store=store, overrides=overrides)
+    service.warm_up()
+    try:
+        server = Server(service, host, port, api_key=api_key, log=not quiet)
+    except OSError as exc:
+        raise HyperlexError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    names = ", ".join(service.speakers)
+    click.echo(f"Serving auto and {len(service.speakers)} personas ({names}) on {server.url}"
+               f"{' (API key required)' if api_key else ''}; Ctrl-C stops", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("Stopped.", err=True)
+    finally:
+        server.server_close()
+        _close(engine, store)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _close(engine: Any, store: Any) -> None:
+    if hasattr(engine, "close"):
+        engine.close()
+    if store is not None:
+        store.close()

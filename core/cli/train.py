@@ -1,0 +1,174 @@
+"""``agent train`` and ``agent data``: train a persona's adapter and build its data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hyperlex.cli.common import (
+    emit_json,
+    engine_options,
+    get_host,
+    size_text,
+)
+from hyperlex.errors import HyperlexError
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--r", "r", type=int, help="LoRA rank.")
+@click.option("--alpha", type=int, help="LoRA alpha.")
+@click.option("--dropout", type=float, help="LoRA dropout.")
+@click.option("--target-modules", help="Comma-separated module names, e.g. q_proj,v_proj.")
+@click.option("--lr", "learning_rate", type=float, help="Learning rate.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--max-length", type=int, help="Tokens per exchange (longer ones are cut).")
+@click.option("--seed", type=int)
+@click.option("--save-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Dtype the adapter weights are stored in.")
+@click.option("--data", help="Training set, relative to the bundle.")
+@click.option("--heldout", help="Held-out set, relative to the bundle.")
+@click.option("--qlora/--no-qlora", default=None,
+              help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations during the backward pass: much less memory, about "
+              "a third more time per step (default: from train.yaml).")
+@click.option("--base", default=None, metavar="MODEL", help="Base model (default: embedded).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint Ctrl-C saved.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training card as JSON.")
+def train(bundle: Path, base: str | None, resume: bool, as_json: bool, **options: Any) -> None:
+    """Train the LoRA adapter of the persona bundle BUNDLE.
+
+    Options come from BUNDLE/train.yaml, then these overrides. Ctrl-C saves a checkpoint;
+    --resume continues from it.
+    """
+    from hyperlex.training.train import TrainingInterrupted, load_config
+    from hyperlex.training.train import train as run_training
+
+    config = load_config(bundle, options)
+    click.echo(f"Training {bundle} ({'QLoRA' if config.qlora else 'LoRA'} r={config.r} "
+               f"alpha={config.alpha}, {config.epochs} epochs)", err=True)
+    try:
+        card = run_training(bundle, config, base=base, resume=resume)
+    except TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+    if as_json:
+        emit_json(card)
+        return
+    click.echo(f"adapter written to {bundle / 'adapter'} ({size_text(card['adapter_bytes'])})")
+    click.echo(f"loss {card['first_loss']:.3f} -> {card['final_loss']:.3f}"
+               + (f", held-out {card['heldout_loss']:.3f}" if card["heldout_loss"] else "")
+               + f"; {card['wall_seconds']:.0f} s, peak memory {card['peak_memory_mb']:.0f} MB")
+
+
+@click.group()
+def data() -> None:
+    """Validate and build training data."""
+
+
+@data.command("validate")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def data_validate(files: tuple[Path, ...], as_json: bool) -> None:
+    """Check JSONL datasets; every bad record is listed with its line number."""
+    from hyperlex.training.data import DataError, read_dataset
+
+    report, failed = [], False
+    for file in files:
+        try:
+            report.append({"file": str(file), "records": len(read_dataset(file)), "problems": []})
+        except DataError as exc:
+            report.append({"file": str(file), "records": None, "problems": exc.problems})
+            failed = True
+        except HyperlexError as exc:
+            report.append({"file": str(file), "records": None, "problems": [str(exc)]})
+            failed = True
+    if as_json:
+        emit_json(report)
+    else:
+        for entry in report:
+            if entry["problems"]:
+                for line in entry["problems"]:
+                    click.echo(line)
+            else:
+                click.echo(f"{entry['file']}: {entry['records']} records OK")
+    if failed:
+        sys.exit(1)
+
+
+@data.command("distill")
+@click.option("-p", "--persona", required=True, help="Persona whose contract prompts the teacher.")
+@click.option("--prompts", "prompts_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="One prompt per line, or JSONL with human/prompt fields.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL to append to; existing prompts in it are skipped (resume).")
+@click.option("--teacher-url", default=None,
+              help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); default: the "
+                   "local base model.")
+@click.option("--teacher-model", default="gpt-4o-mini", show_default=True,
+              help="Model name sent to --teacher-url.")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Environment variable holding the teacher's API key.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256))
+@click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
+              help="Generation option for the teacher.")
+@engine_options
+def data_distill(persona: str, prompts_file: Path, out: Path, teacher_url: str | None,
+                 teacher_model: str, api_key_env: str, batch_size: int,
+                 options: tuple[tuple[str, str], ...], base: str | None, dtype: str,
+                 quantize: str | None) -> None:
+    """Build a dataset by asking a teacher to answer prompts with PERSONA's full contract."""
+    from tqdm import tqdm
+
+    from hyperlex.generation import parse_options
+    from hyperlex.training.distill import (
+        LocalTeacher,
+        OpenAITeacher,
+        api_key_from,
+        distill,
+        pending,
+        read_prompts,
+    )
+
+    host = get_host()
+    chosen = host.persona(persona)
+    params = chosen.contract.params().updated(parse_options(options), "-o")
+    prompts = read_prompts(prompts_file)
+    if teacher_url:
+        teacher: Any = OpenAITeacher(teacher_url, teacher_model, api_key_from(api_key_env))
+    else:
+        from hyperlex.engines.torch.engine import TorchEngine
+
+        teacher = LocalTeacher(TorchEngine([], base=base, dtype=dtype, quantize=quantize))
+    with tqdm(total=len(pending(prompts, out)), desc=f"distilling {persona}", unit="prompt",
+              file=sys.stderr) as bar:
+        stats = distill(prompts, chosen.system_message(), teacher, out, params, batch_size,
+                        on_batch=bar.update)
+    click.echo(f"{out}: {stats['written']} new records ({stats['skipped_existing']} prompts "
+               f"already done, {stats['empty_replies']} empty replies dropped)", err=True)
+
+
+@data.command("synth")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--direction", type=click.Choice(["output", "input", "both"]), default="output",
+              show_default=True,
+              help="output: scene -> text records; input: text -> scene records.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="Sample this many combinations (default: all).")
+@click.option("--seed", default=0, show_default=True)
+def data_synth(out: Path, direction: str, count: int | None, seed: int) -> None:
+    """Write a synthetic scene <-> text corpus: scene templates x emotions x rhythms."""
+    from hyperlex.training.data import write_records
+    from hyperlex.training.synth import synth_records
+
+    written = write_records(out, synth_records(count, direction, seed))
+    click.echo(f"{out}: {written} records", err=True)
+
+

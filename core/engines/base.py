@@ -1,0 +1,190 @@
+"""The engine interface: one base model, many persona adapters, streamed generation.
+
+Backends (torch today; llama.cpp and OpenAI-compatible servers later) implement
+:class:`Engine`. Callers pass complete chat messages (the persona's system message already
+rendered) and the persona whose adapter should be active; ``None`` means the bare base.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.generation import GenerationParams
+
+if TYPE_CHECKING:
+    from hyperlex.persona.bundle import Persona
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+Layers = Sequence[tuple[str, float]]  # (mood name, weight) composed over the persona
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    persona: str | None
+    finish_reason: FinishReason
+    usage: Usage = field(default_factory=Usage)
+    seconds: float = 0.0
+
+
+class Generation(ABC):
+    """A running generation: iterate it for text pieces; ``cancel()`` stops it early.
+
+    After iteration ends, ``text``, ``usage`` and ``finish_reason`` describe the result.
+    Stop strings are cut here, for every backend: the text never contains one.
+    """
+
+    def __init__(self, persona: str | None, stop: Sequence[str] = ()):
+        self.persona = persona
+        self.stop = tuple(s for s in stop if s)
+        self.text = ""
+        self.usage = Usage()
+        self.finish_reason: FinishReason | None = None
+        self.seconds = 0.0
+        self._cancelled = threading.Event()
+
+    @abstractmethod
+    def _pieces(self) -> Iterator[str]:
+        """Raw decoded text pieces from the backend, until it finishes or is cancelled."""
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        pending = ""
+        try:
+            for piece in self._pieces():
+                pending += piece
+                cut = _first_stop(pending, self.stop)
+                if cut is not None:
+                    yield from self._emit(pending[:cut])
+                    self.finish_reason = "stop"
+                    self.cancel()
+                    return
+                if len(pending) > hold:
+                    ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+                    yield from self._emit(ready)
+            yield from self._emit(pending)
+        finally:
+            if self.finish_reason is None and self.cancelled:
+                self.finish_reason = "cancelled"
+            self.cancel()
+            self._finish()
+
+    def _emit(self, text: str) -> Iterator[str]:
+        if text:
+            self.text += text
+            yield text
+
+    def _finish(self) -> None:  # noqa: B027 - optional for backends
+        """Release backend resources; called once iteration ends for any reason."""
+
+    def complete(self) -> Completion:
+        for _ in self:
+            pass
+        return Completion(
+            self.text, self.persona, self.finish_reason or "stop", self.usage, self.seconds
+        )
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class Engine(ABC):
+    """A base model with persona adapters attached under their names."""
+
+    base_name: str
+    personas: dict[str, Persona]
+    moods: dict[str, Persona]  # contextual layers (bundles of kind "mood")
+    skipped: dict[str, str]  # persona name -> why its adapter was not attached
+
+    def _bundles(self, persona: Persona) -> dict[str, Persona]:
+        return self.moods if persona.is_mood else self.personas
+
+    def _adapter_wanted(self, persona: Persona, check_base: bool) -> bool:
+        """Whether ``persona``'s adapter should be attached. A prompt-only persona is
+        registered here, one trained on another base is skipped with the reason."""
+        if persona.adapter_dir is None:  # a prompt-only persona runs on the bare base
+            self._bundles(persona)[persona.name] = persona
+            return False
+        if check_base and persona.base_model.lower() != self.base_name:
+            self.skipped[persona.name] = (
+                f"persona {persona.name!r} was trained on base {persona.base_model!r}, but the "
+                f"loaded base is {self.base_name!r}")
+            return False
+        return True
+
+    def _check_persona(self, persona: str | None) -> None:
+        if persona is not None and persona not in self.personas:
+            if persona in self.skipped:
+                raise HyperlexError(self.skipped[persona])
+            raise UnknownPersona(persona, list(self.personas))
+
+    def _check_layers(self, layers: Layers) -> None:
+        for name, _ in layers:
+            if name not in self.moods:
+                raise UnknownPersona(name, list(self.moods), kind="mood")
+
+    @abstractmethod
+    def stream(
+        self,
+        messages: Sequence[Message],
+        persona: str | None,
+        params: GenerationParams | None = None,
+        stop: Sequence[str] = (),
+        layers: Layers = (),
+    ) -> Generation:
+        """Start generating a reply to ``messages`` with ``persona``'s adapter active and each
+        mood adapter in ``layers`` added on top at its weight."""
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        persona: str | None,
+        params: GenerationParams | None = None,
+        stop: Sequence[str] = (),
+        layers: Layers = (),
+    ) -> Completion:
+        return self.stream(messages, persona, params, stop, layers).complete()
+
+    def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
+                       params: GenerationParams | None = None,
+                       layers: Layers = ()) -> list[Completion]:
+        """Replies to several (messages, persona) requests, each with the mood ``layers``;
+        backends that can run different personas in one batch override this. The default
+        runs them one after another."""
+        return [self.generate(messages, persona, params, layers=layers)
+                for messages, persona in requests]
+
+    def prefill(self, messages: Sequence[Message], persona: str | None,  # noqa: B027
+                layers: Layers = ()) -> None:
+        """Compute, ahead of the turn, what a backend with a prompt cache can keep for a prompt
+        that will start with ``messages`` (no generation prompt). The default does nothing."""
+
+    @abstractmethod
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Prompt tokens ``messages`` take once rendered through the chat template."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """The longest prompt plus reply the base model accepts, in tokens."""

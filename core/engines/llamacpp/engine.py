@@ -1,0 +1,377 @@
+"""The fast CPU backend: llama.cpp (llama-cpp-python) with every persona's adapter loaded once.
+
+Each persona's PEFT adapter is converted to a GGUF LoRA adapter (``gguf_lora``,
+cached by content hash) and loaded into the one model; switching persona is
+``llama_set_adapters_lora`` on the context (microseconds; the first decode after a switch
+rebuilds the graph). Moods are further adapters at a scale, as in PEFT's weighted sum.
+
+llama.cpp keeps its KV cache across an adapter change, so a cache computed under one persona
+would silently answer for another. Each context therefore remembers under which composition
+(persona and moods) its cache was computed. Before a turn under another composition it saves
+the cache's state (``llama_state_seq_get_data``) under the old composition, clears it, and
+restores what the new composition last left (if anything); then only the tokens that differ
+from what is cached are prefilled. A small pool of contexts serves concurrent turns; one
+context never runs two turns at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import queue
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hyperlex.engines.base import Engine, Generation, Layers, Message
+from hyperlex.engines.models import BaseModel, resolve_base
+from hyperlex.errors import HyperlexError
+from hyperlex.generation import GenerationParams
+from hyperlex.persona.bundle import Persona
+
+INSTALL_HINT = "pip install 'hyperlex[llamacpp]'"
+SAVED_STATES = 8  # cache states kept per context for compositions not active right now
+
+Composition = tuple[str | None, tuple[tuple[str, float], ...]]
+
+
+class LlamaCppUnavailable(HyperlexError):
+    """llama-cpp-python is not installed."""
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise LlamaCppUnavailable(
+            f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT} ({exc})") from None
+    return llama_cpp
+
+
+@dataclass
+class _Slot:
+    """One llama.cpp context and what its KV cache holds."""
+
+    ctx: Any
+    composition: Composition | None = None
+    tokens: list[int] = field(default_factory=list)  # the tokens whose KV is cached
+    saved: OrderedDict[Composition, tuple[bytes, list[int]]] = field(
+        default_factory=OrderedDict)
+
+
+class LlamaCppEngine(Engine):
+    def __init__(
+        self,
+        personas: Sequence[Persona] = (),
+        base: BaseModel | str | None = None,
+        exact: bool = False,
+        n_ctx: int = 2048,
+        threads: int | None = None,
+        contexts: int = 1,
+        progress: bool = True,
+        check_base: bool = True,
+    ):
+        """``exact``: run an F32 GGUF written from the base's weights (the transformers
+        engine's numbers) instead of the embedded quantized GGUF (faster). ``contexts``: how
+        many turns may run at once (each context holds its own KV cache, about 115 MB at
+        2,048 tokens)."""
+        llama_cpp = _llama_cpp()
+        from hyperlex.engines.llamacpp.gguf_base import base_gguf
+
+        if contexts < 1:
+            raise HyperlexError(f"contexts must be >= 1, got {contexts}")
+        self.base = base if isinstance(base, BaseModel) else resolve_base(base)
+        self.base_name = self.base.name
+        self.exact = exact
+        self.model_path = base_gguf(self.base, exact=exact, progress=progress)
+        # exact: an F32 KV cache (llama.cpp's F16 default moves the logits by a KL of ~3e-5)
+        cache_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+        self.llama = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
+                                     n_threads=threads, n_threads_batch=threads,
+                                     flash_attn=False, verbose=False,
+                                     **(cache_type if exact else {}))
+        self._lib = llama_cpp
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        self._n_vocab = self.llama.n_vocab()
+        self._template = _chat_template(self.llama.metadata)
+        from hyperlex.engines.llamacpp.gguf_lora import shape_from_metadata
+
+        self._shape = shape_from_metadata(self.llama.metadata, str(self.model_path))
+        self.personas: dict[str, Persona] = {}
+        self.moods: dict[str, Persona] = {}
+        self.skipped: dict[str, str] = {}
+        self.scales: dict[str, float] = {}
+        self._adapters: dict[str, Any] = {}
+        for persona in personas:
+            self._attach(persona, check_base)
+        self._slots: queue.Queue[_Slot] = queue.Queue()
+        self._slots.put(_Slot(self.llama.ctx))
+        self._extra_contexts = []
+        for _ in range(contexts - 1):
+            ctx = llama_cpp.llama_init_from_model(self.llama.model, self.llama.context_params)
+            if ctx is None:
+                raise HyperlexError("llama.cpp could not create another context")
+            self._extra_contexts.append(ctx)
+            self._slots.put(_Slot(ctx))
+
+    # adapters ------------------------------------------------------------------------------
+
+    def _attach(self, persona: Persona, check_base: bool) -> None:
+        if not self._adapter_wanted(persona, check_base):
+            return
+        from hyperlex.engines.llamacpp.gguf_lora import cached_gguf_adapter
+
+        try:
+            path = cached_gguf_adapter(persona.adapter_dir, self._shape)
+        except HyperlexError as exc:
+            self.skipped[persona.name] = f"adapter of persona {persona.name!r}: {exc}"
+            return
+        adapter = self._lib.llama_adapter_lora_init(self.llama.model, str(path).encode())
+        if not adapter:
+            self.skipped[persona.name] = (
+                f"adapter of persona {persona.name!r} ({path}) failed to load in llama.cpp")
+            return
+        self._adapters[persona.name] = adapter
+        self.scales[persona.name] = persona.scale
+        self._bundles(persona)[persona.name] = persona
+
+    def close(self) -> None:
+        """Free the extra contexts and the adapters (the model frees the rest)."""
+        for ctx in self._extra_contexts:
+            self._lib.llama_free(ctx)
+        self._extra_contexts = []
+        for adapter in self._adapters.values():
+            self._lib.llama_adapter_lora_free(adapter)
+        self._adapters = {}
+
+    def _set_adapters(self, slot: _Slot, composition: Composition) -> None:
+        persona, moods = composition
+        names = ([persona] if persona in self._adapters else []) + [m for m, _ in moods]
+        scales = ([self.scales[persona]] if persona in self._adapters else []) + [
+            self.scales[m] * weight for m, weight in moods]
+        adapters = (self._lib.llama_adapter_lora_p_ctypes * len(names))(
+            *[self._adapters[n] for n in names])
+        values = (ctypes.c_float * len(names))(*scales)
+        if self._lib.llama_set_adapters_lora(slot.ctx, adapters, len(names), values) != 0:
+            raise HyperlexError(f"llama.cpp refused the adapters {names}")
+
+    # the KV cache ---------------------------------------------------------------------------
+
+    def _memory(self, slot: _Slot) -> Any:
+        return self._lib.llama_get_memory(slot.ctx)
+
+    def _switch(self, slot: _Slot, composition: Composition) -> None:
+        """Make ``slot``'s cache belong to ``composition``: keep the old composition's cache
+        aside, restore the new one's (or start empty) and set its adapters."""
+        if slot.composition == composition:
+            return
+        lib = self._lib
+        if slot.composition is not None and slot.tokens:
+            size = lib.llama_state_seq_get_size(slot.ctx, 0)
+            buffer = (ctypes.c_uint8 * size)()
+            written = lib.llama_state_seq_get_data(slot.ctx, buffer, size, 0)
+            slot.saved[slot.composition] = (bytes(buffer[:written]), slot.tokens)
+            slot.saved.move_to_end(slot.composition)
+            while len(slot.saved) > SAVED_STATES:
+                slot.saved.popitem(last=False)
+        lib.llama_memory_clear(self._memory(slot), True)
+        slot.tokens = []
+        saved = slot.saved.pop(composition, None)
+        if saved is not None:
+            data, tokens = saved
+            buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if lib.llama_state_seq_set_data(slot.ctx, buffer, len(data), 0):
+                slot.tokens = tokens
+            else:
+                lib.llama_memory_clear(self._memory(slot), True)
+        self._set_adapters(slot, composition)
+        slot.composition = composition
+
+    def _prefill(self, slot: _Slot, prompt: list[int]) -> None:
+        """Decode what ``prompt`` adds to what ``slot`` holds (at least its last token, whose
+        logits start the reply)."""
+        keep = 0
+        limit = min(len(slot.tokens), len(prompt) - 1)
+        while keep < limit and slot.tokens[keep] == prompt[keep]:
+            keep += 1
+        if keep < len(slot.tokens):
+            self._lib.llama_memory_seq_rm(self._memory(slot), 0, keep, -1)
+            slot.tokens = slot.tokens[:keep]
+        batch = self.llama.n_batch
+        for start in range(keep, len(prompt), batch):
+            self._decode(slot, prompt[start:start + batch])
+
+    def _decode(self, slot: _Slot, tokens: list[int]) -> None:
+        lib = self._lib
+        array = (lib.llama_token * len(tokens))(*tokens)
+        if lib.llama_decode(slot.ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
+            lib.llama_memory_clear(self._memory(slot), True)
+            slot.tokens = []
+            raise HyperlexError("llama.cpp failed to decode (is the context full?)")
+        slot.tokens.extend(tokens)
+
+    def _logits(self, slot: _Slot) -> Any:
+        import numpy as np
+
+        pointer = self._lib.llama_get_logits_ith(slot.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
+
+    # prompts --------------------------------------------------------------------------------
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self._template.render(messages=list(messages),
+                                     add_generation_prompt=add_generation_prompt,
+                                     bos_token="", eos_token="")
+
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True
+               ) -> list[int]:
+        text = self.render(messages, add_generation_prompt)
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self.encode(messages))
+
+    @property
+    def context_length(self) -> int:
+        return int(self.llama.n_ctx())
+
+    # generation -----------------------------------------------------------------------------
+
+    def _composition(self, persona: str | None, layers: Layers) -> Composition:
+        self._check_persona(persona)
+        self._check_layers(layers)
+        moods = tuple((n, float(w)) for n, w in layers if n in self._adapters)
+        return (persona if persona in self._adapters else None, moods)
+
+    def prefill(self, messages: Sequence[Message], persona: str | None,
+                layers: Layers = ()) -> None:
+        """Decode ``messages`` (say the system message) into a context's cache under
+        ``persona``, so the turn that starts with them decodes only the rest."""
+        composition = self._composition(persona, layers)
+        tokens = self.encode(messages, add_generation_prompt=False)
+        slot = self._slots.get()
+        try:
+            self._switch(slot, composition)
+            self._prefill(slot, tokens)
+        finally:
+            self._slots.put(slot)
+
+    def stream(self, messages: Sequence[Message], persona: str | None,
+               params: GenerationParams | None = None, stop: Sequence[str] = (),
+               layers: Layers = ()) -> Generation:
+        composition = self._composition(persona, layers)
+        return _LlamaGeneration(self, self.encode(messages), persona, composition,
+                                params or GenerationParams(), stop)
+
+
+class _LlamaGeneration(Generation):
+    def __init__(self, engine: LlamaCppEngine, prompt: list[int], persona: str | None,
+                 composition: Composition, params: GenerationParams, stop: Sequence[str]):
+        super().__init__(persona, stop)
+        self._engine = engine
+        self._prompt = prompt
+        self._composition = composition
+        self._params = params
+        self.usage.prompt_tokens = len(prompt)
+
+    def _pieces(self) -> Iterator[str]:
+        engine, params = self._engine, self._params
+        room = engine.context_length - len(self._prompt)
+        if room < 1:
+            raise HyperlexError(f"the prompt takes {len(self._prompt)} tokens; the context holds "
+                                f"{engine.context_length}")
+        slot = engine._slots.get()
+        try:
+            start = time.perf_counter()
+            engine._switch(slot, self._composition)
+            engine._prefill(slot, self._prompt)
+            sampler = Sampler(params, self._prompt)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            produced = 0
+            while True:
+                if self.cancelled:
+                    self.finish_reason = "cancelled"
+                    break
+                if produced >= min(params.max_new_tokens, room):
+                    self.finish_reason = "length"
+                    break
+                token = sampler.next(engine._logits(slot))
+                produced += 1
+                if engine._lib.llama_vocab_is_eog(engine._vocab, token):
+                    self.finish_reason = "stop"
+                    break
+                engine._decode(slot, [token])
+                piece = decoder.decode(engine.llama.detokenize([token], special=False))
+                if piece:
+                    yield piece
+            self.usage.completion_tokens = produced
+            self.seconds = time.perf_counter() - start
+        finally:
+            engine._slots.put(slot)
+
+
+class Sampler:
+    """Picks each next token from llama.cpp's logits the way transformers' ``generate`` does
+    for the same settings: repetition penalty over the prompt and the reply, then greedy, or
+    temperature, top-k and top-p sampling."""
+
+    def __init__(self, params: GenerationParams, prompt: Sequence[int]):
+        import numpy as np
+
+        self.params = params
+        self.seen = set(prompt)
+        self.rng = np.random.default_rng(params.seed)
+
+    def next(self, logits: Any) -> int:
+        import numpy as np
+
+        params = self.params
+        if params.repetition_penalty != 1.0 and self.seen:
+            index = np.fromiter(self.seen, dtype=np.int64)
+            scores = logits[index]
+            logits[index] = np.where(scores < 0, scores * params.repetition_penalty,
+                                     scores / params.repetition_penalty)
+        if params.greedy:
+            token = int(np.argmax(logits))
+        else:
+            logits = logits / params.temperature
+            if params.top_k:
+                cutoff = np.partition(logits, -params.top_k)[-params.top_k]
+                logits = np.where(logits < cutoff, -np.inf, logits)
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            if params.top_p < 1.0:
+                order = np.argsort(probs)  # ascending, as transformers' TopPLogitsWarper
+                cumulative = np.cumsum(probs[order])
+                drop = order[cumulative <= 1 - params.top_p]
+                probs[drop] = 0.0
+                probs /= probs.sum()
+            token = int(self.rng.choice(len(probs), p=probs))
+        self.seen.add(token)
+        return token
+
+
+def _chat_template(metadata: dict[str, str]) -> Any:
+    """The base's chat template from its GGUF, rendered by a sandboxed jinja2 as transformers
+    renders it."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    source = metadata.get("tokenizer.chat_template")
+    if not source:
+        raise HyperlexError("the base GGUF has no chat template; hyperlex needs an "
+                            "instruction-tuned model")
+
+    def raise_exception(message: str) -> None:
+        raise HyperlexError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)

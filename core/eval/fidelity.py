@@ -1,0 +1,201 @@
+"""Verification of persona adapters (``agent eval``).
+
+Fidelity compares three conditions per persona on its held-out prompts: the bare base with
+no prompt, the base with the persona's contract as its prompt, and the adapter with its
+contract. It measures
+
+- blind persona identification: a logistic-regression classifier on all-MiniLM-L6-v2
+  sentence embeddings, fitted on the personas' reference replies (their training sets),
+  labels each generated reply; macro-F1 and the confusion matrix per condition;
+- prompt-gain recovery GR = (NLL_base - NLL_adapter) / (NLL_base - NLL_prompted) on the
+  held-out reference replies: how much of what the prompt buys the adapter recovers;
+- perplexity on neutral text with the adapter active against the bare base (no collapse).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hyperlex.engines.embeddings import minilm_embedder
+from hyperlex.generation import GenerationParams
+from hyperlex.persona.bundle import Persona
+from hyperlex.training.data import Example, read_dataset
+
+CONDITIONS = ("base", "prompted", "adapter")
+TARGETS = {"macro_f1": 0.85, "gain_recovery": 0.8, "neutral_ppl_ratio": 1.10}
+
+
+@dataclass
+class FidelityReport:
+    personas: list[str]
+    macro_f1: dict[str, float]
+    confusion: dict[str, list[list[int]]]
+    nll: dict[str, dict[str, float]]  # persona -> condition -> mean NLL per reply token
+    gain_recovery: dict[str, float | None]
+    neutral_ppl_ratio: dict[str, float]
+    samples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+
+    def verdicts(self) -> dict[str, bool]:
+        """Whether each target is met (see TARGETS)."""
+        f1 = self.macro_f1
+        gains = [g for g in self.gain_recovery.values() if g is not None]
+        return {
+            "macro_f1": f1["adapter"] >= TARGETS["macro_f1"] and f1["adapter"] > f1["prompted"],
+            "gain_recovery": bool(gains) and min(gains) >= TARGETS["gain_recovery"],
+            "neutral_ppl_ratio": max(self.neutral_ppl_ratio.values()) <= TARGETS[
+                "neutral_ppl_ratio"],
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"personas": self.personas, "macro_f1": self.macro_f1,
+                "confusion": self.confusion, "nll": self.nll,
+                "gain_recovery": self.gain_recovery, "neutral_ppl_ratio": self.neutral_ppl_ratio,
+                "targets": TARGETS, "met": self.verdicts(), "samples": self.samples}
+
+    def table(self) -> str:
+        """A Markdown table: one row per persona, then the macro-F1 row."""
+        lines = ["| persona | NLL base | NLL prompted | NLL adapter | GR | neutral ppl x |",
+                 "|---|---|---|---|---|---|"]
+        for name in self.personas:
+            nll, gain = self.nll[name], self.gain_recovery[name]
+            lines.append(f"| {name} | {nll['base']:.3f} | {nll['prompted']:.3f} | "
+                         f"{nll['adapter']:.3f} | {'-' if gain is None else f'{gain:.2f}'} | "
+                         f"{self.neutral_ppl_ratio[name]:.3f} |")
+        f1 = self.macro_f1
+        lines += ["", "| identification macro-F1 | base | prompted | adapter |",
+                  "|---|---|---|---|",
+                  f"| all personas | {f1['base']:.2f} | {f1['prompted']:.2f} | "
+                  f"{f1['adapter']:.2f} |"]
+        return "\n".join(lines)
+
+
+def neutral_text() -> list[str]:
+    text = resources.files("hyperlex").joinpath("eval/data/neutral.txt").read_text("utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+class PersonaClassifier:
+    """Which persona wrote a reply: logistic regression on sentence embeddings."""
+
+    def __init__(self, references: dict[str, list[str]], embed: Callable[[list[str]], Any]):
+        from sklearn.linear_model import LogisticRegression
+
+        self.embed = embed
+        self.labels = sorted(references)
+        texts = [t for name in self.labels for t in references[name]]
+        targets = [name for name in self.labels for _ in references[name]]
+        self.model = LogisticRegression(max_iter=2000).fit(embed(texts), targets)
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return list(self.model.predict(self.embed(texts)))
+
+    def probability(self, texts: list[str], label: str) -> list[float]:
+        """The classifier's probability that each text is ``label``'s."""
+        column = list(self.model.classes_).index(label)
+        return [float(row[column]) for row in self.model.predict_proba(self.embed(texts))]
+
+
+def macro_f1(truth: Sequence[str], predicted: Sequence[str],
+             labels: Sequence[str]) -> tuple[float, list[list[int]]]:
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    score = f1_score(truth, predicted, labels=list(labels), average="macro", zero_division=0)
+    matrix = confusion_matrix(truth, predicted, labels=list(labels)).tolist()
+    return float(score), matrix
+
+
+def gain_recovery(base: float, prompted: float, adapter: float) -> float | None:
+    """(NLL_base - NLL_adapter) / (NLL_base - NLL_prompted); None if the prompt gains nothing."""
+    gain = base - prompted
+    return None if gain <= 1e-9 else (base - adapter) / gain
+
+
+def evaluation_params(max_new_tokens: int = 100) -> GenerationParams:
+    """Greedy decoding with a mild repetition penalty: the evaluations compare conditions,
+    so sampling noise is kept out."""
+    return GenerationParams(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.1)
+
+
+def persona_messages(persona: Persona | None, example: Example) -> list[dict[str, str]]:
+    system = [] if persona is None else [{"role": "system",
+                                          "content": persona.system_message(example.scene)}]
+    return [*system, *example.history, {"role": "user", "content": example.human}]
+
+
+def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[Example]],
+             references: dict[str, list[str]], embed: Callable[[list[str]], Any] | None = None,
+             params: GenerationParams | None = None, batch_size: int = 16,
+             progress: Callable[[str], None] | None = None) -> FidelityReport:
+    """Run the three conditions for every persona and score them (see module docstring)."""
+    params = params or evaluation_params()
+    names = sorted(personas)
+    say = progress or (lambda message: None)
+    classifier = PersonaClassifier({n: references[n] for n in names}, embed or minilm_embedder())
+
+    say("generating replies")
+    requests, owners = [], []
+    for name in names:
+        for example in heldout[name]:
+            for condition in CONDITIONS:
+                contract = None if condition == "base" else personas[name]
+                active = name if condition == "adapter" else None
+                requests.append((persona_messages(contract, example), active))
+                owners.append((name, condition, example.human))
+    replies: list[str] = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        replies += [c.text.strip() for c in engine.generate_batch(chunk, params)]
+        say(f"generated {len(replies)}/{len(requests)}")
+
+    f1, confusion, samples = {}, {}, {n: [] for n in names}
+    for condition in CONDITIONS:
+        picked = [(o[0], r) for o, r in zip(owners, replies, strict=True) if o[1] == condition]
+        predicted = classifier.predict([r for _, r in picked])
+        f1[condition], confusion[condition] = macro_f1([n for n, _ in picked], predicted, names)
+    for (name, condition, human), reply in zip(owners, replies, strict=True):
+        if len(samples[name]) < 3 * len(CONDITIONS):
+            samples[name].append({"condition": condition, "human": human, "reply": reply})
+
+    say("scoring held-out replies")
+    nll: dict[str, dict[str, float]] = {}
+    gains: dict[str, float | None] = {}
+    neutral = neutral_text()
+    base_neutral = _mean(engine.text_nll(t, None) for t in neutral)
+    ppl_ratio: dict[str, float] = {}
+    for name in names:
+        scores = {}
+        for condition in CONDITIONS:
+            contract = None if condition == "base" else personas[name]
+            active = name if condition == "adapter" else None
+            scores[condition] = _mean(
+                engine.reply_nll(persona_messages(contract, e), e.text, active)
+                for e in heldout[name])
+        nll[name] = scores
+        gains[name] = gain_recovery(scores["base"], scores["prompted"], scores["adapter"])
+        ppl_ratio[name] = math.exp(_mean(engine.text_nll(t, name) for t in neutral)
+                                   - base_neutral)
+    return FidelityReport(names, f1, confusion, nll, gains, ppl_ratio, samples)
+
+
+def _mean(pairs: Any) -> float:
+    total = count = 0.0
+    for value, n in pairs:
+        total, count = total + value, count + n
+    return total / max(count, 1)
+
+
+def load_sets(persona: Persona) -> tuple[list[Example], list[str]]:
+    """A bundle's held-out examples and its reference replies (its training set's), from the
+    files its train.yaml names."""
+    from hyperlex.training.train import load_config
+
+    root = persona.root or Path(".")
+    config = load_config(root)
+    heldout = read_dataset(root / config.heldout)
+    references = [e.text for e in read_dataset(root / config.data)]
+    return heldout, references

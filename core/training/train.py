@@ -1,0 +1,394 @@
+"""LoRA / QLoRA training of a persona adapter from its bundle (``agent train BUNDLE``).
+
+The configuration comes from the bundle's ``train.yaml`` with command-line overrides. Each
+exchange is rendered through the chat template with the persona's own system message (the
+record's scene and field filled in), and the loss covers only the persona's reply. The
+adapter is written in PEFT format into ``BUNDLE/adapter`` with ``training_card.json``.
+Ctrl-C saves a checkpoint in ``BUNDLE/.checkpoint``; ``--resume`` continues from it and
+gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from hyperlex.engines.torch.engine import encode_exchange
+from hyperlex.errors import HyperlexError
+from hyperlex.persona.bundle import BUNDLE_FILE, Persona, read_bundle_yaml, read_yaml
+from hyperlex.training.data import Example, read_dataset
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAIN_FILE = "train.yaml"
+CHECKPOINT_DIR = ".checkpoint"
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    r: int = 6
+    alpha: int = 12
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    learning_rate: float = 1e-3
+    epochs: int = 3
+    batch_size: int = 8
+    max_length: int = 320
+    seed: int = 0
+    qlora: bool = False
+    gradient_checkpointing: bool = False
+    save_dtype: str = "bfloat16"
+    data: str = "data/train.jsonl"
+    heldout: str = "data/heldout.jsonl"
+
+    def updated(self, values: dict[str, Any], where: str) -> TrainConfig:
+        """A copy with ``values`` applied, each checked and converted; errors name ``where``."""
+        known = {f.name: f for f in fields(self)}
+        changes = {}
+        for key, value in values.items():
+            if key not in known:
+                raise HyperlexError(f"{where}: unknown training option {key!r}; known options: "
+                                    f"{', '.join(known)}")
+            changes[key] = _convert(key, value, type(getattr(self, key)), where)
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(key: str, value: Any, kind: type, where: str) -> Any:
+    try:
+        if kind is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            converted: Any = tuple(str(item).strip() for item in items if str(item).strip())
+            if not converted:
+                raise ValueError
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            converted = value
+        elif kind is int:
+            if isinstance(value, bool) or int(value) != float(value):
+                raise ValueError
+            converted = int(value)
+        else:
+            converted = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise HyperlexError(f"{where}: {key} must be {kind.__name__}, got {value!r}") from None
+    positive = ("r", "alpha", "epochs", "batch_size", "max_length", "learning_rate")
+    if key in positive and not converted > 0:
+        raise HyperlexError(f"{where}: {key} must be > 0, got {value!r}")
+    if key == "dropout" and not 0 <= converted < 1:
+        raise HyperlexError(f"{where}: dropout must be in [0, 1), got {value!r}")
+    if key == "save_dtype" and converted not in SAVE_DTYPES:
+        raise HyperlexError(f"{where}: save_dtype must be one of {', '.join(SAVE_DTYPES)}")
+    return converted
+
+
+def load_config(bundle: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The bundle's ``train.yaml`` (if any) over the defaults, then command-line overrides."""
+    config = TrainConfig()
+    file = bundle / TRAIN_FILE
+    if file.is_file():
+        data = read_yaml(file) or {}
+        if not isinstance(data, dict):
+            raise HyperlexError(f"{file}: must be a mapping of training options")
+        config = config.updated(data, str(file))
+    return config.updated({k: v for k, v in (overrides or {}).items() if v is not None},
+                          "command line")
+
+
+def encode_example(tokenizer: Any, system: str, example: Example,
+                   max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids for one exchange, and labels that mask everything but the reply."""
+    prompt = [{"role": "system", "content": system}, *example.history,
+              {"role": "user", "content": example.human}]
+    prompt_ids, full_ids = encode_exchange(tokenizer, prompt, example.text)
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return full_ids[:max_length], labels[:max_length]
+
+
+def _batches(examples: list[tuple[list[int], list[int]]], size: int,
+             pad_id: int) -> Iterator[dict[str, Any]]:
+    import torch
+
+    for start in range(0, len(examples), size):
+        chunk = examples[start:start + size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (x, y) in enumerate(chunk):
+            ids[row, :len(x)] = torch.tensor(x)
+            labels[row, :len(y)] = torch.tensor(y)
+            mask[row, :len(x)] = 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def mean_loss(model: Any, examples: list, batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean loss over reply tokens."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in _batches(examples, batch_size, pad_id):
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _inside(bundle: Path, relative: str, key: str) -> Path:
+    """``bundle / relative``, refused unless it stays inside the bundle directory."""
+    path = (bundle / relative).resolve()
+    if not path.is_relative_to(bundle):
+        raise HyperlexError(f"{key}: {relative!r} points outside the bundle directory {bundle}")
+    return path
+
+
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+class TrainingInterrupted(HyperlexError):
+    pass
+
+
+class _StopAfterStep:
+    """The first Ctrl-C asks training to stop after the current step, so the checkpoint is
+    taken between steps (exactly resumable); a second Ctrl-C aborts at once."""
+
+    def __init__(self, bar: Any):
+        self.requested = False
+        self.aborted = False
+        self.bar = bar
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.aborted = True
+            raise KeyboardInterrupt
+        self.requested = True
+        self.bar.write("Stopping after this step to save a checkpoint (Ctrl-C again to abort "
+                       "without one)")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bool = False,
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None
+          ) -> dict[str, Any]:
+    """Train the bundle's adapter; return the training card. Raises TrainingInterrupted after
+    saving a checkpoint when interrupted (Ctrl-C)."""
+    from hyperlex.engines.models import load_base, quiet_libraries, resolve_base
+
+    quiet_libraries()
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from tqdm import tqdm
+
+    bundle = bundle.resolve()
+    data = read_bundle_yaml(bundle)
+    declared = data.pop("adapter", None) if isinstance(data, dict) else None
+    # (the adapter is what this run produces, so it need not exist yet)
+    persona = Persona.from_mapping(data, root=bundle, file=bundle / BUNDLE_FILE)
+    resolved = resolve_base(base)
+    if persona.base_model.lower() != resolved.name:
+        raise HyperlexError(f"{bundle / BUNDLE_FILE}: base_model is {persona.base_model!r} but "
+                            f"training would use {resolved.name!r}; change base_model or --base")
+    data_path, heldout_path = (_inside(bundle, getattr(config, key), key)
+                               for key in ("data", "heldout"))
+    records = read_dataset(data_path)
+    heldout = read_dataset(heldout_path) if heldout_path.is_file() else []
+    data_hash = _digest(data_path)
+    checkpoint = bundle / CHECKPOINT_DIR
+    state = _read_checkpoint(checkpoint, config, data_hash) if resume else None
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_base(resolved, quantize="nf4" if config.qlora else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(items: list[Example], path: Path) -> list[tuple[list[int], list[int]]]:
+        encoded = [encode_example(tokenizer, persona.system_message(e.scene), e,
+                                  config.max_length) for e in items]
+        cut = [e.line for e, (_, labels) in zip(items, encoded, strict=True)
+               if all(label == -100 for label in labels)]
+        if cut:
+            raise HyperlexError(f"{path}: {len(cut)} record(s) have no reply tokens within "
+                                f"max_length={config.max_length} (lines "
+                                f"{', '.join(map(str, cut[:10]))}); raise --max-length")
+        return encoded
+
+    examples, held = encode(records, data_path), encode(heldout, heldout_path)
+    if config.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:  # recompute activations in backward: less memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules), bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    per_epoch = math.ceil(len(examples) / config.batch_size)
+    steps = config.epochs * per_epoch
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
+    step, losses, elapsed = 0, [], 0.0
+    if state is not None:
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
+
+    start = time.time() - elapsed
+    bar = tqdm(total=steps, initial=step, desc=f"training {persona.name}", unit="step",
+               file=sys.stderr, disable=not progress)
+    stop = _StopAfterStep(bar)
+    try:
+        for epoch in range(step // per_epoch, config.epochs):
+            order = examples[:]
+            random.Random(config.seed + epoch).shuffle(order)  # same order after a resume
+            for index, batch in enumerate(_batches(order, config.batch_size, pad_id)):
+                if epoch * per_epoch + index < step:
+                    continue
+                loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+                losses.append(loss.detach().item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
+                bar.update()
+                if on_step is not None:
+                    on_step(step, losses[-1])
+                if stop.requested:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        stop.restore()
+        bar.close()
+        if stop.aborted:
+            raise TrainingInterrupted(f"aborted during step {step + 1}/{steps}; no checkpoint "
+                                      "saved") from None
+        _write_checkpoint(checkpoint, config, data_hash, {
+            "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "step": step, "losses": losses, "elapsed": time.time() - start})
+        raise TrainingInterrupted(
+            f"interrupted at step {step}/{steps}; checkpoint saved in {checkpoint}. Continue "
+            f"with: agent train {bundle} --resume") from None
+    stop.restore()
+    bar.close()
+
+    adapter_dir = (bundle / (declared or "adapter")).resolve()
+    if not adapter_dir.is_relative_to(bundle):
+        raise HyperlexError(f"{bundle / BUNDLE_FILE}: adapter: {declared!r} points outside the "
+                            "bundle directory")
+    _save_adapter(model, adapter_dir, resolved.name, config.save_dtype)
+    card = {
+        "persona": persona.name,
+        "base_model": resolved.name,
+        "data": {"file": config.data, "records": len(records), "sha256": data_hash,
+                 "heldout_records": len(heldout)},
+        "config": {**asdict(config), "target_modules": list(config.target_modules)},
+        "steps": steps,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+        "heldout_loss": mean_loss(model, held, config.batch_size, pad_id) if held else None,
+        "wall_seconds": round(time.time() - start, 1),
+        "peak_memory_mb": round(_peak_rss_mb(), 1),
+        "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+        "torch": torch.__version__,
+    }
+    if not declared:  # a prompt-only bundle becomes an adapter-backed one
+        yaml_file = bundle / BUNDLE_FILE
+        text = yaml_file.read_text(encoding="utf-8")
+        yaml_file.write_text(text + ("" if text.endswith("\n") else "\n") + "adapter: adapter/\n",
+                             encoding="utf-8")
+        card["persona_yaml"] = "added adapter: adapter/"
+    (adapter_dir / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return card
+
+
+def _save_adapter(model: Any, adapter_dir: Path, base_name: str, save_dtype: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+    # Name the base as bundles do, not by this machine's cache path. (Set before saving,
+    # PEFT would try to look the name up on the hub.)
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dtype = getattr(torch, save_dtype)
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, weights,
+              metadata={"format": "pt"})
+
+
+def _checkpoint_key(config: TrainConfig, data_hash: str) -> dict[str, Any]:
+    return {"config": {**asdict(config), "target_modules": list(config.target_modules)},
+            "data_sha256": data_hash}
+
+
+def _write_checkpoint(path: Path, config: TrainConfig, data_hash: str,
+                      state: dict[str, Any]) -> None:
+    import torch
+
+    staging = path.with_name(path.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.save(state, staging / "state.pt")
+    (staging / "checkpoint.json").write_text(json.dumps(_checkpoint_key(config, data_hash)))
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+
+
+def _read_checkpoint(path: Path, config: TrainConfig, data_hash: str) -> dict[str, Any]:
+    import torch
+
+    meta = path / "checkpoint.json"
+    if not meta.is_file():
+        raise HyperlexError(f"--resume: no checkpoint in {path}; start without --resume")
+    if json.loads(meta.read_text()) != _checkpoint_key(config, data_hash):
+        raise HyperlexError(f"--resume: the checkpoint in {path} was made with another "
+                            "configuration or dataset; start without --resume to discard it")
+    # Our own checkpoint (optimizer state needs pickle); weights_only refuses arbitrary code.
+    return torch.load(path / "state.pt", weights_only=True)
