@@ -124,7 +124,9 @@ def _llamacpp_service() -> tuple[Any, Any, str]:
 def serve_load(config: Config, cast: Cast) -> list[Row]:
     """S1-S3 on what ``agent serve`` runs by default here (llama.cpp on the embedded model,
     when installed); S4-S6 the same on the torch engine, whose waiting turns are batched."""
-    from hyperlex.engines.llamacpp.engine import available
+    from hyperlex.engines.registry import engine_entry
+
+    available = engine_entry("llamacpp").available
 
     count = 12 if config.quick else REQUESTS
     real = config.base is None and not config.bundles

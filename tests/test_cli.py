@@ -139,9 +139,12 @@ def test_engine_choice_refuses_torch_only_options_and_a_missing_library(
         runner: CliRunner, tiny_plugin: str, tiny_base: Path, monkeypatch) -> None:
     both = chat(runner, tiny_base, "--engine", "llamacpp", "--quantize", "nf4", "-m", "hi")
     assert both.exit_code == 2 and "--quantize applies to the torch engine" in both.stderr
-    import hyperlex.engines.llamacpp.engine as engine_llamacpp
+    import dataclasses
 
-    monkeypatch.setattr(engine_llamacpp, "available", lambda: False)
+    from hyperlex.engines import registry
+
+    uninstalled = dataclasses.replace(registry.ENGINES["llamacpp"], needs="not_installed_here")
+    monkeypatch.setitem(registry.ENGINES, "llamacpp", uninstalled)
     missing = chat(runner, tiny_base, "--engine", "llamacpp", "-m", "hi")
     assert missing.exit_code == 1 and "pip install 'hyperlex[llamacpp]'" in missing.stderr
     auto = chat(runner, tiny_base, "-p", "alpha", "--no-store", "-m", "hi")

@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from hyperlex.cli import cli
-from hyperlex.engines.base import Completion
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.roundtrip import (
     INSTRUCTION,
@@ -28,6 +27,7 @@ from hyperlex.eval.roundtrip import (
     shipped_scenes,
     speaking_messages,
 )
+from hyperlex.generation import Completion
 from hyperlex.persona.bundle import Persona
 from hyperlex.scene.model import Field, Hyperlexeme, Link, Scene, slugify
 

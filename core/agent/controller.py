@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from hyperlex.agent.router import DEFAULT_ROUTER, RouteDecision, TurnRouter
-from hyperlex.engines.base import Engine, Generation, Message
+from hyperlex.engines.base import Engine
 from hyperlex.errors import ContextTooLong, HyperlexError, UnknownPersona
-from hyperlex.generation import GenerationParams
+from hyperlex.generation import Generation, GenerationParams, Message
 from hyperlex.host import Host
 from hyperlex.scene.model import Scene
 

@@ -103,6 +103,7 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     ``backend`` "torch", "llamacpp" or "openai" (the server at ``base_url`` generates; see
     :func:`choose_backend`). ``parallel``: turns run at once (llama.cpp contexts, or rows of
     one torch batch)."""
+    from hyperlex.engines import registry
     from hyperlex.engines.models import resolve_base
 
     resolved = resolve_base(base)
@@ -116,19 +117,12 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     where = {"llamacpp": " on llama.cpp", "openai": f" served by {base_url}"}.get(backend, "")
     click.echo(f"Loading {resolved.name} with {speakers} persona{'s' * (speakers != 1)}{also}"
                f"{where}...", err=True)
-    if backend == "llamacpp":
-        from hyperlex.engines.llamacpp.engine import LlamaCppEngine
-
-        engine: Any = LlamaCppEngine(personas, base=resolved, contexts=parallel)
-    elif backend == "openai":
-        from hyperlex.engines.openai import OpenAIEngine
-
-        engine = OpenAIEngine(personas, base_url, api_key=api_key, base=resolved)
-    else:
-        from hyperlex.engines.torch.engine import TorchEngine
-
-        engine = TorchEngine(personas, base=resolved, dtype=dtype, quantize=quantize,
-                             merge=merge, max_batch=parallel)
+    options: dict[str, Any] = {
+        "torch": {"dtype": dtype, "quantize": quantize, "merge": merge, "max_batch": parallel},
+        "llamacpp": {"contexts": parallel},
+        "openai": {"base_url": base_url, "api_key": api_key},
+    }[backend]
+    engine = registry.open_engine(personas, backend, resolved, **options)
     for reason in engine.skipped.values():
         warn(reason)
     return engine
@@ -153,8 +147,9 @@ def warm_up_encoders(host: Host) -> None:
 
 def choose_backend(requested: str, dtype: str, quantize: str | None, merge: bool) -> str:
     """``auto``: llama.cpp when it is installed and no torch-only option was given."""
-    from hyperlex.engines.llamacpp.engine import available
+    from hyperlex.engines.registry import engine_entry
 
+    available = engine_entry("llamacpp").available
     torch_only = [flag for flag, given in (("--dtype bfloat16", dtype != "float32"),
                                            ("--quantize", quantize is not None),
                                            ("--merge", merge)) if given]

@@ -7,107 +7,15 @@ rendered) and the persona whose adapter should be active; ``None`` means the bar
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hyperlex.errors import HyperlexError, UnknownPersona
-from hyperlex.generation import GenerationParams
+from hyperlex.generation import Completion, Generation, GenerationParams, Layers, Message
 
 if TYPE_CHECKING:
     from hyperlex.persona.bundle import Persona
-
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
-Layers = Sequence[tuple[str, float]]  # (mood name, weight) composed over the persona
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class Completion:
-    text: str
-    persona: str | None
-    finish_reason: FinishReason
-    usage: Usage = field(default_factory=Usage)
-    seconds: float = 0.0
-
-
-class Generation(ABC):
-    """A running generation: iterate it for text pieces; ``cancel()`` stops it early.
-
-    After iteration ends, ``text``, ``usage`` and ``finish_reason`` describe the result.
-    Stop strings are cut here, for every backend: the text never contains one.
-    """
-
-    def __init__(self, persona: str | None, stop: Sequence[str] = ()):
-        self.persona = persona
-        self.stop = tuple(s for s in stop if s)
-        self.text = ""
-        self.usage = Usage()
-        self.finish_reason: FinishReason | None = None
-        self.seconds = 0.0
-        self._cancelled = threading.Event()
-
-    @abstractmethod
-    def _pieces(self) -> Iterator[str]:
-        """Raw decoded text pieces from the backend, until it finishes or is cancelled."""
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def __iter__(self) -> Iterator[str]:
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        pending = ""
-        try:
-            for piece in self._pieces():
-                pending += piece
-                cut = _first_stop(pending, self.stop)
-                if cut is not None:
-                    yield from self._emit(pending[:cut])
-                    self.finish_reason = "stop"
-                    self.cancel()
-                    return
-                if len(pending) > hold:
-                    ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-                    yield from self._emit(ready)
-            yield from self._emit(pending)
-        finally:
-            if self.finish_reason is None and self.cancelled:
-                self.finish_reason = "cancelled"
-            self.cancel()
-            self._finish()
-
-    def _emit(self, text: str) -> Iterator[str]:
-        if text:
-            self.text += text
-            yield text
-
-    def _finish(self) -> None:  # noqa: B027 - optional for backends
-        """Release backend resources; called once iteration ends for any reason."""
-
-    def complete(self) -> Completion:
-        for _ in self:
-            pass
-        return Completion(
-            self.text, self.persona, self.finish_reason or "stop", self.usage, self.seconds
-        )
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
 
 class Engine(ABC):
     """A base model with persona adapters attached under their names."""

@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from hyperlex.engines.base import Engine, Generation, Layers, Message
+from hyperlex.engines.base import Engine
 from hyperlex.engines.models import BaseModel, base_source, resolve_base
 from hyperlex.errors import HyperlexError
-from hyperlex.generation import GenerationParams
+from hyperlex.generation import Generation, GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
 
 ENGINE_MODE = {"X-Hyperlex-Mode": "engine"}
@@ -195,3 +195,11 @@ def _context_length(source: str) -> int:
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     return int(getattr(config, "max_position_embeddings", 2048))
+
+
+def create_engine(personas: Sequence[Persona], base: BaseModel | str | None,
+                  base_url: str | None = None, **options: Any) -> OpenAIEngine:
+    """The registry's constructor (:func:`hyperlex.engines.registry.open_engine`)."""
+    if not base_url:
+        raise HyperlexError("the openai engine needs base_url, e.g. http://127.0.0.1:8000/v1")
+    return OpenAIEngine(personas, base_url, base=base, **options)

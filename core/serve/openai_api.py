@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperlex.engines.base import Message
-from hyperlex.generation import GenerationParams, InvalidParameter
+from hyperlex.generation import GenerationParams, InvalidParameter, Message
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # request field -> GenerationParams field

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from hyperlex.agent.controller import Controller, TurnStream, fit_reply
 from hyperlex.agent.router import DEFAULT_ROUTER
-from hyperlex.engines.base import Engine, Generation
+from hyperlex.engines.base import Engine
 from hyperlex.errors import ContextTooLong, HyperlexError
-from hyperlex.generation import GenerationParams
+from hyperlex.generation import Generation, GenerationParams
 from hyperlex.serve.openai_api import (
     ApiError,
     ChatRequest,

@@ -25,10 +25,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperlex.engines.base import Engine, Generation, Layers, Message
+from hyperlex.engines.base import Engine
 from hyperlex.engines.models import BaseModel, resolve_base
 from hyperlex.errors import HyperlexError
-from hyperlex.generation import GenerationParams
+from hyperlex.generation import Generation, GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
 
 INSTALL_HINT = "pip install 'hyperlex[llamacpp]'"
@@ -39,12 +39,6 @@ Composition = tuple[str | None, tuple[tuple[str, float], ...]]
 
 class LlamaCppUnavailable(HyperlexError):
     """llama-cpp-python is not installed."""
-
-
-def available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def _llama_cpp() -> Any:
@@ -375,3 +369,9 @@ def _chat_template(metadata: dict[str, str]) -> Any:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(source)
+
+
+def create_engine(personas: Sequence[Persona], base: BaseModel | str | None,
+                  **options: Any) -> LlamaCppEngine:
+    """The registry's constructor (:func:`hyperlex.engines.registry.open_engine`)."""
+    return LlamaCppEngine(personas, base=base, **options)

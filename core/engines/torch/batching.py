@@ -16,8 +16,15 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from hyperlex.engines.torch.generation import (
+    TorchGeneration,
+    eos_ids,
+    generate_kwargs,
+)
+from hyperlex.generation import finish_reason
+
 if TYPE_CHECKING:
-    from hyperlex.engines.torch.engine import TorchEngine, _TorchGeneration
+    from hyperlex.engines.torch.engine import TorchEngine
 
 
 class Scheduler:
@@ -26,11 +33,11 @@ class Scheduler:
     def __init__(self, engine: TorchEngine, max_batch: int):
         self.engine = engine
         self.max_batch = max(1, max_batch)
-        self._waiting: list[_TorchGeneration] = []
+        self._waiting: list[TorchGeneration] = []
         self._ready = threading.Condition()
         self._worker: threading.Thread | None = None
 
-    def submit(self, generation: _TorchGeneration) -> None:
+    def submit(self, generation: TorchGeneration) -> None:
         with self._ready:
             self._waiting.append(generation)
             if self._worker is None:
@@ -39,7 +46,7 @@ class Scheduler:
                 self._worker.start()
             self._ready.notify()
 
-    def _next(self) -> list[_TorchGeneration]:
+    def _next(self) -> list[TorchGeneration]:
         with self._ready:
             while not self._waiting:
                 self._ready.wait()
@@ -67,7 +74,7 @@ class Scheduler:
                 run_batch(self.engine, batch)
 
 
-def batch_key(generation: _TorchGeneration) -> Any:
+def batch_key(generation: TorchGeneration) -> Any:
     """What rows of one ``generate`` call must share (None: the turn runs alone)."""
     params = generation.params
     if generation.layers or params.seed is not None:
@@ -75,33 +82,24 @@ def batch_key(generation: _TorchGeneration) -> Any:
     return replace(params, max_new_tokens=0)
 
 
-def run_batch(engine: TorchEngine, generations: list[_TorchGeneration]) -> None:
-    import torch
-
-    from hyperlex.engines.torch.engine import _eos_ids, _generate_kwargs
-
+def run_batch(engine: TorchEngine, generations: list[TorchGeneration]) -> None:
     try:
         tokenizer = engine.tokenizer
-        input_ids, attention = engine._left_padded([g.prompt_ids for g in generations])
+        input_ids, attention = engine.left_padded([g.prompt_ids for g in generations])
         limits = [g.params.max_new_tokens for g in generations]
         params = replace(generations[0].params, max_new_tokens=max(limits))
-        rows_out = _Rows(generations, set(_eos_ids(tokenizer, engine._inner)), limits)
-        kwargs = _generate_kwargs(params, tokenizer)
+        rows_out = _Rows(generations, set(eos_ids(tokenizer, engine.inner_model)), limits)
+        kwargs = generate_kwargs(params, tokenizer)
         start = time.perf_counter()
-        with engine._lock, torch.inference_mode():
-            engine._generate_rows(input_ids, attention, [g.persona for g in generations],
-                                  streamer=rows_out, stopping_criteria=[rows_out], **kwargs)
+        engine.generate_rows(input_ids, attention, [g.persona for g in generations],
+                             streamer=rows_out, stopping_criteria=[rows_out], **kwargs)
         seconds = time.perf_counter() - start
         for i, generation in enumerate(generations):
             generation.usage.completion_tokens = rows_out.counts[i]
             generation.seconds = seconds
-            if generation.cancelled:
-                generation.finish_reason = generation.finish_reason or "cancelled"
-            elif rows_out.ended[i]:
-                generation.finish_reason = "stop"
-            else:
-                generation.finish_reason = "length" if rows_out.counts[i] >= limits[i] \
-                    else "stop"
+            generation.finish_reason = generation.finish_reason or finish_reason(
+                rows_out.counts[i], limits[i], ended=rows_out.ended[i],
+                cancelled=generation.cancelled)
     except BaseException as exc:  # re-raised in each consuming thread
         for generation in generations:
             generation.error = exc
@@ -114,7 +112,7 @@ class _Rows:
     """``generate``'s streamer and stopping criterion for a batch: hands each row's tokens to
     its generation until the row ends (end-of-turn token, its own length, or a cancel)."""
 
-    def __init__(self, generations: list[_TorchGeneration], eos: set[int], limits: list[int]):
+    def __init__(self, generations: list[TorchGeneration], eos: set[int], limits: list[int]):
         self.generations = generations
         self.eos = eos
         self.limits = limits

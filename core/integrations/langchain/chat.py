@@ -46,9 +46,9 @@ from langchain_core.runnables.config import merge_configs, run_in_executor
 from langchain_core.runnables.utils import ConfigurableFieldSpec
 from pydantic import Field, model_validator
 
-from hyperlex.engines.base import Engine, Generation, Layers, Message
+from hyperlex.engines.base import Engine
 from hyperlex.errors import HyperlexError, UnknownPersona
-from hyperlex.generation import GenerationParams, InvalidParameter
+from hyperlex.generation import Generation, GenerationParams, InvalidParameter, Layers, Message
 
 if TYPE_CHECKING:
     from hyperlex.agent.controller import Controller
