@@ -35,7 +35,7 @@ def encoded_batches(bundle: Path, tokenizer: Any, config: Any) -> list[list[tupl
     from hyperlex.training.train import encode_example
 
     persona = Persona.from_dir(bundle)
-    examples = [encode_example(tokenizer, persona.system_message(e.scene), e, config.max_length)
+    examples = [encode_example(tokenizer, persona, e, config.max_length)
                 for e in read_dataset(bundle / config.data)]
     random.Random(config.seed).shuffle(examples)
     size = config.batch_size

@@ -11,7 +11,13 @@ class ModelNotInstalled(HyperlexError):
     """The requested base model is not available on this machine."""
 
 
-class UnknownPersona(HyperlexError):
+class PersonaNotAvailable(HyperlexError, ValueError):
+    """A persona (or mood) that cannot answer: unknown, or installed but skipped (its adapter
+    was trained on another base, or failed to load). A ``ValueError`` too, which is what
+    LangChain code expects for a bad argument."""
+
+
+class UnknownPersona(PersonaNotAvailable):
     def __init__(self, name: str, installed: list[str], kind: str = "persona"):
         self.name = name
         self.installed = installed

@@ -10,17 +10,23 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as metadata
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from types import MappingProxyType, ModuleType
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from hyperlex import hookspecs
 from hyperlex.errors import UnknownPersona
 from hyperlex.persona.bundle import BundleError, Persona
+
+if TYPE_CHECKING:
+    import click
+
+    from hyperlex.agent.controller import Turn
+    from hyperlex.scene.model import Scene
 
 ENTRY_POINT_GROUP = "hyperlex"
 LOAD_ENV = "HYPERLEX_LOAD_PLUGINS"
@@ -216,26 +222,38 @@ class Host:
 
     # hooks called per command or per turn ------------------------------------------------------
 
-    def add_commands(self, cli: Any) -> None:
+    def add_commands(self, cli: click.Group) -> None:
         for _ in self._call_each("register_commands", cli=cli):
             pass
 
     def route_turn(
-        self, message: str, scene: Any, personas: list[str], current: str | None
+        self,
+        message: str,
+        scene: Scene | None,
+        personas: Mapping[str, Persona],
+        current: str | None,
     ) -> tuple[str, str] | None:
-        """The first plugin answer naming an installed persona, as (persona, plugin)."""
+        """The first ``route_turn`` answer naming one of ``personas``, as (persona, plugin).
+
+        The implementations are asked one at a time, in :meth:`_impls` order, and the first
+        valid answer ends the search: later implementations are not called. One that raises,
+        or answers with something that is not a key of ``personas``, is recorded as its
+        plugin's error and the next one is asked. (Pluggy's ``firstresult`` cannot do this: it
+        stops at the first exception and accepts any non-None answer.) Plugins get
+        ``personas`` as a read-only mapping in name order."""
+        view = MappingProxyType(dict(sorted(personas.items())))
         for plugin, answer in self._call_each(
-            "route_turn", message=message, scene=scene, personas=personas, current=current
+            "route_turn", message=message, scene=scene, personas=view, current=current
         ):
             if answer is None:
                 continue
-            if answer not in personas:
+            if not isinstance(answer, str) or answer not in view:
                 self._plugin_error(plugin, f"route_turn chose unknown persona {answer!r}")
                 continue
             return answer, plugin
         return None
 
-    def on_turn(self, turn: Any, scene: Any) -> None:
+    def on_turn(self, turn: Turn, scene: Scene) -> None:
         for _ in self._call_each("on_turn", turn=turn, scene=scene):
             pass
 

@@ -237,7 +237,7 @@ def heldout() -> list[Example]:
 def replies_at(engine, persona: Persona, scale: float) -> list[str]:
     engine.set_scale(persona.name, scale)
     try:
-        requests = [(persona_messages(persona, e), persona.name) for e in heldout()]
+        requests = [(persona_messages(persona, e, engine), persona.name) for e in heldout()]
         return [c.text.strip() for c in engine.generate_batch(requests, PARAMS)]
     finally:
         engine.set_scale(persona.name, 1.0)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from hyperlex import hookimpl
 from hyperlex.host import Host
+from hyperlex.persona.bundle import Persona
 from hyperlex.scene.model import Scene
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
@@ -136,11 +138,16 @@ def test_scene_encoders_and_routers_are_registered_by_name() -> None:
     assert "scene encoder 'nothing' from plugin 'p' skipped" in host.problems[0]
 
 
-def test_route_turn_answer_must_name_an_installed_persona() -> None:
+def speakers(root: Path, *names: str) -> dict[str, Persona]:
+    """What a TurnRouter hands the host: the personas that can answer, by name."""
+    return {name: Persona.from_dir(write_bundle(root, name, adapter_seed=None)) for name in names}
+
+
+def test_route_turn_answer_must_name_an_installed_persona(tmp_path: Path) -> None:
     class Confused:
         @hookimpl
         def route_turn(self, message, scene, personas, current):
-            return "nobody"
+            return "nobody" if "c" in message else ["not", "a", "name"]
 
     class Sensible:
         @hookimpl
@@ -149,9 +156,77 @@ def test_route_turn_answer_must_name_an_installed_persona() -> None:
 
     host = Host(extra_plugins={"confused": Confused(), "sensible": Sensible()},
                 entry_points=False)
-    assert host.route_turn("b?", Scene(), ["alpha", "beta"], None) == ("beta", "sensible")
-    assert host.route_turn("a?", Scene(), ["alpha", "beta"], None) is None
-    assert "route_turn chose unknown persona 'nobody'" in host.plugins["confused"].errors[0]
+    personas = speakers(tmp_path, "alpha", "beta")
+    # "sensible", registered last, is asked first; its answer means "confused" is not asked.
+    assert host.route_turn("b?", Scene(), personas, None) == ("beta", "sensible")
+    assert host.plugins["confused"].ok
+    assert host.route_turn("a?", Scene(), personas, None) is None
+    assert host.route_turn("c?", Scene(), personas, None) is None
+    assert host.plugins["confused"].errors == [
+        "route_turn chose unknown persona ['not', 'a', 'name']",
+        "route_turn chose unknown persona 'nobody'",
+    ]
+
+
+def test_route_turn_first_valid_answer_wins_and_later_plugins_are_not_asked(
+        tmp_path: Path) -> None:
+    """The host asks the implementations one at a time (pluggy's order: tryfirst, then the
+    last registered first, then trylast); one that raises or names an unavailable persona is
+    reported and skipped, and the first valid answer ends the search."""
+    asked: list[str] = []
+    seen: list[Mapping[str, Persona]] = []
+
+    class Raising:
+        @hookimpl(tryfirst=True)
+        def route_turn(self, message):
+            asked.append("raising")
+            raise RuntimeError("router broke")
+
+    class Deciding:
+        @hookimpl
+        def route_turn(self, message, personas):
+            asked.append("deciding")
+            seen.append(personas)
+            return "beta" if "beta" in message else None
+
+    class Abstaining:
+        @hookimpl
+        def route_turn(self, current):
+            asked.append("abstaining")
+            return None
+
+    class Unknown:
+        @hookimpl
+        def route_turn(self, personas):
+            asked.append("unknown")
+            return "nobody"
+
+    class Late:
+        @hookimpl(trylast=True)
+        def route_turn(self, scene):
+            asked.append("late")
+            return "alpha"
+
+    host = Host(extra_plugins={"raising": Raising(), "deciding": Deciding(),
+                               "abstaining": Abstaining(), "unknown": Unknown(),
+                               "late": Late()}, entry_points=False)
+    personas = speakers(tmp_path, "beta", "alpha")
+
+    assert host.route_turn("ask beta", Scene(), personas, "alpha") == ("beta", "deciding")
+    assert asked == ["raising", "unknown", "abstaining", "deciding"]  # "late" is not asked
+    assert host.plugins["raising"].errors == ["route_turn raised RuntimeError: router broke"]
+    assert host.plugins["unknown"].errors == ["route_turn chose unknown persona 'nobody'"]
+    assert host.plugins["deciding"].ok and host.plugins["late"].ok
+
+    asked.clear()
+    assert host.route_turn("anyone", None, personas, None) == ("alpha", "late")
+    assert asked == ["raising", "unknown", "abstaining", "deciding", "late"]
+
+    # ``personas`` is what routers get: name -> Persona, here in name order and read-only.
+    [mapping, _] = seen
+    assert list(mapping) == ["alpha", "beta"] and mapping["beta"] is personas["beta"]
+    with pytest.raises(TypeError):
+        mapping["gamma"] = personas["beta"]  # type: ignore[index]
 
 
 def test_plugin_with_an_unknown_hook_is_reported() -> None:

@@ -411,7 +411,7 @@ def test_memory_and_scene_persist_across_invocations_of_one_thread(engine, store
     assert second.response_metadata["persona"] == "beta"  # the thread's current persona
     assert second.response_metadata["reason"] == "continuing with the current persona"
     assert agent.invoke("hello", thread("other")).response_metadata["persona"] == "alpha"
-    controller = agent._threads["walk"].controller
+    controller = agent.threads["walk"].controller
     assert controller.history[:2] == [
         {"role": "user", "content": "remember the lighthouse"},
         {"role": "assistant", "content": first.content}]
@@ -437,7 +437,7 @@ def test_input_forms_and_history_seeding(engine, monkeypatch) -> None:
                                {"role": "assistant", "content": "first answer"},
                                {"role": "user", "content": "next"}]
     # an existing thread keeps its own history: earlier messages in the input are not used
-    history = list(agent._threads["seeded"].controller.history)
+    history = list(agent.threads["seeded"].controller.history)
     agent.invoke([HumanMessage("something else"), AIMessage("x"), HumanMessage("last")],
                  thread("seeded"))
     assert spy.last[0][1:] == [*history, {"role": "user", "content": "last"}]
@@ -452,7 +452,7 @@ def test_without_a_thread_id_nothing_is_remembered(engine, store) -> None:
     agent = make_agent(engine, store)
     agent.invoke("@beta hello")
     assert agent.invoke("hello").response_metadata["persona"] == "alpha"
-    assert store.sessions() == [] and agent._threads == {}
+    assert store.sessions() == [] and len(agent.threads) == 0
 
 
 def test_persona_and_mood_overrides_apply_to_one_call(engine, store, monkeypatch) -> None:

@@ -14,15 +14,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from hyperlex.agent.moods import mood_label, parse_mood
 from hyperlex.agent.router import DEFAULT_ROUTER, RouteDecision, TurnRouter
 from hyperlex.engines.base import Engine
-from hyperlex.errors import ContextTooLong, HyperlexError, UnknownPersona
+from hyperlex.errors import ContextTooLong, HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Message
 from hyperlex.host import Host
+from hyperlex.persona.prompt import build_prompt, system_message
 from hyperlex.scene.model import Scene
 
 if TYPE_CHECKING:
     from hyperlex.agent.store import Store
+    from hyperlex.persona.bundle import Persona
 
 
 
@@ -113,11 +116,7 @@ class Controller:
         return mood_label(self.mood)
 
     def _check(self, name: str) -> str:
-        if name in self.engine.personas:
-            return name
-        if name in self.engine.skipped:
-            raise HyperlexError(self.engine.skipped[name])
-        raise UnknownPersona(name, self.personas)
+        return self.engine.persona(name).name
 
     def pin(self, name: str | None) -> None:
         """Make ``name`` answer every turn until unpinned (``None``/"auto": route)."""
@@ -184,41 +183,27 @@ class Controller:
     def params_for(self, persona: str) -> GenerationParams:
         return self.engine.personas[persona].contract.params().updated(self.overrides, "-o")
 
+    def _prompt_mood(self, mood: tuple[str, float] | None) -> Persona | None:
+        return self.engine.moods[mood[0]] if mood is not None else None
+
     def system_message(self, persona: str, mood: tuple[str, float] | None = None) -> str:
         """The persona's contract with the scene; a prompt-only ``mood`` (default: the
         controller's) adds its own contract text."""
-        bundle = self.engine.personas[persona]
-        text = bundle.system_message(self.scene, self._count_text_tokens)
-        mood = mood or self.mood
-        if mood is not None:
-            layer = self.engine.moods[mood[0]]
-            if layer.adapter_dir is None:  # a prompt-only mood speaks through the prompt
-                text += "\n" + layer.system_message(self.scene, self._count_text_tokens)
-        return text
+        return system_message(self.engine.personas[persona], self.scene, self.engine,
+                              self._prompt_mood(mood or self.mood))
 
-    def _count_text_tokens(self, text: str) -> int:
-        return max(0, self.engine.count_tokens([{"role": "user", "content": text}]) - 4)
-
-    def _prompt(self, persona: str, message: str, params: GenerationParams,
-                mood: tuple[str, float] | None, instructions: str | None = None
-                ) -> list[Message]:
-        """System message (+ ``instructions``) + as much recent history as fits the context
-        window + the message."""
-        system_text = self.system_message(persona, mood)
-        if instructions:
-            system_text += "\n\n" + instructions
-        system = {"role": "system", "content": system_text}
-        user = {"role": "user", "content": message}
-        history = list(self.history)
-        while True:
-            messages = [system, *history, user]
-            fits = (
-                self.engine.count_tokens(messages) + params.max_new_tokens
-                <= self.engine.context_length
-            )
-            if fits or not history:
-                return messages
-            history = history[2:]
+    def prompt(self, persona: str, message: str, params: GenerationParams | None = None,
+               mood: tuple[str, float] | None = None, instructions: str | None = None
+               ) -> list[Message]:
+        """What ``persona`` gets for ``message`` now: the system message with the scene (+
+        ``instructions``), as much recent history as fits the context window with room for
+        the reply, and the message (:func:`hyperlex.persona.prompt.build_prompt`)."""
+        params = params or self.params_for(persona)
+        return build_prompt(self.engine.personas[persona], message, scene=self.scene,
+                            history=self.history, counter=self.engine,
+                            mood=self._prompt_mood(mood), extra=[instructions or ""],
+                            context_length=self.engine.context_length,
+                            reserve=params.max_new_tokens)
 
     def prefill(self) -> None:
         """Let the engine compute the next turn's prompt ahead, as far as it is known: the
@@ -256,7 +241,7 @@ class Controller:
         self.encode(decision.message, persona, index)
         adapter_mood = turn_mood and self.engine.moods[turn_mood[0]].adapter_dir is not None
         layers = [turn_mood] if adapter_mood else []
-        messages = self._prompt(persona, decision.message, params, turn_mood, instructions)
+        messages = self.prompt(persona, decision.message, params, turn_mood, instructions)
         try:
             params = fit_reply(self.engine, messages, params)
         except ContextTooLong:
@@ -288,30 +273,6 @@ def fit_reply(engine: Engine, messages: Sequence[Message],
     if room < 1:
         raise ContextTooLong(prompt_tokens, engine.context_length)
     return params if params.max_new_tokens <= room else replace(params, max_new_tokens=room)
-
-
-def parse_mood(moods: Mapping[str, Any], spec: str | None) -> tuple[str, float] | None:
-    """``NAME`` or ``NAME:WEIGHT`` (weight in (0, 2], default 1) -> (name, weight); None,
-    "off" or "none" -> None. Unknown moods and bad weights are a :class:`HyperlexError`."""
-    if spec is None or spec in ("off", "none"):
-        return None
-    name, _, weight_text = str(spec).partition(":")
-    if name not in moods:
-        raise UnknownPersona(name, list(moods), kind="mood")
-    try:
-        weight = float(weight_text) if weight_text else 1.0
-    except ValueError:
-        raise HyperlexError(f"mood weight in {spec!r} must be a number") from None
-    if not 0.0 < weight <= 2.0:
-        raise HyperlexError(f"mood weight in {spec!r} must be in (0, 2]")
-    return name, weight
-
-
-def mood_label(mood: tuple[str, float] | None) -> str | None:
-    if mood is None:
-        return None
-    name, weight = mood
-    return name if weight == 1.0 else f"{name}:{weight:g}"
 
 
 class TurnStream:

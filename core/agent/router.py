@@ -250,6 +250,13 @@ def _softmax(scores: Mapping[str, float], temperature: float) -> dict[str, float
     return {n: w / total for n, w in weights.items()}
 
 
+def check_router(host: Host, name: str | None) -> None:
+    """Refuse a router ``name`` no plugin registered (None or "none": no automatic router)."""
+    if name not in (None, "none") and name not in host.routers:
+        known = ", ".join(sorted(host.routers)) or "none"
+        raise HyperlexError(f"unknown router {name!r}; registered routers: {known}")
+
+
 class TurnRouter:
     """The routing order over one set of personas; ``router`` names a registered automatic
     router (None: none, so unaddressed turns stay with the current persona). The default
@@ -259,9 +266,7 @@ class TurnRouter:
                  router: str | None = DEFAULT_ROUTER):
         if router == DEFAULT_ROUTER and router not in host.routers:
             router = None
-        if router is not None and router not in host.routers:
-            known = ", ".join(sorted(host.routers)) or "none"
-            raise HyperlexError(f"unknown router {router!r}; registered routers: {known}")
+        check_router(host, router)
         self.host = host
         self.personas = personas
         self.router = router
@@ -282,7 +287,7 @@ class TurnRouter:
         if requested:
             name, rest = requested
             return RouteDecision(name, "request", f"asked for the {name} in words", rest)
-        chosen = self.host.route_turn(message, scene, names, current)
+        chosen = self.host.route_turn(message, scene, self.personas, current)
         if chosen:
             return RouteDecision(chosen[0], "hook",
                                  f"route_turn hook of plugin {chosen[1]!r}", message)

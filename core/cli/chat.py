@@ -7,6 +7,7 @@ import sys
 import click
 
 from hyperlex.cli.common import (
+    check_option,
     choose_backend,
     emit_json,
     engine_options,
@@ -86,6 +87,8 @@ def chat(
     shared scene, /mood NAME adds a mood layer, /help lists the rest.
     """
     from hyperlex.agent.controller import Controller
+    from hyperlex.agent.moods import parse_mood
+    from hyperlex.agent.router import check_router
     from hyperlex.agent.store import Store
     from hyperlex.cli.repl import ChatLoop
     from hyperlex.generation import parse_options
@@ -99,14 +102,8 @@ def chat(
         raise click.BadParameter(str(UnknownPersona(persona, speakers)), param_hint="'--persona'")
     if not speakers:
         raise HyperlexError("no personas are installed (agent plugins shows why plugins failed)")
-    moods = [n for n, p in installed.items() if p.is_mood]
-    if mood is not None and mood.partition(":")[0] not in (*moods, "off", "none"):
-        raise click.BadParameter(str(UnknownPersona(mood.partition(":")[0], moods, kind="mood")),
-                                 param_hint="'--mood'")
-    if router != "none" and router not in host.routers:
-        known = ", ".join(sorted(host.routers)) or "none"
-        raise click.BadParameter(f"unknown router {router!r}; registered routers: {known}",
-                                 param_hint="'--router'")
+    check_option("--mood", parse_mood, {n: p for n, p in installed.items() if p.is_mood}, mood)
+    check_option("--router", check_router, host, router)
     if no_store and session:
         raise click.UsageError("--session and --no-store contradict each other")
     if session is not None:

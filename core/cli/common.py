@@ -5,6 +5,7 @@ import from here, never from ``hyperlex.cli`` (only ``hyperlex.cli`` imports the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -126,6 +127,15 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     for reason in engine.skipped.values():
         warn(reason)
     return engine
+
+
+def check_option(option: str, check: Callable[..., Any], *args: Any) -> None:
+    """Run the library's own ``check`` of an option's value; its error, with its message,
+    becomes a usage error naming ``option``."""
+    try:
+        check(*args)
+    except HyperlexError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{option}'") from None
 
 
 def warm_up_encoders(host: Host) -> None:

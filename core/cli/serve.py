@@ -45,8 +45,16 @@ def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int
     an X-Conversation-Id header (or the 'user' field) to keep the scene across requests.
     Ctrl-C stops the server.
     """
+    from hyperlex.agent.router import check_router
     from hyperlex.agent.store import Store
-    from hyperlex.cli.common import choose_backend, get_host, open_engine, warm_up_encoders, warn
+    from hyperlex.cli.common import (
+        check_option,
+        choose_backend,
+        get_host,
+        open_engine,
+        warm_up_encoders,
+        warn,
+    )
     from hyperlex.generation import parse_options
     from hyperlex.serve.server import PersonaService, Server
 
@@ -54,10 +62,7 @@ def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int
     overrides = parse_options(options)
     for line in app.failures:
         warn(line)
-    if router != "none" and router not in app.routers:
-        known = ", ".join(sorted(app.routers)) or "none"
-        raise click.BadParameter(f"unknown router {router!r}; registered routers: {known}",
-                                 param_hint="'--router'")
+    check_option("--router", check_router, app, router)
     if not _loopback(host) and not api_key:
         warn(f"serving on {host} without --api-key: anyone who can reach this machine can use "
              "the personas")

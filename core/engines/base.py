@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.errors import PersonaNotAvailable, UnknownPersona
 from hyperlex.generation import Completion, Generation, GenerationParams, Layers, Message
 
 if TYPE_CHECKING:
@@ -41,13 +41,23 @@ class Engine(ABC):
             return False
         return True
 
-    def _check_persona(self, persona: str | None) -> None:
-        if persona is not None and persona not in self.personas:
-            if persona in self.skipped:
-                raise HyperlexError(self.skipped[persona])
-            raise UnknownPersona(persona, list(self.personas))
+    def persona(self, name: str, moods: bool = False) -> Persona:
+        """The bundle of speaking persona ``name`` (or of a mood, with ``moods``): the one
+        check, with the one message, that every entry point (chat, server, LangChain,
+        evaluation, inspection) makes. :class:`UnknownPersona`, or
+        :class:`PersonaNotAvailable` with the reason it was skipped."""
+        if name in self.personas:
+            return self.personas[name]
+        if moods and name in self.moods:
+            return self.moods[name]
+        if name in self.skipped:
+            raise PersonaNotAvailable(self.skipped[name])
+        raise UnknownPersona(name, list(self.personas) + (list(self.moods) if moods else []))
 
-    def _check_layers(self, layers: Layers) -> None:
+    def check_request(self, persona: str | None, layers: Layers = ()) -> None:
+        """Refuse a persona (None: the bare base) or a mood in ``layers`` this engine lacks."""
+        if persona is not None:
+            self.persona(persona)
         for name, _ in layers:
             if name not in self.moods:
                 raise UnknownPersona(name, list(self.moods), kind="mood")

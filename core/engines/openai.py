@@ -22,6 +22,7 @@ from hyperlex.engines.models import BaseModel, base_source, resolve_base
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
+from hyperlex.persona.prompt import ChatTemplateCounter
 
 ENGINE_MODE = {"X-Hyperlex-Mode": "engine"}
 
@@ -80,8 +81,7 @@ class OpenAIEngine(Engine):
     def stream(self, messages: Sequence[Message], persona: str | None,
                params: GenerationParams | None = None, stop: Sequence[str] = (),
                layers: Layers = ()) -> Generation:
-        self._check_persona(persona)
-        self._check_layers(layers)
+        self.check_request(persona, layers)
         if layers:
             raise HyperlexError(
                 "the openai backend sends one adapter per request: a mood adapter cannot be "
@@ -94,9 +94,7 @@ class OpenAIEngine(Engine):
                                  params or GenerationParams(), stop)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
-        encoded = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                      return_dict=True)
-        return len(encoded["input_ids"])
+        return ChatTemplateCounter(self._tokenizer).count_tokens(messages)
 
     @property
     def context_length(self) -> int:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.errors import HyperlexError
+from hyperlex.persona.prompt import system_message
 
 RATIO_LABEL = "||LoRA Δ|| / ||base||"
 _LAYER_NAME = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
@@ -145,17 +146,13 @@ def inspect_persona(engine: Any, persona: str | None, text: str, *, system: bool
 
     if not text.strip():
         raise HyperlexError("nothing to inspect: the text is empty")
-    if not hasattr(engine, "_lora_layers") or not hasattr(engine, "_inner"):
+    if not hasattr(engine, "lora_modules") or not hasattr(engine, "activate"):
         raise HyperlexError("inspecting adapters needs the torch engine")
-    mood = persona is not None and persona in getattr(engine, "moods", {})
-    if persona is not None and not mood:
-        engine._check_persona(persona)
-    bundle = None
-    if persona is not None:
-        bundle = engine.moods[persona] if mood else engine.personas[persona]
+    bundle = None if persona is None else engine.persona(persona, moods=True)
+    mood = bundle is not None and bundle.is_mood
     messages = []
     if system and bundle is not None and not mood:
-        messages.append({"role": "system", "content": bundle.system_message()})
+        messages.append({"role": "system", "content": system_message(bundle)})
     messages.append({"role": "user", "content": text})
     ids, start = _encode(engine.tokenizer, messages, text)
     if len(ids) > engine.context_length:
@@ -191,18 +188,15 @@ def inspect_persona(engine: Any, persona: str | None, text: str, *, system: bool
         return hook
 
     tokens = torch.tensor([ids])
-    with engine._lock, torch.inference_mode():
+    composition = (None, ((persona, 1.0),)) if mood else (persona, ())
+    with engine.activate(*composition) as model, torch.inference_mode():
         try:
             for key, (_, _, module) in enumerate(modules):
                 handles.append(module.base_layer.register_forward_hook(on_base(key)))
                 if adapter is not None and adapter in module.lora_B:
                     handles.append(module.lora_B[adapter].register_forward_hook(
                         on_lora(key, module)))
-            if mood:
-                engine._activate(None, ((persona, 1.0),))
-            else:
-                engine._activate(persona)
-            engine._inner(input_ids=tokens, attention_mask=torch.ones_like(tokens))
+            model(input_ids=tokens, attention_mask=torch.ones_like(tokens))
         finally:
             for handle in handles:
                 handle.remove()
@@ -246,8 +240,8 @@ _PROJECTION_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 def _modules(engine: Any) -> list[tuple[int, str, Any]]:
     """(decoder layer index, projection name, LoRA layer) for every LoRA linear layer."""
     found: list[tuple[int, str, Any]] = []
-    wanted = {id(m) for m in engine._lora_layers}
-    for name, module in engine._inner.named_modules():
+    wanted = {id(m) for m in engine.lora_modules}
+    for name, module in engine.inner_model.named_modules():
         if id(module) not in wanted or not hasattr(module, "base_layer") \
                 or not hasattr(module, "lora_B"):
             continue
@@ -437,12 +431,7 @@ def plot_compare(reports: Sequence[InspectReport], path: str | Path) -> Path:
 
 def check_adapters(engine: Any, personas: Sequence[str]) -> None:
     """Raise a clear error for a name the engine does not know or one with no adapter."""
-    known = dict(engine.personas) | dict(getattr(engine, "moods", {}))
     for name in personas:
-        if name not in known:
-            if name in engine.skipped:
-                raise HyperlexError(engine.skipped[name])
-            raise UnknownPersona(name, list(engine.personas))
-        if known[name].adapter_dir is None:
+        if engine.persona(name, moods=True).adapter_dir is None:
             raise HyperlexError(f"persona {name!r} has no adapter (it is prompt-only): there is "
                                 "no LoRA contribution to inspect")

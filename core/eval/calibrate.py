@@ -167,7 +167,7 @@ def calibrate(engine: Any, persona: Persona, heldout: Sequence[Example],
         embed = minilm_embedder()
     params = params or evaluation_params()
     classifier = PersonaClassifier(references, embed)
-    requests = [(persona_messages(persona, e), name) for e in examples]
+    requests = [(persona_messages(persona, e, engine), name) for e in examples]
     neutral = neutral_text()
     say("scoring neutral text on the bare base")
     base_neutral = _mean(engine.text_nll(t, None) for t in neutral)

@@ -24,6 +24,7 @@ from typing import Any
 from hyperlex.engines.embeddings import minilm_embedder
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
+from hyperlex.persona.prompt import TokenCounter, example_prompt
 from hyperlex.training.data import Example, read_dataset
 
 CONDITIONS = ("base", "prompted", "adapter")
@@ -121,10 +122,10 @@ def evaluation_params(max_new_tokens: int = 100) -> GenerationParams:
     return GenerationParams(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.1)
 
 
-def persona_messages(persona: Persona | None, example: Example) -> list[dict[str, str]]:
-    system = [] if persona is None else [{"role": "system",
-                                          "content": persona.system_message(example.scene)}]
-    return [*system, *example.history, {"role": "user", "content": example.human}]
+def persona_messages(persona: Persona | None, example: Example,
+                     counter: TokenCounter) -> list[dict[str, str]]:
+    """The record's prompt as a conversation builds it (``persona`` None: no system)."""
+    return example_prompt(persona, example, counter)
 
 
 def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[Example]],
@@ -144,7 +145,7 @@ def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[
             for condition in CONDITIONS:
                 contract = None if condition == "base" else personas[name]
                 active = name if condition == "adapter" else None
-                requests.append((persona_messages(contract, example), active))
+                requests.append((persona_messages(contract, example, engine), active))
                 owners.append((name, condition, example.human))
     replies: list[str] = []
     for start in range(0, len(requests), batch_size):
@@ -173,7 +174,7 @@ def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[
             contract = None if condition == "base" else personas[name]
             active = name if condition == "adapter" else None
             scores[condition] = _mean(
-                engine.reply_nll(persona_messages(contract, e), e.text, active)
+                engine.reply_nll(persona_messages(contract, e, engine), e.text, active)
                 for e in heldout[name])
         nll[name] = scores
         gains[name] = gain_recovery(scores["base"], scores["prompted"], scores["adapter"])

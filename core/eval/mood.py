@@ -85,7 +85,7 @@ def mood_shift(engine: Any, personas: dict[str, Persona], prompts: dict[str, lis
     identity: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, str]]] = {}
     for name in sorted(personas):
-        requests = [(persona_messages(personas[name], example), name)
+        requests = [(persona_messages(personas[name], example, engine), name)
                     for example in prompts[name]]
         replies: dict[str, list[str]] = {}
         for condition in CONDITIONS:

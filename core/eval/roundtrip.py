@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.scene import delta_sets, prf
+from hyperlex.persona.prompt import TokenCounter, build_prompt
 from hyperlex.scene.model import Delta, Scene, canonical_label
 
 if TYPE_CHECKING:
@@ -231,14 +232,15 @@ def scene_facts(scene: Scene) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def speaking_messages(persona: Persona, scene: Scene) -> list[dict[str, str]]:
+def speaking_messages(persona: Persona, scene: Scene,
+                      counter: TokenCounter | None = None) -> list[dict[str, str]]:
     """The chat a persona answers to speak ``scene``: its contract's system message with the
     whole scene (``scene_view`` all, no budget), then :data:`INSTRUCTION` with the facts."""
     contract = dataclasses.replace(persona.contract, scene_view="all",
                                    scene_budget=FULL_SCENE_BUDGET)
     speaker = dataclasses.replace(persona, contract=contract)
-    return [{"role": "system", "content": speaker.system_message(scene)},
-            {"role": "user", "content": INSTRUCTION.format(facts=scene_facts(scene))}]
+    return build_prompt(speaker, INSTRUCTION.format(facts=scene_facts(scene)), scene=scene,
+                        counter=counter)
 
 
 # scoring ------------------------------------------------------------------------------------
@@ -532,7 +534,7 @@ def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalSc
     requests, owners = [], []
     for name in names:
         for item in scenes:
-            requests.append((speaking_messages(personas[name], item.scene), name))
+            requests.append((speaking_messages(personas[name], item.scene, engine), name))
             owners.append((name, item))
     replies: list[str] = []
     for start in range(0, len(requests), batch_size):

@@ -23,13 +23,13 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from hyperlex.agent.controller import Controller, TurnStream, fit_reply
+from hyperlex.agent.conversations import Conversations
 from hyperlex.agent.router import DEFAULT_ROUTER
 from hyperlex.engines.base import Engine
 from hyperlex.errors import ContextTooLong, HyperlexError
@@ -114,8 +114,8 @@ class PersonaService:
         self.overrides = dict(overrides or {})
         self.max_conversations = max_conversations
         self.created = int(time.time())
-        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
-        self._lock = threading.Lock()
+        self.conversations: Conversations[_Conversation] = Conversations(
+            lambda name: _Conversation(self._controller(name)), max_conversations)
 
     def warm_up(self) -> None:
         """Load the automatic router (its embedding model, the personas' prototypes) in the
@@ -208,22 +208,7 @@ class PersonaService:
                           router=self.router, store=store, session=session)
 
     def _conversation(self, name: str) -> _Conversation:
-        with self._lock:
-            entry = self._conversations.get(name)
-            if entry is None:
-                entry = _Conversation(self._controller(name))
-                self._conversations[name] = entry
-                self._forget_idle()
-            self._conversations.move_to_end(name)
-            return entry
-
-    def _forget_idle(self) -> None:
-        """Keep at most ``max_conversations`` in memory; a stored one resumes from the store."""
-        for name in list(self._conversations):
-            if len(self._conversations) <= self.max_conversations:
-                return
-            if not self._conversations[name].lock.locked():
-                del self._conversations[name]
+        return self.conversations.get(name)
 
 
 def conversation_name(header: str | None, user: str | None) -> str | None:

@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hyperlex.engines.torch.engine import encode_exchange
+from hyperlex.engines.torch.generation import encode_exchange, pad_token_id
 from hyperlex.errors import HyperlexError
 from hyperlex.persona.bundle import BUNDLE_FILE, Persona, read_bundle_yaml, read_yaml
+from hyperlex.persona.prompt import ChatTemplateCounter, example_prompt
 from hyperlex.training.data import Example, read_dataset
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,11 +109,12 @@ def load_config(bundle: Path, overrides: dict[str, Any] | None = None) -> TrainC
                           "command line")
 
 
-def encode_example(tokenizer: Any, system: str, example: Example,
+def encode_example(tokenizer: Any, persona: Persona, example: Example,
                    max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids for one exchange, and labels that mask everything but the reply."""
-    prompt = [{"role": "system", "content": system}, *example.history,
-              {"role": "user", "content": example.human}]
+    """Token ids for one exchange, and labels that mask everything but the reply. The prompt
+    is the one a conversation gives ``persona`` (:func:`hyperlex.persona.prompt.example_prompt`,
+    scene budget counted with this tokenizer)."""
+    prompt = example_prompt(persona, example, ChatTemplateCounter(tokenizer))
     prompt_ids, full_ids = encode_exchange(tokenizer, prompt, example.text)
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
     return full_ids[:max_length], labels[:max_length]
@@ -234,10 +236,10 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_base(resolved, quantize="nf4" if config.qlora else None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
 
     def encode(items: list[Example], path: Path) -> list[tuple[list[int], list[int]]]:
-        encoded = [encode_example(tokenizer, persona.system_message(e.scene), e,
+        encoded = [encode_example(tokenizer, persona, e,
                                   config.max_length) for e in items]
         cut = [e.line for e, (_, labels) in zip(items, encoded, strict=True)
                if all(label == -100 for label in labels)]

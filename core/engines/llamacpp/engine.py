@@ -240,8 +240,7 @@ class LlamaCppEngine(Engine):
     # generation -----------------------------------------------------------------------------
 
     def _composition(self, persona: str | None, layers: Layers) -> Composition:
-        self._check_persona(persona)
-        self._check_layers(layers)
+        self.check_request(persona, layers)
         moods = tuple((n, float(w)) for n, w in layers if n in self._adapters)
         return (persona if persona in self._adapters else None, moods)
 

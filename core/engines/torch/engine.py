@@ -26,7 +26,7 @@ from hyperlex.engines.torch.generation import (
     generate_kwargs,
     pad_token_id,
 )
-from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.errors import HyperlexError
 from hyperlex.generation import (
     Completion,
     Generation,
@@ -134,12 +134,9 @@ class TorchEngine(Engine):
         """Multiply ``persona``'s (or a mood's) LoRA scaling by ``scale`` instead of its
         bundle's ``scale``, for this engine only (``agent eval calibrate`` sweeps it). The
         value is in (0, 2]; it holds across switches and composes with a mood's weight."""
+        self.persona(persona, moods=True)
         if persona not in self._unit_scalings:
-            if persona in self.skipped:
-                raise HyperlexError(self.skipped[persona])
-            if persona in self.personas or persona in self.moods:
-                raise HyperlexError(f"persona {persona!r} has no adapter to scale")
-            raise UnknownPersona(persona, [*self._unit_scalings])
+            raise HyperlexError(f"persona {persona!r} has no adapter to scale")
         try:
             value = check_scale(scale)
         except ValueError as exc:
@@ -201,6 +198,16 @@ class TorchEngine(Engine):
                 layer.unmerge()
         self._merged = None
         self._active = None
+
+    @property
+    def lora_modules(self) -> list[Any]:
+        """Every LoRA layer of the model (PEFT ``LoraLayer``), each holding every adapter."""
+        return list(self._lora_layers)
+
+    @property
+    def merged(self) -> str | None:
+        """The persona whose LoRA is folded into the base weights now (``merge=True``)."""
+        return self._merged
 
     @property
     def inner_model(self) -> Any:
@@ -266,8 +273,7 @@ class TorchEngine(Engine):
         stop: Sequence[str] = (),
         layers: Layers = (),
     ) -> Generation:
-        self._check_persona(persona)
-        self._check_layers(layers)
+        self.check_request(persona, layers)
         return TorchGeneration(self, messages, persona, params or GenerationParams(), stop,
                                 tuple(layers))
 
@@ -279,8 +285,7 @@ class TorchEngine(Engine):
         ``layers``, rows are grouped by persona and each group runs with its composition."""
         params = params or GenerationParams()
         for _, persona in requests:
-            self._check_persona(persona)
-        self._check_layers(layers)
+            self.check_request(persona, layers)
         if not layers:
             return self._batch(requests, params, None)
         results: dict[int, Completion] = {}

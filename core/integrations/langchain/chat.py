@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -46,9 +45,12 @@ from langchain_core.runnables.config import merge_configs, run_in_executor
 from langchain_core.runnables.utils import ConfigurableFieldSpec
 from pydantic import Field, model_validator
 
+from hyperlex.agent.conversations import Conversations
+from hyperlex.agent.moods import parse_mood
 from hyperlex.engines.base import Engine
-from hyperlex.errors import HyperlexError, UnknownPersona
+from hyperlex.errors import HyperlexError, PersonaNotAvailable
 from hyperlex.generation import Generation, GenerationParams, InvalidParameter, Layers, Message
+from hyperlex.persona.prompt import system_message
 
 if TYPE_CHECKING:
     from hyperlex.agent.controller import Controller
@@ -57,12 +59,6 @@ if TYPE_CHECKING:
     from hyperlex.persona.bundle import Persona
 
 __all__ = ["ChatPersona", "HyperlexAgent", "PersonaNotAvailable", "shared_engine"]
-
-
-class PersonaNotAvailable(HyperlexError, ValueError):
-    """A persona (or mood) the engine does not have: unknown, or installed but skipped (its
-    adapter was trained on another base, or failed to load). A ``ValueError`` too, which is
-    what LangChain code expects for a bad argument."""
 
 
 # --- the shared engine --------------------------------------------------------------------------
@@ -109,20 +105,12 @@ def _base_name(engine: Engine | None, base: str | None) -> str:
     return resolve_base(base).name
 
 
-def _check_persona(engine: Engine, name: str) -> Persona:
-    if name in engine.personas:
-        return engine.personas[name]
-    if name in engine.skipped:
-        raise PersonaNotAvailable(engine.skipped[name])
-    raise PersonaNotAvailable(str(UnknownPersona(name, list(engine.personas))))
-
-
 def _parse_mood(engine: Engine, spec: str | None) -> tuple[str, float] | None:
-    """The same rules as ``agent chat --mood``, raised as :class:`PersonaNotAvailable`."""
-    from hyperlex.agent.controller import parse_mood
-
+    """The same rules as ``agent chat --mood``; a bad weight is a ``ValueError`` too."""
     try:
         return parse_mood(engine.moods, spec)
+    except PersonaNotAvailable:
+        raise
     except HyperlexError as exc:
         raise PersonaNotAvailable(str(exc)) from None
 
@@ -332,7 +320,7 @@ class ChatPersona(BaseChatModel):
             raise ValueError(f"ChatPersona got unsupported option(s) {', '.join(unknown)}; "
                              f"per-call options: {', '.join(_CALL_OPTIONS)}, stop")
         name = options.get("persona", self.persona)
-        persona = _check_persona(engine, name)
+        persona = engine.persona(name)
         mood = _parse_mood(engine, options.get("mood", self.mood))
         settings = {k: getattr(self, k) for k in _SAMPLING}
         settings.update({k: v for k, v in options.items() if k in _SAMPLING})
@@ -356,10 +344,8 @@ class ChatPersona(BaseChatModel):
         if not dialog and not systems:
             raise ValueError("ChatPersona got no messages")
         if self.contract:
-            system = persona.system_message()
-            if mood is not None and engine.moods[mood[0]].adapter_dir is None:
-                system += "\n" + engine.moods[mood[0]].system_message()  # a prompt-only mood
-            systems.insert(0, system)
+            systems = [system_message(persona, None, engine,
+                                      engine.moods[mood[0]] if mood else None, systems)]
         head: list[Message] = [{"role": "system", "content": "\n\n".join(systems)}] \
             if systems else []
         return head + dialog
@@ -371,7 +357,7 @@ class ChatPersona(BaseChatModel):
         if tools:
             raise NotImplementedError("ChatPersona does not support tool calling")
         engine = self._get_engine()
-        persona = _check_persona(engine, self.persona)
+        persona = engine.persona(self.persona)
         prompt = self._prompt(engine, persona, _parse_mood(engine, self.mood), messages)
         return engine.count_tokens(prompt)
 
@@ -610,8 +596,7 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
         self._host = host
         self._store_spec = store
         self._store: Store | None = None
-        self._threads: OrderedDict[str, _Thread] = OrderedDict()
-        self._lock = threading.Lock()
+        self.threads: Conversations[_Thread] = Conversations(self._thread_for, max_threads)
 
     # configuration ---------------------------------------------------------------------------
 
@@ -679,19 +664,11 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
     def _thread(self, thread_id: Any) -> _Thread:
         if thread_id is None or thread_id == "":
             return self._new_thread(None)
-        key = str(thread_id)
-        with self._lock:
-            thread = self._threads.get(key)
-            if thread is None:
-                thread = self._new_thread(
-                    self.session_name(key) if self.store is not None else None)
-                self._threads[key] = thread
-            self._threads.move_to_end(key)
-            if self.store is not None:  # evicted threads resume from the store when seen again
-                idle = [k for k, t in self._threads.items() if not t.lock.locked()]
-                for stale in idle[: max(0, len(self._threads) - self.max_threads)]:
-                    del self._threads[stale]
-        return thread
+        # without a store an evicted thread would lose its history: keep them all
+        return self.threads.get(str(thread_id), evict=self.store is not None)
+
+    def _thread_for(self, key: str) -> _Thread:
+        return self._new_thread(self.session_name(key) if self.store is not None else None)
 
     # one turn --------------------------------------------------------------------------------
 
@@ -707,7 +684,7 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
                 controller.history = history
             choice = configurable.get("persona")
             if choice is not None and choice != "auto":
-                _check_persona(controller.engine, choice)
+                controller.engine.persona(choice)
             _parse_mood(controller.engine, configurable.get("mood"))
             try:
                 thread.engine.config = config
