@@ -213,3 +213,15 @@ def test_agent_chat_runs_on_llama_cpp_when_it_is_installed(real_home: Path) -> N
         env={**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_LOAD_PLUGINS": ""})
     assert done.returncode == 0, done.stderr
     assert "on llama.cpp..." in done.stderr and len(done.stdout.split()) > 5
+
+
+def test_the_philosopher_is_trained_evaluated_and_chatted_with_on_one_prompt(engine) -> None:
+    from hyperlex.eval.roundtrip import shipped_scenes
+    from hyperlex.host import Host
+    from tests.test_prompt import HISTORY, MESSAGE, three_prompts
+
+    scene = shipped_scenes()[0].scene
+    prompts = three_prompts(engine, Host(), "philosopher", scene, HISTORY, MESSAGE)
+    assert prompts["training"] == prompts["evaluation"] == prompts["chat"]
+    assert next(iter(scene.hyperlexemes.values())).label in engine.tokenizer.decode(
+        prompts["chat"])

@@ -181,5 +181,5 @@ def test_report_module_and_eval_help_stay_light() -> None:
 
 
 def test_the_shipped_routing_set_is_the_tests_set() -> None:
-    shipped = ROOT / "core" / "eval_data" / "routing.jsonl"
+    shipped = ROOT / "core" / "eval" / "data" / "routing.jsonl"
     assert shipped.read_text() == (ROOT / "tests" / "data" / "routing.jsonl").read_text()

@@ -267,6 +267,9 @@ class ScriptedEngine:
         self.by_facts = {INSTRUCTION.format(facts=scene_facts(s.scene)): s for s in scenes}
         self.calls: list[int] = []
 
+    def count_tokens(self, messages):  # the prompt builder budgets the scene with it
+        return sum(len(m["content"].split()) for m in messages)
+
     def generate_batch(self, requests, params=None, layers=()):
         assert params.temperature == 0 and not layers
         self.calls.append(len(requests))

@@ -295,7 +295,7 @@ def test_writer_waits_for_another_connection(db: Path):
         holding = threading.Event()
 
         def hold() -> None:
-            with first._transaction():
+            with first.transaction():
                 holding.set()
                 time.sleep(0.5)
 
@@ -321,7 +321,7 @@ CRASHER = textwrap.dedent(
         store.record_turn("crash", turn, '{"v": %d}' % i, i)
     # The 4th turn: take the write lock, write more than the page cache holds (so uncommitted
     # pages spill into the WAL file), then hang until killed.
-    with store._transaction() as conn:
+    with store.transaction() as conn:
         conn.execute(
             "INSERT INTO turns (session_id, idx, persona, user, reply, created_at) "
             "VALUES (1, 3, 'poet', 'u3', ?, 'now')", ("x" * 8_000_000,))

@@ -218,10 +218,13 @@ class Store:
         self.close()
 
     @contextmanager
-    def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run one transaction: BEGIN IMMEDIATE for writes (takes the write
-        lock up front, so reads inside see the state the writes apply to), BEGIN for reads
-        (one consistent snapshot)."""
+    def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run one transaction on the yielded connection: BEGIN IMMEDIATE
+        for writes (takes the write lock up front, so reads inside see the state the writes
+        apply to), BEGIN for reads (one consistent snapshot). It commits when the block ends
+        and rolls back if it raises. Every method here writes through it; use it for a
+        statement of your own that must be atomic with the database's other writers (while
+        it is held, other processes' writers wait up to ``BUSY_TIMEOUT_S``)."""
         with self._lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -240,7 +243,7 @@ class Store:
             raise self._too_new(version)
         if version == SCHEMA_VERSION:
             return
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             version = self._user_version()  # another process may have migrated meanwhile
             if version > SCHEMA_VERSION:
                 raise self._too_new(version)
@@ -293,7 +296,7 @@ class Store:
         for _ in range(100):
             candidate = name if name is not None else new_session_name()
             stamp = now()
-            with self._transaction() as conn:
+            with self.transaction() as conn:
                 cursor = conn.execute(
                     "INSERT INTO sessions (name, created_at, updated_at, persona, mood, meta) "
                     "VALUES (?, ?, ?, ?, ?, '{}') ON CONFLICT (name) DO NOTHING",
@@ -320,7 +323,7 @@ class Store:
             changes["mood"] = mood
         if meta is not UNSET:
             changes["meta"] = _dumps(meta or {})
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             session_id = self._session_id(conn, name)
             assignments = ", ".join(f"{column} = ?" for column in changes)
             conn.execute(
@@ -332,13 +335,13 @@ class Store:
 
     def sessions(self) -> list[SessionInfo]:
         """All sessions, most recently updated first."""
-        with self._transaction(write=False) as conn:
+        with self.transaction(write=False) as conn:
             rows = conn.execute(f"{_INFO_SELECT} ORDER BY s.updated_at DESC, s.id DESC").fetchall()
         return [_info_from_row(row) for row in rows]
 
     def session(self, name: str) -> SessionRecord:
         """The session with its turns and latest scene; unknown names list close matches."""
-        with self._transaction(write=False) as conn:
+        with self.transaction(write=False) as conn:
             session_id = self._session_id(conn, name)
             info = self._info(conn, session_id)
             turns = [
@@ -362,7 +365,7 @@ class Store:
 
     def delete_session(self, name: str) -> None:
         """Delete a session with its turns and scenes."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             session_id = self._session_id(conn, name)
             conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
@@ -389,7 +392,7 @@ class Store:
         """
         usage = turn.get("usage") or {}
         route = turn.get("route")
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             session_id = self._session_id(conn, session)
             stamp = now()
             idx = conn.execute(
