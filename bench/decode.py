@@ -21,17 +21,16 @@ def decode_rate(engine: Any, persona: str | None, new_tokens: int,
     ``repeats`` interleaved runs."""
     import torch
 
-    inputs = engine._encode(PROMPT)
+    inputs = engine.encode(PROMPT)
     pad = engine.tokenizer.pad_token_id
     pad = engine.tokenizer.eos_token_id if pad is None else pad
 
     def generate(count: int) -> float:
         start = time.perf_counter()
-        with torch.inference_mode():
-            engine._activate(persona)
-            engine._inner.generate(**inputs, max_new_tokens=count, min_new_tokens=count,
-                                   do_sample=False, temperature=None, top_p=None, top_k=None,
-                                   pad_token_id=pad)
+        with torch.inference_mode(), engine.activate(persona) as model:
+            model.generate(**inputs, max_new_tokens=count, min_new_tokens=count,
+                           do_sample=False, temperature=None, top_p=None, top_k=None,
+                           pad_token_id=pad)
         return time.perf_counter() - start
 
     generate(2)  # warm-up
@@ -44,20 +43,26 @@ def decode_rate(engine: Any, persona: str | None, new_tokens: int,
     return rate, {"tokens": new_tokens, "one_token_s": one, "n_tokens_s": many}
 
 
+def switch(engine: Any, persona: str | None) -> None:
+    """Switch the engine to ``persona`` (None: the bare base), as a turn would."""
+    with engine.activate(persona):
+        pass
+
+
 def active_persona_overhead(config: Config, cast: Cast) -> list[Row]:
     tokens = max(config.max_new_tokens, 8)
     engine = cast.engine(1)
     name = cast.personas(1)[0].name
     base, base_details = decode_rate(engine, None, tokens, config.repeats)
     unmerged, unmerged_details = decode_rate(engine, name, tokens, config.repeats)
-    engine._activate(None)
+    switch(engine, None)
     engine.merge = True
     start = time.perf_counter()
-    engine._activate(name)
+    switch(engine, name)
     merge_s = time.perf_counter() - start
     merged, merged_details = decode_rate(engine, name, tokens, config.repeats)
     start = time.perf_counter()
-    engine._activate(None)
+    switch(engine, None)
     unmerge_s = time.perf_counter() - start
     engine.merge = False
     details = {"persona": name, "base": base_details, "unmerged": unmerged_details,
@@ -114,7 +119,7 @@ def bandwidth_floor(config: Config, cast: Cast) -> list[Row]:
         label = quantize or dtype
         engine = TorchEngine([], base=config.base, dtype=dtype, quantize=quantize,
                              progress=False)
-        size = weight_bytes(engine._inner)
+        size = weight_bytes(engine.inner_model)
         rate, details = decode_rate(engine, None, tokens, config.repeats)
         floor = bandwidth / size
         measured.append((pid, label, rate, floor, {**details, "weight_bytes": size}))

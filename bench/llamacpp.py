@@ -23,57 +23,48 @@ def llama_decode_rate(engine: Any, persona: str | None, tokens: int,
     import numpy as np
 
     prompt = engine.encode(PROMPT)
-    slot = engine._slots.get()
     samples = []
-    try:
+    with engine.slot() as slot:
         for _ in range(repeats + 1):  # the first is a warm-up
-            engine._switch(slot, (persona, ()))
-            engine._prefill(slot, prompt)
+            slot.switch((persona, ()))
+            slot.prefill(prompt)
             start = time.perf_counter()
             for _ in range(tokens):
-                engine._decode(slot, [int(np.argmax(engine._logits(slot)))])
+                slot.decode([int(np.argmax(slot.logits()))])
             samples.append(tokens / (time.perf_counter() - start))
-    finally:
-        engine._slots.put(slot)
     return statistics.median(samples[1:]), samples[1:]
 
 
 def switch_seconds(engine: Any, names: list[str], calls: int) -> tuple[float, float]:
     """Median seconds of setting another persona's adapter on a context, and of the first
     one-token decode after a switch minus a decode without one (llama.cpp rebuilds its graph)."""
-    slot = engine._slots.get()
-    try:
+    with engine.slot() as slot:
         compositions = [(name, ()) for name in names]
-        engine._switch(slot, compositions[0])
-        engine._prefill(slot, engine.encode(PROMPT))
+        slot.switch(compositions[0])
+        slot.prefill(engine.encode(PROMPT))
         sets, after, plain = [], [], []
         for i in range(calls):
             composition = compositions[(i + 1) % len(compositions)]
             start = time.perf_counter()
-            engine._set_adapters(slot, composition)
+            slot.set_adapters(composition)
             sets.append(time.perf_counter() - start)
-            slot.composition = composition
             start = time.perf_counter()
-            engine._decode(slot, [slot.tokens[-1]])
+            slot.decode([slot.tokens[-1]])
             after.append(time.perf_counter() - start)
             start = time.perf_counter()
-            engine._decode(slot, [slot.tokens[-1]])
+            slot.decode([slot.tokens[-1]])
             plain.append(time.perf_counter() - start)
             if len(slot.tokens) > engine.context_length - 8:
-                engine._lib.llama_memory_seq_rm(engine._memory(slot), 0, 16, -1)
-                slot.tokens = slot.tokens[:16]
-        slot.composition = None  # the cache above is scratch: never reuse it for a turn
-        engine._lib.llama_memory_clear(engine._memory(slot), True)
-        slot.tokens = []
-    finally:
-        engine._slots.put(slot)
+                slot.truncate(16)
+        slot.forget()  # the cache above is scratch: never reuse it for a turn
     return statistics.median(sets), statistics.median(after) - statistics.median(plain)
 
 
 def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
-    from hyperlex.engines.llamacpp.engine import LlamaCppEngine, available
+    from hyperlex.engines.llamacpp.engine import LlamaCppEngine
+    from hyperlex.engines.registry import engine_entry
 
-    if not available():
+    if not engine_entry("llamacpp").available():
         note = "skipped: llama-cpp-python not installed (pip install 'hyperlex[llamacpp]')"
         return [Row(pid, what, target=target, note=note) for pid, what, target in (
             ("L1", "llama.cpp persona switch", "-"),

@@ -11,22 +11,28 @@ from bench.common import Config, Row, median_time
 
 
 def _switch_samples(engine: Any, names: list[str], calls: int) -> list[float]:
-    """Per-call seconds of hyperlex's switch, cycling through distinct personas (and the bare
-    base) so that no call is the no-op of re-activating the active one."""
+    """Per-call seconds of hyperlex's switch as a turn takes it (taking the engine, switching,
+    letting go), cycling through distinct personas (and the bare base) so that no call is the
+    no-op of re-activating the active one."""
     cycle = [*names, None]
     samples = []
     for i in range(calls):
         target = cycle[i % len(cycle)]
         start = time.perf_counter()
-        engine._activate(target)
+        with engine.activate(target):
+            pass
         samples.append(time.perf_counter() - start)
     return samples
 
 
 def _reset(engine: Any) -> None:
-    """After PEFT's own calls changed the active adapter behind the engine's back."""
-    engine._active = None
-    engine._activate(None)
+    """After PEFT's own calls changed the active adapter behind the engine's back: two
+    switches, the second never the no-op of re-activating what the engine thinks is active,
+    so the last one sets every LoRA layer to the bare base."""
+    some = next(n for n, p in engine.personas.items() if p.adapter_dir is not None)
+    for target in (some, None):
+        with engine.activate(target):
+            pass
 
 
 def _set_adapter_samples(engine: Any, names: list[str], calls: int) -> list[float]:
@@ -57,13 +63,13 @@ def _same_outputs(engine: Any, name: str) -> bool:
     ``set_adapter``."""
     import torch
 
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) % engine._inner.config.vocab_size
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) % engine.inner_model.config.vocab_size
     with torch.inference_mode():
         _reset(engine)
-        engine._activate(name)
-        ours = engine._inner(input_ids=ids).logits
-        engine.model.set_adapter(name)
-        theirs = engine._inner(input_ids=ids).logits
+        with engine.activate(name) as model:
+            ours = model(input_ids=ids).logits
+            engine.model.set_adapter(name)
+            theirs = model(input_ids=ids).logits
     _reset(engine)
     return bool(torch.equal(ours, theirs))
 
@@ -86,7 +92,7 @@ def switching(config: Config, cast: Cast) -> list[Row]:
     set_adapter = statistics.median(_set_adapter_samples(engine, names, set_calls))
     load_adapter = statistics.median(_load_adapter_samples(engine, cast, config.repeats))
     same = _same_outputs(engine, names[-1])
-    layers = len(engine._lora_layers)
+    layers = len(engine.lora_modules)
     engine = None
     cast.release()
     reload_s, _ = median_time(lambda: cast.build(0), max(1, min(config.repeats, 3)))

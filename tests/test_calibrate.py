@@ -103,9 +103,8 @@ def peft_logits(tiny_base: Path, adapter: Path, scale: float | None):
 def engine_logits(engine, persona: str | None, layers=()):
     import torch
 
-    with torch.no_grad():
-        engine._activate(persona, layers)
-        return engine._inner(**engine._encode(MESSAGES)).logits
+    with torch.no_grad(), engine.activate(persona, layers) as model:
+        return model(**engine.encode(MESSAGES)).logits
 
 
 def test_the_bundle_scale_is_applied_at_load_like_peft_scaling(
@@ -125,14 +124,15 @@ def test_the_bundle_scale_is_applied_at_load_like_peft_scaling(
     assert not torch.allclose(ours, full, atol=1e-4)
     assert not torch.allclose(ours, bare, atol=1e-4)
     # every LoRA layer of the adapter carries half of PEFT's alpha / r
-    layer = next(layer for layer, _ in engine._scalings["alpha"])
+    layer = next(layer for layer in engine.lora_modules if "alpha" in layer.scaling)
     assert layer.scaling["alpha"] == pytest.approx(0.5 * layer.lora_alpha["alpha"]
                                                    / layer.r["alpha"])
-    # PEFT's per-row adapter_names path (mixed batches) sees the scale too
+    # PEFT's per-row adapter_names path (mixed batches) sees the scale the engine's own
+    # switch sets (each turn alone)
     other = [{"role": "user", "content": "Tell me about the sea."}]
     requests = [(MESSAGES, "alpha"), (other, "alpha")]
     per_row = [c.text for c in engine.generate_batch([*requests, (other, None)], PARAMS)]
-    switched = [c.text for c in engine._batch(requests, PARAMS, ("alpha", ()))]
+    switched = [engine.generate(messages, persona, PARAMS).text for messages, persona in requests]
     assert per_row[:2] == switched and per_row[1] != per_row[2]
     unscaled = TorchEngine([Persona.from_dir(tiny_bundles["alpha"])], base=str(tiny_base),
                            progress=False)

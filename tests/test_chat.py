@@ -208,6 +208,26 @@ def test_pinned_persona_and_mood_are_part_of_the_session(engine, tmp_path) -> No
     assert make_controller(engine, store=Store(tmp_path / "db"), session="s").pinned is None
 
 
+def test_a_session_is_opened_with_one_write(engine, tmp_path, monkeypatch) -> None:
+    from hyperlex.agent.store import Store
+
+    store = Store(tmp_path / "db")
+    writes = []
+    transaction = store.transaction
+
+    def counted(write: bool = True):
+        writes.append(write)
+        return transaction(write)
+
+    monkeypatch.setattr(store, "transaction", counted)
+    created = make_controller(engine, persona="alpha", store=store)  # a new, generated name
+    assert writes.count(True) == 1 and created.session is not None
+    assert store.session(created.session).info.persona == "alpha"
+    writes.clear()
+    make_controller(engine, persona="alpha", store=store, session=created.session)
+    assert writes.count(True) == 1  # resumed as saved: nothing to change
+
+
 def test_unknown_mood_is_a_clear_error(engine) -> None:
     from hyperlex.errors import HyperlexError
 

@@ -45,19 +45,17 @@ def test_each_persona_changes_the_output_and_switching_back_restores_it(engine) 
 def test_fast_switch_matches_peft_set_adapter(engine) -> None:
     import torch
 
-    inputs = engine._encode(MESSAGES)
+    inputs = engine.encode(MESSAGES)
     for persona in ("alpha", "beta"):
-        with torch.no_grad():
-            engine._activate(persona)
-            ours = engine._inner(**inputs).logits
+        with torch.no_grad(), engine.activate(persona) as model:
+            ours = model(**inputs).logits
             engine.model.set_adapter(persona)
             reference = engine.model(**inputs).logits
         torch.testing.assert_close(ours, reference)
     with torch.no_grad(), engine.model.disable_adapter():
         bare = engine.model(**inputs).logits
-    engine._activate(None)
-    with torch.no_grad():
-        torch.testing.assert_close(engine._inner(**inputs).logits, bare)
+    with torch.no_grad(), engine.activate(None) as model:
+        torch.testing.assert_close(model(**inputs).logits, bare)
 
 
 def _peft_reference_logits(tiny_base: Path, bundles: list[Path], inputs) -> dict[str, object]:
@@ -107,12 +105,11 @@ def test_adapters_attached_in_one_pass_equal_peft_load_adapter(
     engine = TorchEngine([Persona.from_dir(b) for b in order], base=str(tiny_base),
                          progress=False)
     assert not engine.skipped
-    inputs = engine._encode(MESSAGES)
+    inputs = engine.encode(MESSAGES)
     reference = _peft_reference_logits(tiny_base, order, inputs)
     for bundle in order:
-        engine._activate(bundle.name)
-        with torch.no_grad():
-            torch.testing.assert_close(engine._inner(**inputs).logits, reference[bundle.name],
+        with torch.no_grad(), engine.activate(bundle.name) as model:
+            torch.testing.assert_close(model(**inputs).logits, reference[bundle.name],
                                        rtol=0, atol=0, msg=bundle.name)
 
 
@@ -214,7 +211,7 @@ def test_bfloat16_base_runs_the_same_personas(tiny_base: Path,
 
     engine = TorchEngine([Persona.from_dir(tiny_bundles["alpha"])], base=str(tiny_base),
                          dtype="bfloat16")
-    assert engine._inner.dtype == torch.bfloat16
+    assert engine.inner_model.dtype == torch.bfloat16
     assert engine.generate(MESSAGES, "alpha", GREEDY).usage.completion_tokens > 0
 
 
@@ -238,12 +235,11 @@ def test_bfloat16_adapter_stays_bfloat16_resident_and_agrees_with_float32(
     sizes = engine.adapter_bytes()
     assert sizes["halved"] * 2 == sizes["alpha"]
     assert sizes["__base__"] > sizes["alpha"]
-    inputs = engine._encode(MESSAGES)
+    inputs = engine.encode(MESSAGES)
     logits = {}
     for persona in ("alpha", "halved"):
-        engine._activate(persona)
-        with torch.no_grad():
-            logits[persona] = engine._inner(**inputs).logits
+        with torch.no_grad(), engine.activate(persona) as model:
+            logits[persona] = model(**inputs).logits
     torch.testing.assert_close(logits["halved"], logits["alpha"], atol=0.05, rtol=0.05)
 
 
@@ -283,16 +279,16 @@ def test_a_mood_is_a_layer_not_a_persona(mood_engine) -> None:
 def test_a_mood_layer_adds_its_adapter_on_top_of_the_persona(mood_engine) -> None:
     import torch
 
-    inputs = mood_engine._encode(MESSAGES)
+    inputs = mood_engine.encode(MESSAGES)
     with torch.no_grad():
-        mood_engine._activate("alpha", [("gloom", 1.0)])
-        composed = mood_engine._inner(**inputs).logits
-        mood_engine.model.base_model.set_adapter(["alpha", "gloom"])
-        reference = mood_engine.model(**inputs).logits
-        mood_engine._activate("alpha", [("gloom", 0.5)])
-        half = mood_engine._inner(**inputs).logits
-        mood_engine._activate("alpha")
-        alone = mood_engine._inner(**inputs).logits
+        with mood_engine.activate("alpha", [("gloom", 1.0)]) as model:
+            composed = model(**inputs).logits
+            mood_engine.model.base_model.set_adapter(["alpha", "gloom"])
+            reference = mood_engine.model(**inputs).logits
+        with mood_engine.activate("alpha", [("gloom", 0.5)]) as model:
+            half = model(**inputs).logits
+        with mood_engine.activate("alpha") as model:
+            alone = model(**inputs).logits
     torch.testing.assert_close(composed, reference)
     assert not torch.allclose(composed, alone, atol=1e-4)
     assert not torch.allclose(half, composed, atol=1e-4)
@@ -320,19 +316,18 @@ def test_merged_persona_gives_the_unmerged_logits_and_switching_restores_the_bas
 
     personas = [Persona.from_dir(path) for path in tiny_bundles.values()]
     merged = TorchEngine(personas, base=str(tiny_base), progress=False, merge=True)
-    inputs = engine._encode(MESSAGES)
+    inputs = engine.encode(MESSAGES)
 
     def logits(which, persona):
-        which._activate(persona)
-        with torch.no_grad():
-            return which._inner(**inputs).logits
+        with torch.no_grad(), which.activate(persona) as model:
+            return model(**inputs).logits
 
     for _ in range(20):  # many switches: the base must not drift
         for persona in ("alpha", "beta", None):
             torch.testing.assert_close(logits(merged, persona), logits(engine, persona),
                                        rtol=1e-4, atol=1e-4, msg=str(persona))
-    merged._activate("alpha")
-    assert merged._merged == "alpha"
+    with merged.activate("alpha"):
+        assert merged.merged == "alpha"
     requests = [(MESSAGES, "alpha"), (MESSAGES, "beta"), (MESSAGES, None)]
     assert [c.text for c in merged.generate_batch(requests, GREEDY)] == \
         [c.text for c in engine.generate_batch(requests, GREEDY)]

@@ -53,7 +53,7 @@ def test_prompts_are_the_tokens_transformers_would_feed(engine, torch_engine) ->
     history = [*MESSAGES, {"role": "assistant", "content": "It passes."},
                {"role": "user", "content": "And space? ünïcode, 42"}]
     for messages in (MESSAGES, history, MESSAGES[1:]):
-        expected = torch_engine._encode(messages)["input_ids"][0].tolist()
+        expected = torch_engine.encode(messages)["input_ids"][0].tolist()
         assert engine.encode(messages) == expected
     assert engine.count_tokens(MESSAGES) == torch_engine.count_tokens(MESSAGES)
 
@@ -93,8 +93,10 @@ def test_a_conversation_switching_personas_equals_fresh_runs(tiny_base: Path, bu
 
 
 def test_returning_to_a_persona_prefills_only_what_was_added(engine, monkeypatch) -> None:
+    from hyperlex.engines.llamacpp.engine import Slot
+
     decoded: list[int] = []
-    original = engine._decode
+    original = Slot.decode
 
     def counting(slot, tokens):
         decoded.append(len(tokens))
@@ -104,7 +106,7 @@ def test_returning_to_a_persona_prefills_only_what_was_added(engine, monkeypatch
     first = [MESSAGES[0], {"role": "user", "content": "A question for alpha."}]
     engine.generate(first, "alpha", params)
     engine.generate([MESSAGES[0], {"role": "user", "content": "Now beta."}], "beta", params)
-    monkeypatch.setattr(engine, "_decode", counting)
+    monkeypatch.setattr(Slot, "decode", counting)
     later = [*first, {"role": "assistant", "content": "x"}, {"role": "user", "content": "More."}]
     engine.generate(later, "alpha", params)
     # alpha's cache came back: only the new tail of the prompt is decoded, not all of it
@@ -159,18 +161,20 @@ def test_unknown_persona_and_missing_library_are_clear_errors(engine, monkeypatc
 
 
 def test_prefill_ahead_leaves_only_the_new_message_to_decode(engine, monkeypatch) -> None:
+    from hyperlex.engines.llamacpp.engine import Slot
+
     decoded: list[int] = []
-    original = engine._decode
+    original = Slot.decode
     system = {"role": "system", "content": "You are a test. Scene: a long-prepared prefix."}
     engine.prefill([system], "beta")
-    monkeypatch.setattr(engine, "_decode",
+    monkeypatch.setattr(Slot, "decode",
                         lambda slot, tokens: decoded.append(len(tokens)) or original(slot, tokens))
     messages = [system, {"role": "user", "content": "Hi"}]
     reply = engine.generate(messages, "beta", GenerationParams(temperature=0, max_new_tokens=1))
     ahead = len(engine.encode([system], add_generation_prompt=False))
     assert decoded[0] <= engine.count_tokens(messages) - ahead + 1 < engine.count_tokens(messages)
     monkeypatch.undo()
-    engine._slots.queue[0].composition = None  # forget: a fresh run must give the same reply
-    engine._slots.queue[0].saved.clear()
+    with engine.slot() as slot:  # the engine's one context
+        slot.forget()  # a fresh run must give the same reply
     assert reply.text == engine.generate(messages, "beta", GenerationParams(
         temperature=0, max_new_tokens=1)).text

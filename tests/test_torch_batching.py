@@ -68,8 +68,26 @@ def engine_busy(engine) -> Iterator[None]:
         running.join()
 
 
-def wait_for_queue(engine, count: int) -> None:
-    while len(engine._scheduler._waiting) < count:
+@contextlib.contextmanager
+def counting_submits(engine) -> Iterator[list[object]]:
+    """Each turn handed to the engine's scheduler, once it waits there (the scheduler is busy
+    with the blocker of :func:`engine_busy` and starts none of them meanwhile)."""
+    submitted: list[object] = []
+    submit = engine.scheduler.submit
+
+    def counting(generation) -> None:
+        submit(generation)
+        submitted.append(generation)
+
+    engine.scheduler.submit = counting
+    try:
+        yield submitted
+    finally:
+        del engine.scheduler.submit  # the class's method again
+
+
+def wait_for_queue(submitted: list[object], count: int) -> None:
+    while len(submitted) < count:
         threading.Event().wait(0.005)
 
 
@@ -77,10 +95,10 @@ def while_busy(engine, turns):
     """Start ``turns`` (persona, params) while the engine is busy; return them finished."""
     generations = [engine.stream(QUESTION, persona, params) for persona, params in turns]
     threads = [threading.Thread(target=g.complete) for g in generations]
-    with engine_busy(engine):
+    with engine_busy(engine), counting_submits(engine) as submitted:
         for thread in threads:
             thread.start()
-        wait_for_queue(engine, len(turns))
+        wait_for_queue(submitted, len(turns))
     for thread in threads:
         thread.join()
     return generations
@@ -121,10 +139,10 @@ def test_cancelling_one_row_leaves_the_others(engine, batches) -> None:
 
     threads = [threading.Thread(target=leave_after_one_piece),
                threading.Thread(target=staying.complete)]
-    with engine_busy(engine):
+    with engine_busy(engine), counting_submits(engine) as submitted:
         for thread in threads:
             thread.start()
-        wait_for_queue(engine, 2)
+        wait_for_queue(submitted, 2)
     for thread in threads:
         thread.join()
     assert batches == [2]

@@ -82,8 +82,10 @@ class Controller:
     ):
         """``persona`` pins a persona ("auto": route; None: route, or keep the persona a resumed
         session had pinned). ``router`` names a registered router (None: no automatic
-        routing). With ``store`` and ``session`` the conversation is saved turn by turn and an
-        existing session resumes with its history, scene, pinned persona and mood."""
+        routing). With ``store`` the conversation is saved turn by turn as ``session`` (None:
+        a new session with a generated name, then in ``self.session``); an existing session
+        resumes with its history, scene, pinned persona and mood. The session is opened once,
+        with the persona and mood asked for, before anything else is written."""
         self.host = host
         self.engine = engine
         self.overrides = dict(overrides or {})
@@ -98,12 +100,13 @@ class Controller:
         self.store = store
         self.session = session
         self.turn_router = TurnRouter(host, engine.personas, router)
-        if store is not None and session is not None:
-            self._resume(persona, mood)
         if persona is not None:
-            self.pin(persona)
+            self.pinned = None if persona == "auto" else self._check(persona)
+            self.current = self.pinned
         if mood is not None:
-            self.set_mood(mood)
+            self.mood = parse_mood(self.engine.moods, mood)
+        if store is not None:
+            self._open_session(persona, mood)
 
     # state -----------------------------------------------------------------------------------
 
@@ -135,14 +138,23 @@ class Controller:
         if self.store is not None and self.session is not None:
             self.store.update_session(self.session, persona=self.pinned, mood=self.mood_label)
 
-    def _resume(self, persona: str | None, mood: str | None) -> None:
-        assert self.store is not None and self.session is not None
-        record = self.store.open_session(
-            self.session, persona=None if persona == "auto" else persona, mood=mood)
+    def _open_session(self, persona: str | None, mood: str | None) -> None:
+        """Create the session with the pinned persona and mood, or resume it: its history and
+        scene, and its persona and mood where none was asked for. An existing session whose
+        saved persona or mood differs from the one asked for is updated (one write)."""
+        assert self.store is not None
+        record = self.store.open_session(self.session, persona=self.pinned,
+                                         mood=self.mood_label)
+        self.session = record.info.name
+        asked = {"persona": self.pinned} if persona is not None else {}
+        if mood is not None:
+            asked["mood"] = self.mood_label
         for saved in record.turns:
             self.history += [{"role": "user", "content": saved["user"]},
                              {"role": "assistant", "content": saved["reply"]}]
             self.current = saved["persona"] if saved["persona"] in self.engine.personas else None
+        if self.pinned is not None:
+            self.current = self.pinned
         self.first_index = len(record.turns)
         scene = record.latest_scene()
         if scene is not None:
@@ -151,9 +163,12 @@ class Controller:
             self.pinned = self.current = record.info.persona
         if mood is None and record.info.mood:
             try:
-                self.set_mood(record.info.mood)
+                self.mood = parse_mood(self.engine.moods, record.info.mood)
             except HyperlexError as exc:
                 self.host.report(f"session {self.session!r}: mood not restored: {exc}")
+        changed = {k: v for k, v in asked.items() if getattr(record.info, k) != v}
+        if changed:
+            self.store.update_session(self.session, **changed)
 
     # routing ---------------------------------------------------------------------------------
 

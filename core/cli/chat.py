@@ -121,15 +121,12 @@ def chat(
 
     engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen,
                          base_url=base_url, api_key=api_key_from(api_key_env))
-    store = None if no_store else Store()
-    if store is not None and session is None:
-        session = store.open_session().info.name
     controller = Controller(host, engine, persona=persona, overrides=overrides,
                             router=None if router == "none" else router, mood=mood,
-                            store=store, session=session)
-    if session is not None:
+                            store=None if no_store else Store(), session=session)
+    if controller.session is not None:
         resumed = f", resumed at turn {controller.first_index}" if controller.first_index else ""
-        click.echo(f"session {session}{resumed}", err=True)
+        click.echo(f"session {controller.session}{resumed}", err=True)
     if chosen == "llamacpp":
         controller.prefill()
     loop = ChatLoop(controller, as_json=as_json)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hyperlex.errors import HyperlexError
+from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.fidelity import (
     TARGETS,
     PersonaClassifier,
@@ -178,11 +179,9 @@ def calibrate(engine: Any, persona: Persona, heldout: Sequence[Example],
     try:
         for scale in sweep:
             engine.set_scale(name, scale)
-            replies: list[str] = []
-            for start in range(0, len(requests), batch_size):
-                chunk = requests[start:start + batch_size]
-                replies += [c.text.strip() for c in engine.generate_batch(chunk, params)]
-                say(f"scale {scale:g}: generated {len(replies)}/{len(requests)}")
+            replies = generate_replies(
+                engine, requests, params, batch_size,
+                lambda done, total, scale=scale: say(f"scale {scale:g}: generated {done}/{total}"))
             hits = sum(p == name for p in classifier.predict(replies))
             nll = _mean(engine.reply_nll(m, e.text, name)
                         for (m, _), e in zip(requests, examples, strict=True))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperlex.engines.embeddings import minilm_embedder
+from hyperlex.eval.batched import generate_replies
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
 from hyperlex.persona.prompt import TokenCounter, example_prompt
@@ -147,11 +148,8 @@ def fidelity(engine: Any, personas: dict[str, Persona], heldout: dict[str, list[
                 active = name if condition == "adapter" else None
                 requests.append((persona_messages(contract, example, engine), active))
                 owners.append((name, condition, example.human))
-    replies: list[str] = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
-        replies += [c.text.strip() for c in engine.generate_batch(chunk, params)]
-        say(f"generated {len(replies)}/{len(requests)}")
+    replies = generate_replies(engine, requests, params, batch_size,
+                               lambda done, total: say(f"generated {done}/{total}"))
 
     f1, confusion, samples = {}, {}, {n: [] for n in names}
     for condition in CONDITIONS:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.fidelity import PersonaClassifier, evaluation_params, persona_messages
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
@@ -90,11 +91,8 @@ def mood_shift(engine: Any, personas: dict[str, Persona], prompts: dict[str, lis
         replies: dict[str, list[str]] = {}
         for condition in CONDITIONS:
             layers = [(mood, weight)] if condition == "persona+mood" else []
-            replies[condition] = []
-            for start in range(0, len(requests), batch_size):
-                chunk = requests[start:start + batch_size]
-                replies[condition] += [c.text.strip() for c in
-                                       engine.generate_batch(chunk, params, layers=layers)]
+            replies[condition] = generate_replies(engine, requests, params, batch_size,
+                                                  layers=layers)
             say(f"{name}: {condition}: {len(replies[condition])} replies")
         valence[name], tone[name], identity[name] = {}, {}, {}
         for condition, texts in replies.items():

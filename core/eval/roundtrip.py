@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hyperlex.errors import HyperlexError
+from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.scene import delta_sets, prf
 from hyperlex.persona.prompt import TokenCounter, build_prompt
 from hyperlex.scene.model import Delta, Scene, canonical_label
@@ -536,11 +537,8 @@ def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalSc
         for item in scenes:
             requests.append((speaking_messages(personas[name], item.scene, engine), name))
             owners.append((name, item))
-    replies: list[str] = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
-        replies += [c.text.strip() for c in engine.generate_batch(chunk, params)]
-        say(f"generated {len(replies)}/{len(requests)}")
+    replies = generate_replies(engine, requests, params, batch_size,
+                               lambda done, total: say(f"generated {done}/{total}"))
     say("reading the replies back")
     deltas = _encode_all(encoder, replies)
 

@@ -11,18 +11,21 @@ would silently answer for another. Each context therefore remembers under which 
 the cache's state (``llama_state_seq_get_data``) under the old composition, clears it, and
 restores what the new composition last left (if anything); then only the tokens that differ
 from what is cached are prefilled. A small pool of contexts serves concurrent turns; one
-context never runs two turns at once.
+context never runs two turns at once. :meth:`LlamaCppEngine.slot` checks a context out of the
+pool as a :class:`Slot`, whose steps (switch, prefill, decode, logits) are the ones a turn
+takes; benchmarks and tests drive them directly.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import queue
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from hyperlex.engines.base import Engine
@@ -50,15 +53,108 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
-@dataclass
-class _Slot:
-    """One llama.cpp context and what its KV cache holds."""
+class Slot:
+    """One llama.cpp context of an engine's pool and what its KV cache holds: the tokens
+    (``tokens``), the composition they were computed under (``composition``; None: nothing
+    that a turn may reuse) and the states kept aside for other compositions (``saved``).
+    Check one out with :meth:`LlamaCppEngine.slot`; only the holder may use it."""
 
-    ctx: Any
-    composition: Composition | None = None
-    tokens: list[int] = field(default_factory=list)  # the tokens whose KV is cached
-    saved: OrderedDict[Composition, tuple[bytes, list[int]]] = field(
-        default_factory=OrderedDict)
+    def __init__(self, engine: LlamaCppEngine, ctx: Any):
+        # a proxy, not a reference: no cycle, so a dropped engine frees llama.cpp's memory
+        self._engine = weakref.proxy(engine)
+        self.ctx = ctx
+        self.composition: Composition | None = None
+        self.tokens: list[int] = []  # the tokens whose KV is cached
+        self.saved: OrderedDict[Composition, tuple[bytes, list[int]]] = OrderedDict()
+
+    def _memory(self) -> Any:
+        return self._engine._lib.llama_get_memory(self.ctx)
+
+    def set_adapters(self, composition: Composition) -> None:
+        """Set the adapters of ``composition`` ((persona, ((mood, weight), ...))) on the
+        context at their scales, and nothing else: the cache is left as it is (a turn calls
+        :meth:`switch`, which keeps cache and composition together)."""
+        engine = self._engine
+        persona, moods = composition
+        names = ([persona] if persona in engine._adapters else []) + [m for m, _ in moods]
+        scales = ([engine.scales[persona]] if persona in engine._adapters else []) + [
+            engine.scales[m] * weight for m, weight in moods]
+        adapters = (engine._lib.llama_adapter_lora_p_ctypes * len(names))(
+            *[engine._adapters[n] for n in names])
+        values = (ctypes.c_float * len(names))(*scales)
+        if engine._lib.llama_set_adapters_lora(self.ctx, adapters, len(names), values) != 0:
+            raise HyperlexError(f"llama.cpp refused the adapters {names}")
+
+    def switch(self, composition: Composition) -> None:
+        """Make the cache belong to ``composition``: keep the old composition's cache aside,
+        restore the new one's (or start empty) and set its adapters."""
+        if self.composition == composition:
+            return
+        lib = self._engine._lib
+        if self.composition is not None and self.tokens:
+            size = lib.llama_state_seq_get_size(self.ctx, 0)
+            buffer = (ctypes.c_uint8 * size)()
+            written = lib.llama_state_seq_get_data(self.ctx, buffer, size, 0)
+            self.saved[self.composition] = (bytes(buffer[:written]), self.tokens)
+            self.saved.move_to_end(self.composition)
+            while len(self.saved) > SAVED_STATES:
+                self.saved.popitem(last=False)
+        lib.llama_memory_clear(self._memory(), True)
+        self.tokens = []
+        saved = self.saved.pop(composition, None)
+        if saved is not None:
+            data, tokens = saved
+            buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if lib.llama_state_seq_set_data(self.ctx, buffer, len(data), 0):
+                self.tokens = tokens
+            else:
+                lib.llama_memory_clear(self._memory(), True)
+        self.set_adapters(composition)
+        self.composition = composition
+
+    def prefill(self, prompt: list[int]) -> None:
+        """Decode what ``prompt`` adds to what the cache holds (at least its last token, whose
+        logits start the reply)."""
+        keep = 0
+        limit = min(len(self.tokens), len(prompt) - 1)
+        while keep < limit and self.tokens[keep] == prompt[keep]:
+            keep += 1
+        if keep < len(self.tokens):
+            self.truncate(keep)
+        batch = self._engine.llama.n_batch
+        for start in range(keep, len(prompt), batch):
+            self.decode(prompt[start:start + batch])
+
+    def decode(self, tokens: list[int]) -> None:
+        """Run ``tokens`` through the model after the cached ones, adding them to the cache
+        (on failure the cache is emptied)."""
+        lib = self._engine._lib
+        array = (lib.llama_token * len(tokens))(*tokens)
+        if lib.llama_decode(self.ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
+            lib.llama_memory_clear(self._memory(), True)
+            self.tokens = []
+            raise HyperlexError("llama.cpp failed to decode (is the context full?)")
+        self.tokens.extend(tokens)
+
+    def logits(self) -> Any:
+        """The next-token logits after the last decoded token (a float64 numpy copy)."""
+        import numpy as np
+
+        pointer = self._engine._lib.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._engine._n_vocab,)).astype(np.float64)
+
+    def truncate(self, keep: int) -> None:
+        """Drop the cached tokens from position ``keep`` on."""
+        self._engine._lib.llama_memory_seq_rm(self._memory(), 0, keep, -1)
+        self.tokens = self.tokens[:keep]
+
+    def forget(self) -> None:
+        """Empty the cache and drop the saved states: the next turn here starts from nothing
+        (for a cache filled outside a turn, which no turn may reuse)."""
+        self._engine._lib.llama_memory_clear(self._memory(), True)
+        self.tokens = []
+        self.composition = None
+        self.saved.clear()
 
 
 class LlamaCppEngine(Engine):
@@ -106,15 +202,15 @@ class LlamaCppEngine(Engine):
         self._adapters: dict[str, Any] = {}
         for persona in personas:
             self._attach(persona, check_base)
-        self._slots: queue.Queue[_Slot] = queue.Queue()
-        self._slots.put(_Slot(self.llama.ctx))
+        self._slots: queue.Queue[Slot] = queue.Queue()
+        self._slots.put(Slot(self, self.llama.ctx))
         self._extra_contexts = []
         for _ in range(contexts - 1):
             ctx = llama_cpp.llama_init_from_model(self.llama.model, self.llama.context_params)
             if ctx is None:
                 raise HyperlexError("llama.cpp could not create another context")
             self._extra_contexts.append(ctx)
-            self._slots.put(_Slot(ctx))
+            self._slots.put(Slot(self, ctx))
 
     # adapters ------------------------------------------------------------------------------
 
@@ -146,77 +242,17 @@ class LlamaCppEngine(Engine):
             self._lib.llama_adapter_lora_free(adapter)
         self._adapters = {}
 
-    def _set_adapters(self, slot: _Slot, composition: Composition) -> None:
-        persona, moods = composition
-        names = ([persona] if persona in self._adapters else []) + [m for m, _ in moods]
-        scales = ([self.scales[persona]] if persona in self._adapters else []) + [
-            self.scales[m] * weight for m, weight in moods]
-        adapters = (self._lib.llama_adapter_lora_p_ctypes * len(names))(
-            *[self._adapters[n] for n in names])
-        values = (ctypes.c_float * len(names))(*scales)
-        if self._lib.llama_set_adapters_lora(slot.ctx, adapters, len(names), values) != 0:
-            raise HyperlexError(f"llama.cpp refused the adapters {names}")
+    # contexts -------------------------------------------------------------------------------
 
-    # the KV cache ---------------------------------------------------------------------------
-
-    def _memory(self, slot: _Slot) -> Any:
-        return self._lib.llama_get_memory(slot.ctx)
-
-    def _switch(self, slot: _Slot, composition: Composition) -> None:
-        """Make ``slot``'s cache belong to ``composition``: keep the old composition's cache
-        aside, restore the new one's (or start empty) and set its adapters."""
-        if slot.composition == composition:
-            return
-        lib = self._lib
-        if slot.composition is not None and slot.tokens:
-            size = lib.llama_state_seq_get_size(slot.ctx, 0)
-            buffer = (ctypes.c_uint8 * size)()
-            written = lib.llama_state_seq_get_data(slot.ctx, buffer, size, 0)
-            slot.saved[slot.composition] = (bytes(buffer[:written]), slot.tokens)
-            slot.saved.move_to_end(slot.composition)
-            while len(slot.saved) > SAVED_STATES:
-                slot.saved.popitem(last=False)
-        lib.llama_memory_clear(self._memory(slot), True)
-        slot.tokens = []
-        saved = slot.saved.pop(composition, None)
-        if saved is not None:
-            data, tokens = saved
-            buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            if lib.llama_state_seq_set_data(slot.ctx, buffer, len(data), 0):
-                slot.tokens = tokens
-            else:
-                lib.llama_memory_clear(self._memory(slot), True)
-        self._set_adapters(slot, composition)
-        slot.composition = composition
-
-    def _prefill(self, slot: _Slot, prompt: list[int]) -> None:
-        """Decode what ``prompt`` adds to what ``slot`` holds (at least its last token, whose
-        logits start the reply)."""
-        keep = 0
-        limit = min(len(slot.tokens), len(prompt) - 1)
-        while keep < limit and slot.tokens[keep] == prompt[keep]:
-            keep += 1
-        if keep < len(slot.tokens):
-            self._lib.llama_memory_seq_rm(self._memory(slot), 0, keep, -1)
-            slot.tokens = slot.tokens[:keep]
-        batch = self.llama.n_batch
-        for start in range(keep, len(prompt), batch):
-            self._decode(slot, prompt[start:start + batch])
-
-    def _decode(self, slot: _Slot, tokens: list[int]) -> None:
-        lib = self._lib
-        array = (lib.llama_token * len(tokens))(*tokens)
-        if lib.llama_decode(slot.ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
-            lib.llama_memory_clear(self._memory(slot), True)
-            slot.tokens = []
-            raise HyperlexError("llama.cpp failed to decode (is the context full?)")
-        slot.tokens.extend(tokens)
-
-    def _logits(self, slot: _Slot) -> Any:
-        import numpy as np
-
-        pointer = self._lib.llama_get_logits_ith(slot.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[Slot]:
+        """Check a context out of the pool (waiting while each one runs a turn) for the block;
+        no turn runs on it meanwhile. Turns and :meth:`prefill` take theirs this way."""
+        slot = self._slots.get()
+        try:
+            yield slot
+        finally:
+            self._slots.put(slot)
 
     # prompts --------------------------------------------------------------------------------
 
@@ -250,12 +286,9 @@ class LlamaCppEngine(Engine):
         ``persona``, so the turn that starts with them decodes only the rest."""
         composition = self._composition(persona, layers)
         tokens = self.encode(messages, add_generation_prompt=False)
-        slot = self._slots.get()
-        try:
-            self._switch(slot, composition)
-            self._prefill(slot, tokens)
-        finally:
-            self._slots.put(slot)
+        with self.slot() as slot:
+            slot.switch(composition)
+            slot.prefill(tokens)
 
     def stream(self, messages: Sequence[Message], persona: str | None,
                params: GenerationParams | None = None, stop: Sequence[str] = (),
@@ -281,11 +314,10 @@ class _LlamaGeneration(Generation):
         if room < 1:
             raise HyperlexError(f"the prompt takes {len(self._prompt)} tokens; the context holds "
                                 f"{engine.context_length}")
-        slot = engine._slots.get()
-        try:
+        with engine.slot() as slot:
             start = time.perf_counter()
-            engine._switch(slot, self._composition)
-            engine._prefill(slot, self._prompt)
+            slot.switch(self._composition)
+            slot.prefill(self._prompt)
             sampler = Sampler(params, self._prompt)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             produced = 0
@@ -296,19 +328,17 @@ class _LlamaGeneration(Generation):
                 if produced >= min(params.max_new_tokens, room):
                     self.finish_reason = "length"
                     break
-                token = sampler.next(engine._logits(slot))
+                token = sampler.next(slot.logits())
                 produced += 1
                 if engine._lib.llama_vocab_is_eog(engine._vocab, token):
                     self.finish_reason = "stop"
                     break
-                engine._decode(slot, [token])
+                slot.decode([token])
                 piece = decoder.decode(engine.llama.detokenize([token], special=False))
                 if piece:
                     yield piece
             self.usage.completion_tokens = produced
             self.seconds = time.perf_counter() - start
-        finally:
-            engine._slots.put(slot)
 
 
 class Sampler:
