@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Python >= 3.10 with venv):
 #   make chat   sets everything up, then the philosopher answers MESSAGE on the embedded model
-#   make test   sets everything up, then runs the linter and the whole test suite
+#   make test   sets everything up, then runs the linters and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 chat: $(STAMP)
 	$(BIN)/agent chat --persona philosopher $(if $(MESSAGE),-m "$(MESSAGE)")
 
+# ruff, then the layering of core/ (import-linter contracts in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check core plugins tests examples bench
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc

@@ -14,7 +14,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnablePassthrough
 
-from hyperlex.integrations.langchain.chat import ChatPersona
+from hyperlex import ChatPersona
 
 
 def build_chain(max_tokens: int = 70) -> Runnable[dict[str, str], dict[str, str]]:

@@ -12,7 +12,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable
 
-from hyperlex.integrations.langchain.chat import ChatPersona
+from hyperlex import ChatPersona
 
 
 def build_chain(max_tokens: int = 60) -> Runnable[dict[str, str], str]:

@@ -14,7 +14,7 @@ import uuid
 
 from langchain_core.prompts import ChatPromptTemplate
 
-from hyperlex.integrations.langchain.chat import HyperlexAgent
+from hyperlex import HyperlexAgent
 
 
 def main() -> None:

@@ -7,9 +7,7 @@ Usage: .venv/bin/python examples/side_by_side.py [--persona NAME] "prompt" ["pro
 import argparse
 import textwrap
 
-from hyperlex.engines.torch.engine import TorchEngine
-from hyperlex.generation import GenerationParams
-from hyperlex.host import Host
+from hyperlex import GenerationParams, Host, build_prompt, open_engine
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--persona", default="philosopher")
@@ -18,12 +16,11 @@ parser.add_argument("prompts", nargs="+")
 args = parser.parse_args()
 
 persona = Host().persona(args.persona)
-engine = TorchEngine([persona])
+engine = open_engine([persona])
 params = GenerationParams(temperature=0, max_new_tokens=args.max_new_tokens,
                           repetition_penalty=1.1)
 for prompt in args.prompts:
-    messages = [{"role": "system", "content": persona.system_message()},
-                {"role": "user", "content": prompt}]
+    messages = build_prompt(persona, prompt)
     print(f"## {prompt}\n")
     for label, name in (("base", None), (args.persona, args.persona)):
         text = engine.generate(messages, name, params).text.strip()

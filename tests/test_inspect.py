@@ -259,10 +259,14 @@ def test_runs_as_an_agent_subcommand(tiny_plugin, tiny_base: Path,
     assert "--quantize" in CliRunner().invoke(cli, ["inspect", "--help"]).stdout
 
 
-def test_importing_the_command_first_needs_neither_the_cli_nor_torch() -> None:
+def test_importing_the_command_first_works_without_torch() -> None:
+    """``hyperlex.cli.inspect`` imported before its package's ``cli`` group (an import cycle
+    if the command needed the group at import time) loads neither torch nor the engine."""
     code = ("import sys, hyperlex.cli.inspect; "
-            "assert 'hyperlex.cli' not in sys.modules and 'torch' not in sys.modules; "
-            "import hyperlex.cli")
+            "assert 'torch' not in sys.modules, 'torch'; "
+            "assert 'hyperlex.engines.torch.engine' not in sys.modules, 'engine'; "
+            "from hyperlex.cli import cli; "
+            "assert cli.commands['inspect'] is hyperlex.cli.inspect.inspect")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

@@ -29,7 +29,7 @@ from hyperlex.eval.roundtrip import (
 )
 from hyperlex.generation import Completion
 from hyperlex.persona.bundle import Persona
-from hyperlex.scene.model import Field, Hyperlexeme, Link, Scene, slugify
+from hyperlex.scene.model import Hyperlexeme, Link, Scene, SceneField, slugify
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
@@ -193,7 +193,7 @@ def test_the_shipped_scene_set() -> None:
     for item in scenes:
         scene = item.scene
         assert 3 <= len(scene.hyperlexemes) <= 6 and 2 <= len(scene.links) <= 4, item.id
-        assert scene.field != Field() and item.reference
+        assert scene.field != SceneField() and item.reference
         assert Scene.from_json(scene.to_json()) == scene
         negated += any(link.polarity < 0 for link in scene.links)
     assert negated >= len(scenes) / 3

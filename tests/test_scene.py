@@ -10,10 +10,10 @@ from hyperlex.scene.model import (
     LINK_WEIGHT_CAP,
     SALIENCE_CAP,
     Delta,
-    Field,
     Hyperlexeme,
     Link,
     Scene,
+    SceneField,
     estimate_tokens,
     slugify,
 )
@@ -154,7 +154,8 @@ def test_decay_forgets_an_unlinked_hyperlexeme_but_keeps_a_linked_one() -> None:
 
 def test_apply_does_not_mutate_its_inputs() -> None:
     scene = Scene().apply(cat_on_mat(), 1)
-    delta = Delta([hx("c", "Cat", colour="black")], [Link("c", "sees", "c", -1)], Field(0.5, 0.5))
+    delta = Delta([hx("c", "Cat", colour="black")], [Link("c", "sees", "c", -1)],
+                  SceneField(0.5, 0.5))
     before_scene, before_delta = copy.deepcopy(scene), copy.deepcopy(delta)
     after = scene.apply(delta, 2)
     after.hyperlexemes["cat"].attrs["colour"] = "white"
@@ -163,12 +164,12 @@ def test_apply_does_not_mutate_its_inputs() -> None:
 
 
 def test_field_moves_toward_the_delta_and_keeps_old_strings_for_defaults() -> None:
-    sad = Field(valence=-0.8, arousal=0.6, emotion="sad", tempo="slow")
+    sad = SceneField(valence=-0.8, arousal=0.6, emotion="sad", tempo="slow")
     scene = Scene().apply(Delta(field=sad))
     assert (scene.field.valence, scene.field.arousal) == pytest.approx((-0.4, 0.3))
     assert (scene.field.emotion, scene.field.tempo) == ("sad", "slow")
 
-    calm = scene.apply(Delta(field=Field(valence=0.0, arousal=0.0, tone="warm")))
+    calm = scene.apply(Delta(field=SceneField(valence=0.0, arousal=0.0, tone="warm")))
     assert (calm.field.valence, calm.field.arousal) == pytest.approx((-0.2, 0.15))
     assert (calm.field.emotion, calm.field.tempo, calm.field.tone) == ("sad", "slow", "warm")
 
@@ -177,7 +178,7 @@ def test_field_moves_toward_the_delta_and_keeps_old_strings_for_defaults() -> No
 
 
 def test_field_is_clamped() -> None:
-    scene = Scene().apply(Delta(field=Field(valence=-9.0, arousal=9.0)), field_weight=1.0)
+    scene = Scene().apply(Delta(field=SceneField(valence=-9.0, arousal=9.0)), field_weight=1.0)
     assert (scene.field.valence, scene.field.arousal) == (-1.0, 1.0)
 
 
@@ -200,7 +201,7 @@ def test_diff_render_text() -> None:
             "gull": Hyperlexeme("gull", "gull", "entity", source_turn=2),
         },
         links=[Link("cat", "on", "mat", -1), Link("gull", "over", "sea", 1, 2.0)],
-        field=Field(valence=-0.4, emotion="sad"),
+        field=SceneField(valence=-0.4, emotion="sad"),
         focus=before.focus,
     )
     diff = before.diff(after)

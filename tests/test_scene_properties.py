@@ -16,10 +16,10 @@ from hyperlex.scene.model import (
     KINDS,
     SALIENCE_CAP,
     Delta,
-    Field,
     Hyperlexeme,
     Link,
     Scene,
+    SceneField,
     canonical_label,
     estimate_tokens,
 )
@@ -41,7 +41,7 @@ attrs = st.dictionaries(
 )
 associations = st.lists(st.sampled_from(("salt", "wave", "night")), max_size=2)
 fields_ = st.builds(
-    Field,
+    SceneField,
     valence=st.floats(-2, 2),
     arousal=st.floats(-1, 2),
     emotion=st.sampled_from(("neutral", "sad", "joyful")),
@@ -305,7 +305,7 @@ def test_render_shows_every_hyperlexeme_and_shown_link(scene: Scene) -> None:
 
 @given(fields_, fields_, st.floats(0.0, 1.0))
 def test_the_field_moves_toward_the_delta_within_bounds(
-    old: Field, new: Field, weight: float
+    old: SceneField, new: SceneField, weight: float
 ) -> None:
     start = Scene().apply(Delta(field=old), field_weight=1.0)
     after = start.apply(Delta(field=new), field_weight=weight)
@@ -314,6 +314,6 @@ def test_the_field_moves_toward_the_delta_within_bounds(
     target = min(1.0, max(-1.0, new.valence))
     assert abs(after.field.valence - target) <= abs(start.field.valence - target) + 1e-12
     for name, value in asdict(new).items():
-        if name not in ("valence", "arousal") and value != asdict(Field())[name]:
+        if name not in ("valence", "arousal") and value != asdict(SceneField())[name]:
             assert getattr(after.field, name) == value
     assert not math.isnan(after.field.valence)

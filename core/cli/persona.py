@@ -31,7 +31,7 @@ def persona_new(name: str, parent: Path, description: str | None,
     from hyperlex.engines.models import EMBEDDED_NAME
     from hyperlex.persona.scaffold import create, package_names
 
-    root = create(name, parent, description, base_model or EMBEDDED_NAME)
+    root = create(name, parent, base_model or EMBEDDED_NAME, description)
     module = package_names(name)[1]
     click.echo(str(root))
     click.echo(f"""Next:

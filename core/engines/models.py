@@ -30,7 +30,7 @@ QUANTIZATIONS = ("nf4",)
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class ResolvedBase:
     """A resolved base model; bundles' ``base_model`` is checked against ``name``."""
 
     name: str
@@ -38,11 +38,11 @@ class BaseModel:
     kind: str  # "embedded" | "local" | "hub"
 
 
-def resolve_base(spec: str | None = None) -> BaseModel:
+def resolve_base(spec: str | None = None) -> ResolvedBase:
     """``None`` or the embedded name -> the embedded model; an existing directory -> local;
     anything else is treated as a Hugging Face hub id."""
     if spec is None or spec.lower() == EMBEDDED_NAME:
-        return BaseModel(EMBEDDED_NAME, str(embedded_cache_dir()), "embedded")
+        return ResolvedBase(EMBEDDED_NAME, str(embedded_cache_dir()), "embedded")
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -50,10 +50,10 @@ def resolve_base(spec: str | None = None) -> BaseModel:
                 f"--base {spec}: directory has no config.json; expected a "
                 "Hugging Face model directory"
             )
-        return BaseModel(path.resolve().name.lower(), str(path.resolve()), "local")
+        return ResolvedBase(path.resolve().name.lower(), str(path.resolve()), "local")
     if path.exists() or spec.startswith((".", "/", "~")):
         raise HyperlexError(f"--base {spec}: not a model directory")
-    return BaseModel(spec.rsplit("/", 1)[-1].lower(), spec, "hub")
+    return ResolvedBase(spec.rsplit("/", 1)[-1].lower(), spec, "hub")
 
 
 def embedded_cache_dir() -> Path:
@@ -140,14 +140,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
 
-def base_source(base: BaseModel, progress: bool = True) -> str:
+def base_source(base: ResolvedBase, progress: bool = True) -> str:
     """Where transformers loads ``base`` from: the converted embedded model (converted on
     first use), a local directory or a hub id."""
     return str(ensure_embedded(progress)) if base.kind == "embedded" else base.source
 
 
 def load_base(
-    base: BaseModel, dtype: str = "float32", quantize: str | None = None, progress: bool = True
+    base: ResolvedBase, dtype: str = "float32", quantize: str | None = None, progress: bool = True
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) for a resolved base. Never runs remote code."""
     quiet_libraries()

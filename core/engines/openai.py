@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from hyperlex.engines.base import Engine
-from hyperlex.engines.models import BaseModel, base_source, resolve_base
+from hyperlex.engines.models import ResolvedBase, base_source, resolve_base
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
@@ -29,14 +29,14 @@ ENGINE_MODE = {"X-Hyperlex-Mode": "engine"}
 
 class OpenAIEngine(Engine):
     def __init__(self, personas: Sequence[Persona], base_url: str, api_key: str | None = None,
-                 base: BaseModel | str | None = None, timeout: float = 600.0,
+                 base: ResolvedBase | str | None = None, timeout: float = 600.0,
                  check_base: bool = True):
         """Ask the server at ``base_url`` (ending in ``/v1``) which models it serves; each
         persona it serves by name (a prompt-only one: by name or as the base, under the
         base's name) is usable, the rest are in ``skipped`` with the reason."""
         import openai
 
-        self.base = base if isinstance(base, BaseModel) else resolve_base(base)
+        self.base = base if isinstance(base, ResolvedBase) else resolve_base(base)
         self.base_name = self.base.name
         self.base_url = base_url
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none",
@@ -195,7 +195,7 @@ def _context_length(source: str) -> int:
     return int(getattr(config, "max_position_embeddings", 2048))
 
 
-def create_engine(personas: Sequence[Persona], base: BaseModel | str | None,
+def create_engine(personas: Sequence[Persona], base: ResolvedBase | str | None,
                   base_url: str | None = None, **options: Any) -> OpenAIEngine:
     """The registry's constructor (:func:`hyperlex.engines.registry.open_engine`)."""
     if not base_url:

@@ -1,1 +1,1 @@
-"""integrations."""
+"""Adapters to other frameworks: hyperlex's personas inside their abstractions."""

@@ -11,7 +11,6 @@ import json
 import textwrap
 from pathlib import Path
 
-from hyperlex.engines.models import EMBEDDED_NAME
 from hyperlex.errors import HyperlexError
 from hyperlex.persona.bundle import NAME_PATTERN
 
@@ -30,8 +29,7 @@ def check_new_name(name: str) -> None:
         raise HyperlexError(f"invalid persona name {name!r}: it is reserved")
 
 
-def create(name: str, parent: Path, description: str | None = None,
-           base_model: str = EMBEDDED_NAME) -> Path:
+def create(name: str, parent: Path, base_model: str, description: str | None = None) -> Path:
     """Write the package for persona ``name`` under ``parent``; return its directory. Refuses
     an invalid name or an existing directory, writing nothing."""
     check_new_name(name)
@@ -131,8 +129,7 @@ def _files(name: str, dist: str, module: str, description: str,
             persona notices. Here: each hyperlexeme whose label is in NOTICED gets the
             attribute ``noticed_by: {name}``; change it to what your persona cares about."""
 
-            from hyperlex.scene.encoders import DefaultEncoder
-            from hyperlex.scene.model import Delta
+            from hyperlex import DefaultEncoder, Delta
 
             NOTICED = frozenset({{"question", "time", "truth"}})
 
@@ -196,9 +193,7 @@ def _files(name: str, dist: str, module: str, description: str,
             """The package's own checks: the bundle is valid, hyperlex finds it through the
             entry point, and the persona answers on the base model."""
 
-            from hyperlex.generation import GenerationParams
-            from hyperlex.host import Host
-            from hyperlex.persona.bundle import Persona
+            from hyperlex import GenerationParams, Host, Persona, build_prompt, open_engine
 
             from {module} import BUNDLE
 
@@ -216,12 +211,9 @@ def _files(name: str, dist: str, module: str, description: str,
 
 
             def test_the_persona_answers():
-                from hyperlex.engines.torch.engine import TorchEngine
-
                 persona = Persona.from_dir(BUNDLE)
-                engine = TorchEngine([persona], progress=False)
-                messages = [{{"role": "system", "content": persona.system_message()}},
-                            {{"role": "user", "content": "Hello, who are you?"}}]
+                engine = open_engine([persona], progress=False)
+                messages = build_prompt(persona, "Hello, who are you?")
                 reply = engine.generate(messages, "{name}",
                                         GenerationParams(temperature=0, max_new_tokens=24))
                 assert reply.text.strip()

@@ -114,7 +114,7 @@ Links
   negative determiner ("a boat with no sail"). "hardly", "barely" and "without" are not
   negations (``without`` stays in the relation).
 
-Field
+SceneField
 -----
 Always returned for a text with at least one word (``None`` only for an empty text):
 
@@ -151,7 +151,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from hyperlex.errors import HyperlexError
-from hyperlex.scene.model import Delta, Field, Hyperlexeme, Link, canonical_label
+from hyperlex.scene.model import Delta, Hyperlexeme, Link, SceneField, canonical_label
 
 if TYPE_CHECKING:  # spaCy is imported on first use only
     from spacy.language import Language
@@ -883,7 +883,7 @@ def _number(text: str) -> int | str:
     return NUMBER_WORDS.get(text, text)
 
 
-def _build_delta(reading: _Reading, field: Field | None) -> Delta:
+def _build_delta(reading: _Reading, field: SceneField | None) -> Delta:
     mentions = sorted({id(m): m for m in (*reading.mentions.values(),
                                           *reading.implicit.values())}.values(),
                       key=lambda m: m.position)
@@ -924,7 +924,7 @@ def _merge_acts(attrs: dict[str, Any], act: str) -> None:
 # the field ------------------------------------------------------------------------------------
 
 
-def _field_of(doc: Doc, text: str) -> Field | None:
+def _field_of(doc: Doc, text: str) -> SceneField | None:
     sentences = [s for s in doc.sents if any(not t.is_punct and not t.is_space for t in s)]
     if not sentences:
         return None
@@ -961,7 +961,7 @@ def _field_of(doc: Doc, text: str) -> Field | None:
     else:
         per_line = sum(words_per_sentence) / len(sentences)
     line_length = "short" if per_line < 8 else "medium" if per_line <= 18 else "long"
-    return Field(valence=valence, arousal=arousal, emotion=_emotion(valence, arousal),
+    return SceneField(valence=valence, arousal=arousal, emotion=_emotion(valence, arousal),
                  tempo=tempo, line_length=line_length, tone=_tone(sentences[-1], text))
 
 

@@ -74,7 +74,7 @@ class Link:
 
 
 @dataclass
-class Field:
+class SceneField:
     """The emotional and rhythmic field the scene lives in."""
 
     valence: float = 0.0
@@ -136,7 +136,7 @@ def _link_text(link: Link, labels: dict[str, str]) -> str:
     return f"{src} {neg}{link.rel} {dst}"
 
 
-_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Field)}
+_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SceneField)}
 _FIELD_STRINGS = ("emotion", "tempo", "line_length", "tone")
 
 
@@ -198,7 +198,7 @@ class Scene:
 
     hyperlexemes: dict[str, Hyperlexeme] = _field(default_factory=dict)
     links: list[Link] = _field(default_factory=list)
-    field: Field = _field(default_factory=Field)
+    field: SceneField = _field(default_factory=SceneField)
     focus: list[str] = _field(default_factory=list)
     version: int = 0
 
@@ -342,7 +342,7 @@ class Scene:
             else:
                 del hxs[hid]
 
-        new_field = Field(**asdict(self.field))
+        new_field = SceneField(**asdict(self.field))
         if delta.field is not None:
             theirs, keep = delta.field, 1 - field_weight
             new_field.valence = keep * new_field.valence + field_weight * theirs.valence
@@ -376,7 +376,7 @@ class Scene:
             labels=labels,
         )
         _diff_links(self.links, other.links, result)
-        for f in fields(Field):
+        for f in fields(SceneField):
             old, new = getattr(self.field, f.name), getattr(other.field, f.name)
             numeric = f.name not in _FIELD_STRINGS
             if (abs(old - new) > DIFF_TOLERANCE) if numeric else old != new:
@@ -469,7 +469,7 @@ class Scene:
         return cls(
             hyperlexemes={h.id: h for h in hxs},
             links=[Link(**link) for link in data.get("links", [])],
-            field=Field(**data.get("field", {})),
+            field=SceneField(**data.get("field", {})),
             focus=list(data.get("focus", [])),
             version=int(data.get("version", 0)),
         )
@@ -491,7 +491,7 @@ class Delta:
 
     hyperlexemes: list[Hyperlexeme] = _field(default_factory=list)
     links: list[Link] = _field(default_factory=list)
-    field: Field | None = None
+    field: SceneField | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -514,7 +514,7 @@ class Delta:
         return cls(
             hyperlexemes=[Hyperlexeme(**h) for h in data.get("hyperlexemes", [])],
             links=[Link(**link) for link in data.get("links", [])],
-            field=None if data.get("field") is None else Field(**data["field"]),
+            field=None if data.get("field") is None else SceneField(**data["field"]),
         )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hyperlex.engines.models import EMBEDDED_HUB_ID, BaseModel, ensure_embedded, resolve_base
+from hyperlex.engines.models import EMBEDDED_HUB_ID, ResolvedBase, ensure_embedded, resolve_base
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.persona.bundle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_SUFFIXES, Persona
 
@@ -234,7 +234,7 @@ def _choose(installed: dict[str, Persona], names: Sequence[str]) -> list[Persona
     return chosen
 
 
-def _served_base(base: BaseModel, target: Path, with_base: bool) -> str:
+def _served_base(base: ResolvedBase, target: Path, with_base: bool) -> str:
     """The base as vLLM will load it."""
     if with_base:
         return str(target / BASE_FOLDER)
@@ -243,7 +243,7 @@ def _served_base(base: BaseModel, target: Path, with_base: bool) -> str:
     return base.source
 
 
-def check_adapter(persona: Persona, base: BaseModel, served_base: str,
+def check_adapter(persona: Persona, base: ResolvedBase, served_base: str,
                   folder: Path) -> ExportedAdapter:
     """Check that vLLM can serve ``persona``'s adapter on ``base``; raise
     :class:`AdapterRefused` naming the field otherwise. Reads the config and the safetensors
@@ -342,7 +342,7 @@ def _check_tensors(name: str, weights: Path) -> None:
                                  "matrix of a standard projection")
 
 
-def _base_source(base: BaseModel) -> Path:
+def _base_source(base: ResolvedBase) -> Path:
     if base.kind == "embedded":
         return ensure_embedded()
     if base.kind == "local":

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperlex.errors import HyperlexError
-from hyperlex.scene.model import Field, Scene
+from hyperlex.scene.model import Scene, SceneField
 
 Message = dict[str, str]
 RECORD_KEYS = {"human", "text", "scene", "field", "messages", "meta"}
@@ -113,7 +113,7 @@ def _scene(record: dict[str, Any]) -> Scene | None:
         if not isinstance(field_data, dict):
             raise ValueError("field must be an object")
         try:
-            scene.field = Field(**field_data)
+            scene.field = SceneField(**field_data)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"field: {exc}") from None
     return scene

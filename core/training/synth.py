@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from hyperlex.scene.model import Field, Hyperlexeme, Link, Scene
+from hyperlex.scene.model import Hyperlexeme, Link, Scene, SceneField
 
 DIRECTIONS = ("output", "input", "both")
 
@@ -157,7 +157,7 @@ def synth_records(count: int | None = None, direction: str = "output",
     records = []
     for template, emotion, (tempo, line_length) in combos:
         valence, arousal, _, _ = EMOTIONS[emotion]
-        field = Field(valence=valence, arousal=arousal, emotion=emotion, tempo=tempo,
+        field = SceneField(valence=valence, arousal=arousal, emotion=emotion, tempo=tempo,
                       line_length=line_length)
         scene = build_scene(template)
         text = realize(scene, emotion, tempo, line_length)

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from hyperlex.engines.base import Engine
-from hyperlex.engines.models import BaseModel, resolve_base
+from hyperlex.engines.models import ResolvedBase, resolve_base
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
@@ -161,7 +161,7 @@ class LlamaCppEngine(Engine):
     def __init__(
         self,
         personas: Sequence[Persona] = (),
-        base: BaseModel | str | None = None,
+        base: ResolvedBase | str | None = None,
         exact: bool = False,
         n_ctx: int = 2048,
         threads: int | None = None,
@@ -178,7 +178,7 @@ class LlamaCppEngine(Engine):
 
         if contexts < 1:
             raise HyperlexError(f"contexts must be >= 1, got {contexts}")
-        self.base = base if isinstance(base, BaseModel) else resolve_base(base)
+        self.base = base if isinstance(base, ResolvedBase) else resolve_base(base)
         self.base_name = self.base.name
         self.exact = exact
         self.model_path = base_gguf(self.base, exact=exact, progress=progress)
@@ -400,7 +400,7 @@ def _chat_template(metadata: dict[str, str]) -> Any:
     return env.from_string(source)
 
 
-def create_engine(personas: Sequence[Persona], base: BaseModel | str | None,
+def create_engine(personas: Sequence[Persona], base: ResolvedBase | str | None,
                   **options: Any) -> LlamaCppEngine:
     """The registry's constructor (:func:`hyperlex.engines.registry.open_engine`)."""
     return LlamaCppEngine(personas, base=base, **options)

@@ -24,7 +24,7 @@ from hyperlex.errors import HyperlexError
 from hyperlex.paths import gguf_dir
 
 if TYPE_CHECKING:
-    from hyperlex.engines.models import BaseModel
+    from hyperlex.engines.models import ResolvedBase
 
 _BASE_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -235,7 +235,7 @@ def cached_base_gguf(model_dir: Path, dtype: str = "f32", progress: bool = False
     return write_base_gguf(model_dir, target, dtype)
 
 
-def base_gguf(base: BaseModel, exact: bool = False, progress: bool = True) -> Path:
+def base_gguf(base: ResolvedBase, exact: bool = False, progress: bool = True) -> Path:
     """The GGUF llama.cpp runs for a resolved base: the embedded Q4_1 file as it is, or with
     ``exact`` an F32 GGUF of the weights transformers runs (identical logits); a local
     directory becomes an F32 (``exact``) or F16 GGUF."""

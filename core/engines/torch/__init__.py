@@ -1,1 +1,3 @@
-"""engines/torch."""
+"""The torch engine (transformers + PEFT): the engine (``engine``), one turn and the shared
+``generate`` settings (``generation``), batching of waiting turns (``batching``), and fast
+adapter attachment (``attach``)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from hyperlex.engines.base import Engine
-from hyperlex.engines.models import BaseModel, load_base, resolve_base
+from hyperlex.engines.models import ResolvedBase, load_base, resolve_base
 from hyperlex.engines.torch.attach import attach_to_layers, keep_stored_dtype, lora_layers
 from hyperlex.engines.torch.batching import Scheduler
 from hyperlex.engines.torch.generation import (
@@ -43,7 +43,7 @@ class TorchEngine(Engine):
     def __init__(
         self,
         personas: Sequence[Persona] = (),
-        base: BaseModel | str | None = None,
+        base: ResolvedBase | str | None = None,
         dtype: str = "float32",
         quantize: str | None = None,
         progress: bool = True,
@@ -63,7 +63,7 @@ class TorchEngine(Engine):
             raise HyperlexError(
                 f"merging persona weights needs a float32 base (got dtype {dtype!r}"
                 f"{f', quantize {quantize!r}' if quantize else ''}); leave merging off")
-        self.base = base if isinstance(base, BaseModel) else resolve_base(base)
+        self.base = base if isinstance(base, ResolvedBase) else resolve_base(base)
         self.base_name = self.base.name
         self.model, self.tokenizer = load_base(self.base, dtype, quantize, progress)
         self.personas: dict[str, Persona] = {}
@@ -362,7 +362,7 @@ class TorchEngine(Engine):
 
 
 
-def create_engine(personas: Sequence[Persona], base: BaseModel | str | None,
+def create_engine(personas: Sequence[Persona], base: ResolvedBase | str | None,
                   **options: Any) -> TorchEngine:
     """The registry's constructor (:func:`hyperlex.engines.registry.open_engine`)."""
     return TorchEngine(personas, base=base, **options)

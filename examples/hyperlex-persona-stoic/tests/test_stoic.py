@@ -1,9 +1,7 @@
 """The package's own checks: the bundle is valid, hyperlex finds it through the
 entry point, and the persona answers on the base model."""
 
-from hyperlex.generation import GenerationParams
-from hyperlex.host import Host
-from hyperlex.persona.bundle import Persona
+from hyperlex import GenerationParams, Host, Persona, build_prompt, open_engine
 
 from hyperlex_persona_stoic import BUNDLE
 
@@ -21,12 +19,9 @@ def test_hyperlex_finds_the_persona_and_its_encoder_through_the_entry_point():
 
 
 def test_the_persona_answers():
-    from hyperlex.engines.torch.engine import TorchEngine
-
     persona = Persona.from_dir(BUNDLE)
-    engine = TorchEngine([persona], progress=False)
-    messages = [{"role": "system", "content": persona.system_message()},
-                {"role": "user", "content": "Hello, who are you?"}]
+    engine = open_engine([persona], progress=False)
+    messages = build_prompt(persona, "Hello, who are you?")
     reply = engine.generate(messages, "stoic",
                             GenerationParams(temperature=0, max_new_tokens=24))
     assert reply.text.strip()

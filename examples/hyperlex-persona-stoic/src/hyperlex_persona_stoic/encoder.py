@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from hyperlex.scene.encoders import DefaultEncoder
-from hyperlex.scene.model import Delta
+from hyperlex import DefaultEncoder, Delta
 
 
 def load_control_words() -> dict[str, str]:
