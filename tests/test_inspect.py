@@ -266,7 +266,7 @@ def test_importing_the_command_first_works_without_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch'; "
             "assert 'hyperlex.engines.torch.engine' not in sys.modules, 'engine'; "
             "from hyperlex.cli import cli; "
-            "assert cli.commands['inspect'] is hyperlex.cli.inspect.inspect")
+            "assert cli.commands['inspect'] is sys.modules['hyperlex.cli.inspect'].inspect")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

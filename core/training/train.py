@@ -120,8 +120,10 @@ def encode_example(tokenizer: Any, persona: Persona, example: Example,
     return full_ids[:max_length], labels[:max_length]
 
 
-def _batches(examples: list[tuple[list[int], list[int]]], size: int,
-             pad_id: int) -> Iterator[dict[str, Any]]:
+def batches(examples: list[tuple[list[int], list[int]]], size: int,
+            pad_id: int) -> Iterator[dict[str, Any]]:
+    """Encoded exchanges in order, ``size`` at a time, right-padded into tensors (padded
+    positions masked out and labelled -100)."""
     import torch
 
     for start in range(0, len(examples), size):
@@ -145,7 +147,7 @@ def mean_loss(model: Any, examples: list, batch_size: int, pad_id: int) -> float
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in _batches(examples, batch_size, pad_id):
+        for batch in batches(examples, batch_size, pad_id):
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * n
             count += n
@@ -282,7 +284,7 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         for epoch in range(step // per_epoch, config.epochs):
             order = examples[:]
             random.Random(config.seed + epoch).shuffle(order)  # same order after a resume
-            for index, batch in enumerate(_batches(order, config.batch_size, pad_id)):
+            for index, batch in enumerate(batches(order, config.batch_size, pad_id)):
                 if epoch * per_epoch + index < step:
                     continue
                 loss = model(**batch).loss

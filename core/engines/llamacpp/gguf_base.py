@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from hyperlex.engines.llamacpp.gguf_lora import (
     CONVERTER_VERSION,
     MODULES,
-    _write_atomically,
     base_shape,
     permute_qk,
+    write_atomically,
 )
 from hyperlex.errors import HyperlexError
 from hyperlex.paths import gguf_dir
@@ -201,7 +201,7 @@ def write_base_gguf(model_dir: Path, out: Path, dtype: str = "f32",
                 else:
                     writer.add_tensor(name, np.ascontiguousarray(tensor, dtype=np.float32),
                                       raw_dtype=GGMLQuantizationType.F32)
-    _write_atomically(writer, out)
+    write_atomically(writer, out)
     return out
 
 

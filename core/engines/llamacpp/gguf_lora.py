@@ -349,11 +349,13 @@ def convert_adapter(
         for suffix, tensor in (("lora_a", a), ("lora_b", b)):
             writer.add_tensor(f"{name}.{suffix}", np.ascontiguousarray(tensor, dtype=np.float32),
                               raw_dtype=GGMLQuantizationType.F32)
-    _write_atomically(writer, out)
+    write_atomically(writer, out)
     return out
 
 
-def _write_atomically(writer: Any, out: Path) -> None:
+def write_atomically(writer: Any, out: Path) -> None:
+    """Write a GGUF file under a temporary name and rename it into place, so a reader (or a
+    concurrent writer) never sees half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
