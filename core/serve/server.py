@@ -32,7 +32,7 @@ from hyperlex.agent.controller import Controller, TurnStream, fit_reply
 from hyperlex.agent.conversations import Conversations
 from hyperlex.agent.router import DEFAULT_ROUTER
 from hyperlex.engines.base import Engine
-from hyperlex.errors import ContextTooLong, HyperlexError
+from hyperlex.errors import ContextTooLong, HyperlexError, PersonaNotAvailable, UnknownPersona
 from hyperlex.generation import Generation, GenerationParams
 from hyperlex.serve.openai_api import (
     ApiError,
@@ -149,11 +149,14 @@ class PersonaService:
     def start(self, request: ChatRequest, conversation: str | None = None,
               engine_mode: bool = False) -> Reply:
         """Begin answering ``request``; errors before the first token are :class:`ApiError`."""
-        if request.model != AUTO and request.model not in self.engine.personas:
-            error = model_not_found(request.model, [AUTO, *self.speakers])
-            if request.model in self.engine.skipped:  # installed, but it could not be loaded
-                error.message = f"{self.engine.skipped[request.model]}; {error.message}"
-            raise error
+        if request.model != AUTO:
+            try:
+                self.engine.persona(request.model)
+            except PersonaNotAvailable as exc:
+                error = model_not_found(request.model, [AUTO, *self.speakers])
+                if not isinstance(exc, UnknownPersona):  # installed, but it could not load
+                    error.message = f"{exc}; {error.message}"
+                raise error from None
         if engine_mode:
             return self._start_engine(request)
         if conversation is None:
