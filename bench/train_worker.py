@@ -48,7 +48,7 @@ def hand_loop(base: str | None, config: Any, batches: list[list[tuple]],
     from peft import LoraConfig, get_peft_model
 
     from hyperlex.engines.models import load_base, resolve_base
-    from hyperlex.training.train import batches
+    from hyperlex.training.train import batches as train_batches
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_base(resolve_base(base), progress=False)
@@ -60,7 +60,7 @@ def hand_loop(base: str | None, config: Any, batches: list[list[tuple]],
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate)
     for chunk in batches:
-        batch = next(batches(chunk, len(chunk), pad))
+        batch = next(train_batches(chunk, len(chunk), pad))
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
