@@ -36,3 +36,12 @@ def test_bad_values_name_the_option_and_the_rule(key: str, value: str, problem: 
 def test_seed_can_be_reset_to_none() -> None:
     assert parse_options([("seed", "none")]) == {"seed": None}
     assert GenerationParams(seed=4).updated({"seed": None}, "contract.generation").seed is None
+
+
+def test_one_finish_reason_rule_for_every_engine() -> None:
+    from hyperlex.generation import finish_reason
+
+    assert finish_reason(8, 8, ended=False) == "length"  # cut at max_new_tokens
+    assert finish_reason(8, 8, ended=True) == "stop"  # the end token came last
+    assert finish_reason(3, 8, ended=False) == "stop"  # shorter than the limit: it ended
+    assert finish_reason(8, 8, ended=False, cancelled=True) == "cancelled"

@@ -31,7 +31,7 @@ from typing import Any
 from hyperlex.engines.base import Engine
 from hyperlex.engines.models import ResolvedBase, resolve_base
 from hyperlex.errors import HyperlexError
-from hyperlex.generation import Generation, GenerationParams, Layers, Message
+from hyperlex.generation import Generation, GenerationParams, Layers, Message, finish_reason
 from hyperlex.persona.bundle import Persona
 
 INSTALL_HINT = "pip install 'hyperlex[llamacpp]'"
@@ -320,23 +320,18 @@ class _LlamaGeneration(Generation):
             slot.prefill(self._prompt)
             sampler = Sampler(params, self._prompt)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            produced = 0
-            while True:
-                if self.cancelled:
-                    self.finish_reason = "cancelled"
-                    break
-                if produced >= min(params.max_new_tokens, room):
-                    self.finish_reason = "length"
-                    break
+            produced, limit, ended = 0, min(params.max_new_tokens, room), False
+            while not self.cancelled and produced < limit:
                 token = sampler.next(slot.logits())
                 produced += 1
                 if engine._lib.llama_vocab_is_eog(engine._vocab, token):
-                    self.finish_reason = "stop"
+                    ended = True
                     break
                 slot.decode([token])
                 piece = decoder.decode(engine.llama.detokenize([token], special=False))
                 if piece:
                     yield piece
+            self.finish_reason = finish_reason(produced, limit, ended, self.cancelled)
             self.usage.completion_tokens = produced
             self.seconds = time.perf_counter() - start
 
