@@ -149,7 +149,7 @@ def data_distill(persona: str, prompts_file: Path, out: Path, teacher_url: str |
         teacher = LocalTeacher(TorchEngine([], base=base, dtype=dtype, quantize=quantize))
     with tqdm(total=len(pending(prompts, out)), desc=f"distilling {persona}", unit="prompt",
               file=sys.stderr) as bar:
-        stats = distill(prompts, chosen.system_message(), teacher, out, params, batch_size,
+        stats = distill(prompts, chosen, teacher, out, params, batch_size,
                         on_batch=bar.update)
     click.echo(f"{out}: {stats['written']} new records ({stats['skipped_existing']} prompts "
                f"already done, {stats['empty_replies']} empty replies dropped)", err=True)

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import GenerationParams
+from hyperlex.persona.bundle import Persona
+from hyperlex.persona.prompt import build_prompt
 from hyperlex.training.data import normalize_prompt, write_records
 
 Message = dict[str, str]
@@ -151,15 +153,16 @@ def _read_text(path: Path) -> str:
         raise HyperlexError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def distill(prompts: list[str], system: str, teacher: Teacher, out: Path,
+def distill(prompts: list[str], persona: Persona, teacher: Teacher, out: Path,
             params: GenerationParams, batch_size: int = 8,
             on_batch: Callable[[int], None] | None = None) -> dict[str, int]:
-    """Ask ``teacher`` for each prompt not yet in ``out`` and append the records."""
+    """Ask ``teacher`` for each prompt not yet in ``out`` and append the records. The
+    teacher gets ``persona``'s prompt as training will build it for those records (they carry
+    no scene): :func:`hyperlex.persona.prompt.build_prompt`."""
     todo = pending(prompts, out)
     written = empty = 0
     for batch in _chunks(todo, batch_size):
-        conversations = [[{"role": "system", "content": system},
-                          {"role": "user", "content": prompt}] for prompt in batch]
+        conversations = [build_prompt(persona, prompt) for prompt in batch]
         replies = teacher.answer(conversations, params)
         records = [{"human": prompt, "text": reply.strip(), "meta": {"teacher": teacher.name}}
                    for prompt, reply in zip(batch, replies, strict=True) if reply.strip()]
