@@ -225,3 +225,14 @@ def test_the_philosopher_is_trained_evaluated_and_chatted_with_on_one_prompt(eng
     assert prompts["training"] == prompts["evaluation"] == prompts["chat"]
     assert next(iter(scene.hyperlexemes.values())).label in engine.tokenizer.decode(
         prompts["chat"])
+
+
+def test_the_python_api_example_runs_on_the_front_door(engine) -> None:
+    """examples/python_api.py, which imports only from ``hyperlex``, answers as the
+    philosopher (the module's engine fixture has converted the embedded model already)."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "python_api.py"
+    run = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first, last = run.stdout.strip().splitlines()[0], run.stdout.strip().splitlines()[-1]
+    assert first.strip() and last.startswith("[philosopher, pinned to philosopher, ")
