@@ -265,3 +265,45 @@ def test_a_persona_and_mood_can_be_chosen_for_one_turn(engine) -> None:
         controller.send("x", persona="nobody")
     with pytest.raises(HyperlexError, match="unknown mood 'gloomy'"):
         controller.send("x", mood="gloomy")
+
+
+FOLLOW_UPS = ("And then?", "Tell me more.", "What else?")
+
+
+class ScriptedReader:
+    """Reads the user's first message as "fisherman NOT trust sea" and every reply as new
+    inventions that also claim the fisherman trusts the sea (what a careless reply does)."""
+
+    @hookimpl
+    def register_scene_encoders(self, register):
+        def read(text):
+            from hyperlex.scene.model import Delta, Hyperlexeme, Link
+
+            def unit(hid, label):
+                return Hyperlexeme(id=hid, label=label, kind="entity")
+
+            if text.startswith("The old fisherman"):
+                return Delta([unit("f", "fisherman"), unit("s", "sea")],
+                             [Link("f", "trust", "s", -1)])
+            if text in FOLLOW_UPS:
+                return Delta()
+            n = len(text)
+            return Delta([unit("f", "fisherman"), unit("s", "sea"), unit("a", f"boat {n}"),
+                          unit("b", f"listener {n}"), unit("c", f"salt {n}")],
+                         [Link("f", "trust", "s", 1), Link("a", "carry", "b")])
+
+        register("default", read)
+
+
+def test_after_three_persona_turns_the_users_negated_fact_leads_the_scene(engine) -> None:
+    controller = make_controller(engine, ScriptedReader(), persona="alpha")
+    controller.send("The old fisherman does not trust the sea.").complete()
+    for question in FOLLOW_UPS:
+        controller.send(question).complete()
+    scene = controller.scene
+    assert {"fisherman", "sea"} <= set(scene.focus[:2])
+    first, negation = scene.render("focus").split("\n")[:2]
+    assert first.split("; ")[:2] in (["fisherman", "sea"], ["sea", "fisherman"])
+    assert negation == "fisherman NOT trust sea"
+    assert "(by alpha)" in scene.render("all")
+    assert "fisherman NOT trust sea" in controller.system_message("alpha")

@@ -236,3 +236,21 @@ def test_the_python_api_example_runs_on_the_front_door(engine) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     first, last = run.stdout.strip().splitlines()[0], run.stdout.strip().splitlines()[-1]
     assert first.strip() and last.startswith("[philosopher, pinned to philosopher, ")
+
+
+def test_the_users_negated_fact_leads_the_scene_after_three_poet_turns(engine) -> None:
+    """The real poet and the default (spaCy) encoder: the user's fact stays first, negated,
+    and what the poet invented is marked as the poet's."""
+    from hyperlex.agent.controller import Controller
+    from hyperlex.host import Host
+
+    controller = Controller(Host(), engine, persona="poet", router=None,
+                            overrides={"max_new_tokens": 48, "temperature": 0})
+    controller.send("The old fisherman does not trust the sea.").complete()
+    for question in ("Go on.", "And then?", "Please continue."):
+        controller.send(question).complete()
+    scene = controller.scene
+    assert {"fisherman", "sea"} <= {scene.hyperlexemes[h].label for h in scene.focus}
+    assert scene.render("focus").split("\n")[1] == "fisherman NOT trust sea"
+    assert any(not hx.is_fact for hx in scene.hyperlexemes.values())  # the poet's additions
+    assert "(by poet)" in scene.render("all")

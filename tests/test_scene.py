@@ -9,6 +9,7 @@ import pytest
 from hyperlex.scene.model import (
     LINK_WEIGHT_CAP,
     SALIENCE_CAP,
+    USER,
     Delta,
     Hyperlexeme,
     Link,
@@ -277,7 +278,7 @@ def test_unknown_view_is_an_error() -> None:
 
 def test_table_rows() -> None:
     rows = salient_scene().table_rows()
-    assert [(label, mark) for label, _, _, _, mark in rows] == [
+    assert [(label, mark) for label, _, _, _, mark, _ in rows] == [
         ("cat", "focus"),
         ("mat", "focus"),
         ("sea", ""),
@@ -291,3 +292,67 @@ def test_json_round_trip_after_apply() -> None:
     again = Scene.from_json(scene.to_json())
     assert again == scene
     assert again.to_json() == scene.to_json()
+
+
+# provenance ---------------------------------------------------------------------------------
+
+def old_man_distrusts_sea() -> Delta:
+    return Delta([hx("m", "old man"), hx("s", "sea")], [Link("m", "trust", "s", -1)])
+
+
+def poets_elaboration() -> Delta:
+    return Delta([hx("k", "keeper"), hx("s", "sea"), hx("m", "old man")],
+                 [Link("m", "trust", "s", 1), Link("k", "watch", "s", 1)])
+
+
+def test_the_scene_records_who_said_what() -> None:
+    scene = Scene().apply(old_man_distrusts_sea(), 1, speaker=USER)
+    scene = scene.apply(poets_elaboration(), 1, speaker="poet")
+    assert scene.hyperlexemes["old_man"].said_by == ["user", "poet"]
+    assert scene.hyperlexemes["keeper"].said_by == ["poet"]
+    trust = next(k for k in scene.links if k.rel == "trust")
+    watch = next(k for k in scene.links if k.rel == "watch")
+    assert (trust.polarity, trust.said_by, trust.turn) == (-1, "user", 1)  # not overruled
+    assert (watch.said_by, watch.turn) == ("poet", 1)
+    assert Scene.from_json(scene.to_json()) == scene
+
+
+def test_the_users_facts_outrank_a_personas_elaborations() -> None:
+    scene = Scene().apply(old_man_distrusts_sea(), 1, speaker=USER)
+    for turn in range(1, 4):  # three persona replies, each inventing more
+        extra = Delta([hx("a", f"invention {turn}"), hx("b", f"detail {turn}")],
+                      [Link("a", "fills", "b")])
+        scene = scene.apply(extra, turn, speaker="poet", focus_size=2)
+    assert scene.hyperlexemes["invention_3"].salience == 0.5  # an elaboration bumps half
+    assert scene.focus == ["old_man", "sea"]
+    first, *rest = scene.render().split("\n")
+    assert first.startswith("old man; sea; detail 3 (by poet); invention 3 (by poet); ")
+    assert rest[0] == "old man NOT trust sea"
+    assert "invention 3 fills detail 3 (by poet)" in rest
+
+
+def test_only_the_user_changes_the_users_facts() -> None:
+    scene = Scene().apply(old_man_distrusts_sea(), 1, speaker=USER)
+    flipped = Delta([hx("m", "old man"), hx("s", "sea")], [Link("m", "trust", "s", 1)])
+    assert scene.apply(flipped, 2, speaker="poet").links[0].polarity == -1
+    changed = scene.apply(flipped, 3, speaker=USER).links[0]
+    assert (changed.polarity, changed.said_by, changed.turn) == (1, "user", 3)
+
+
+def test_scenes_saved_before_provenance_load_as_facts() -> None:
+    old = ('{"version": 1, "hyperlexemes": [{"id": "sea", "label": "sea", "kind": "entity", '
+           '"attrs": {}, "salience": 1.0, "associations": [], "source_turn": 0}], '
+           '"links": [{"src": "sea", "rel": "is", "dst": "sea", "polarity": 1, '
+           '"weight": 1.0}], "focus": ["sea"]}')
+    scene = Scene.from_json(old)
+    assert scene.hyperlexemes["sea"].is_fact and scene.links[0].is_fact
+    assert scene.render() == "sea\nsea is sea"
+
+
+@pytest.mark.parametrize(("kwargs", "problem"), [
+    ({"speaker": ""}, "speaker must be a non-empty name"),
+    ({"speaker": "poet", "elaboration": 0}, "elaboration must be in"),
+])
+def test_bad_provenance_arguments_are_refused(kwargs: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Scene().apply(Delta(), 1, **kwargs)

@@ -21,7 +21,7 @@ from hyperlex.errors import ContextTooLong, HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Message
 from hyperlex.host import Host
 from hyperlex.persona.prompt import build_prompt, system_message
-from hyperlex.scene.model import Scene
+from hyperlex.scene.model import USER, Scene
 
 if TYPE_CHECKING:
     from hyperlex.agent.store import Store
@@ -181,15 +181,16 @@ class Controller:
 
     # the scene -------------------------------------------------------------------------------
 
-    def encode(self, text: str, persona: str, turn: int) -> None:
-        """Merge what ``text`` says into the scene with ``persona``'s encoder."""
+    def encode(self, text: str, persona: str, turn: int, speaker: str | None = None) -> None:
+        """Merge what ``text`` says into the scene with ``persona``'s encoder, as said by
+        ``speaker`` (:data:`~hyperlex.scene.model.USER` or the persona that spoke)."""
         wanted = self.engine.personas[persona].scene_encoder
         encoders = self.host.scene_encoders
         encoder = encoders.get(wanted) or encoders.get("default")
         if encoder is None:
             return
         try:
-            self.scene = self.scene.apply(encoder(text), turn=turn)
+            self.scene = self.scene.apply(encoder(text), turn=turn, speaker=speaker)
         except Exception as exc:  # plugin code: report it and keep the conversation going
             self.host.report(f"scene encoder {wanted!r} failed: {type(exc).__name__}: {exc}")
 
@@ -253,7 +254,7 @@ class Controller:
         turn = Turn(index=index, user=decision.message, persona=persona, reason=decision.reason,
                     route=decision.as_dict(), mood=mood_label(turn_mood))
         scene_before = self.scene
-        self.encode(decision.message, persona, index)
+        self.encode(decision.message, persona, index, speaker=USER)
         adapter_mood = turn_mood and self.engine.moods[turn_mood[0]].adapter_dir is not None
         layers = [turn_mood] if adapter_mood else []
         messages = self.prompt(persona, decision.message, params, turn_mood, instructions)
@@ -266,7 +267,7 @@ class Controller:
         return TurnStream(self, turn, generation, scene_before)
 
     def _record(self, turn: Turn) -> None:
-        self.encode(turn.reply, turn.persona, turn.index)
+        self.encode(turn.reply, turn.persona, turn.index, speaker=turn.persona)
         turn.scene_version = self.scene.version
         self.history += [
             {"role": "user", "content": turn.user},

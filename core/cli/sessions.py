@@ -94,8 +94,13 @@ def show_session(name: str, as_json: bool) -> None:
         click.echo(f"\n#{turn['index']} {turn['persona']} ({turn['reason'] or 'no reason'})")
         click.echo(f"  you: {_short(turn['user'])}")
         click.echo(f"  {turn['persona']}: {_short(turn['reply'])}")
-    if record.scene_version is not None:
-        click.echo(f"\nscene version {record.scene_version}")
+    scene = record.latest_scene()
+    if scene is not None:
+        from hyperlex.scene.display import scene_table
+        from hyperlex.scene.model import Scene
+
+        click.echo(f"\nscene (version {record.scene_version}):")
+        click.echo(scene_table(Scene.from_json(scene)))
 
 
 @sessions.command("export")

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from hyperlex.scene.model import Scene
+from hyperlex.scene.model import Link, Scene, provenance
 
 
 def scene_table(scene: Scene) -> str:
-    """One row per hyperlexeme (most salient first; * marks the focus), then the links and
-    the field."""
+    """One row per hyperlexeme (the user's facts first, then by salience; * marks the focus)
+    with who said it, then the links (a persona's marked ``(by NAME)``) and the field."""
     if scene.empty:
         return f"(empty scene, version {scene.version})\nfield: {scene.field.render()}"
-    rows = [("", "LABEL", "KIND", "SALIENCE", "ATTRS")]
-    rows += [("*" if focus else "", label, kind, f"{salience:.2f}", attrs)
-             for label, kind, salience, attrs, focus in scene.table_rows()]
+    rows = [("", "LABEL", "KIND", "SALIENCE", "ATTRS", "SAID BY")]
+    rows += [("*" if focus else "", label, kind, f"{salience:.2f}", attrs, said)
+             for label, kind, salience, attrs, focus, said in scene.table_rows()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -30,12 +30,15 @@ def scene_tree(scene: Scene) -> str:
     for hid in scene.ranked():
         hx = scene.hyperlexemes[hid]
         mark = " *" if hid in scene.focus else ""
-        lines.append(f"{hx.label} ({hx.kind}, {hx.salience:.2f}){mark}")
+        said = provenance(hx.said_by, hx.source_turn)
+        lines.append(f"{hx.label} ({hx.kind}, {hx.salience:.2f}{', ' + said if said else ''})"
+                     f"{mark}")
         outgoing = [link for link in scene.links if link.src == hid]
         for n, link in enumerate(outgoing):
             branch = "└─" if n == len(outgoing) - 1 else "├─"
             neg = "NOT " if link.polarity < 0 else ""
-            lines.append(f"  {branch} {neg}{link.rel} → {scene.hyperlexemes[link.dst].label}")
+            lines.append(f"  {branch} {neg}{link.rel} → {scene.hyperlexemes[link.dst].label}"
+                         f"{_said(link)}")
     lines.append(f"field: {scene.field.render()}")
     return "\n".join(lines)
 
@@ -44,4 +47,10 @@ def _link_text(scene: Scene, index: int) -> str:
     link = scene.links[index]
     neg = "NOT " if link.polarity < 0 else ""
     src, dst = scene.hyperlexemes[link.src].label, scene.hyperlexemes[link.dst].label
-    return f"{src} {neg}{link.rel} {dst}"
+    return f"{src} {neg}{link.rel} {dst}{_said(link)}"
+
+
+def _said(link: Link) -> str:
+    """`` (said by user@2)``: who asserted the link, when recorded."""
+    said = provenance([link.said_by] if link.said_by else [], link.turn)
+    return f" (said by {said})" if said else ""

@@ -4,6 +4,15 @@ This module holds the data model, its operations (apply a delta, diff two scenes
 canonical JSON form and the compact prompt rendering. Pure Python (no torch), so routers
 and plugins can use it cheaply.
 
+Provenance: ``Scene.apply`` takes the ``speaker`` of the utterance (``USER``, or the persona
+that said it). Each hyperlexeme keeps who said it (``said_by``) and each link who asserted it
+(``said_by``, ``turn``). The user's facts outrank a persona's elaborations: a persona's
+mentions bump salience by ``elaboration`` x ``bump``, everything the user said ranks before
+what only personas said (so it fills the focus and is rendered first), a persona cannot flip
+the polarity of a link the user asserted, and the rendering marks a persona's additions
+``(by NAME)``. A delta applied without a speaker records no provenance and ranks as a fact,
+as before provenance existed.
+
 Salience dynamics: each ``Scene.apply`` multiplies every salience by ``decay`` and adds
 ``bump`` to the hyperlexemes the delta mentions. A hyperlexeme mentioned every turn
 converges to ``bump / (1 - decay)``, which for the defaults (1.0, 0.8) is exactly
@@ -23,6 +32,8 @@ from dataclasses import field as _field
 from typing import Any
 
 KINDS = ("entity", "concept", "action", "quality")
+USER = "user"
+"""The speaker of the user's messages; any other speaker is a persona."""
 VIEWS = ("all", "focus", "none")
 SALIENCE_CAP = 5.0
 """Highest salience a hyperlexeme can reach (the fixed point of the default bump/decay)."""
@@ -50,6 +61,12 @@ class Hyperlexeme:
     salience: float = 1.0
     associations: list[str] = _field(default_factory=list)
     source_turn: int | None = None
+    said_by: list[str] = _field(default_factory=list)  # speakers, in order of first mention
+
+    @property
+    def is_fact(self) -> bool:
+        """Said by the user (or of unknown provenance), not only elaborated by a persona."""
+        return not self.said_by or USER in self.said_by
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,6 +84,12 @@ class Link:
     dst: str
     polarity: int = 1
     weight: float = 1.0
+    said_by: str | None = None  # who asserted the current polarity (None: not recorded)
+    turn: int | None = None  # and at which turn
+
+    @property
+    def is_fact(self) -> bool:
+        return self.said_by is None or self.said_by == USER
 
     def __post_init__(self) -> None:
         if self.polarity not in (1, -1):
@@ -125,15 +148,22 @@ def _attrs_text(attrs: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(attrs.items()))
 
 
-def _rank_key(hx: Hyperlexeme) -> tuple[float, float, str, str]:
+def _rank_key(hx: Hyperlexeme) -> tuple[bool, float, float, str, str]:
     turn = -math.inf if hx.source_turn is None else hx.source_turn
-    return (-hx.salience, -turn, canonical_label(hx.label), hx.id)
+    return (not hx.is_fact, -hx.salience, -turn, canonical_label(hx.label), hx.id)
+
+
+def _by(speakers: Iterable[str]) -> str:
+    """The mark of a persona's addition in a rendering: `` (by poet)``."""
+    names = [s for s in speakers if s != USER]
+    return f" (by {'/'.join(names)})" if names else ""
 
 
 def _link_text(link: Link, labels: dict[str, str]) -> str:
     neg = "NOT " if link.polarity < 0 else ""
     src, dst = labels.get(link.src, link.src), labels.get(link.dst, link.dst)
-    return f"{src} {neg}{link.rel} {dst}"
+    mark = "" if link.is_fact else _by([link.said_by or ""])
+    return f"{src} {neg}{link.rel} {dst}{mark}"
 
 
 _FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SceneField)}
@@ -169,6 +199,13 @@ def _collapse(delta: Delta) -> tuple[dict[str, Hyperlexeme], dict[str, str]]:
                 associations=_union(hx.associations, ()),
             )
     return merged, canon_of
+
+
+def _check_speaker(speaker: str | None, elaboration: float) -> None:
+    if speaker is not None and (not isinstance(speaker, str) or not speaker.strip()):
+        raise ValueError(f"speaker must be a non-empty name or None, got {speaker!r}")
+    if not 0 < elaboration <= 1:
+        raise ValueError(f"elaboration must be in (0, 1], got {elaboration!r}")
 
 
 def _check_apply_args(
@@ -227,8 +264,11 @@ class Scene:
         focus_size: int = 5,
         field_weight: float = 0.5,
         floor: float = 0.05,
+        speaker: str | None = None,
+        elaboration: float = 0.5,
     ) -> Scene:
-        """The scene after ``delta`` (one utterance, at ``turn``); neither input is mutated.
+        """The scene after ``delta`` (one utterance, at ``turn``, said by ``speaker``);
+        neither input is mutated.
 
         - Every existing salience is multiplied by ``decay``. One that falls below
           ``floor`` is forgotten, unless a link references it: then it is kept, resting at
@@ -249,12 +289,20 @@ class Scene:
         - Valence and arousal move ``field_weight`` of the way toward the delta field's,
           clamped to [-1, 1] and [0, 1]; its emotion, tempo, line length and tone replace
           the scene's unless they are the defaults (an encoder's "no reading").
-        - ``focus`` becomes the first ``focus_size`` of ``ranked()``.
+        - Provenance (with a ``speaker``): each mentioned hyperlexeme adds the speaker to its
+          ``said_by``; a link takes the speaker and turn that asserted its polarity. A
+          persona's mentions bump by ``elaboration * bump``; a persona restating a user's
+          link leaves it the user's, and one contradicting it is ignored: only the user
+          changes the user's facts.
+        - ``focus`` becomes the first ``focus_size`` of ``ranked()`` (the user's facts first).
 
         Raises ValueError for a delta link whose endpoint is not a delta id, an empty
         label or rel, a delta id reused for two labels, or out-of-range arguments.
         """
         _check_apply_args(bump, decay, focus_size, field_weight, floor)
+        _check_speaker(speaker, elaboration)
+        persona_speaks = speaker is not None and speaker != USER
+        mention = bump * elaboration if persona_speaks else bump
         incoming, canon_of = _collapse(delta)
 
         hxs: dict[str, Hyperlexeme] = {}
@@ -269,6 +317,7 @@ class Scene:
                 salience=float(min(old.salience * decay, SALIENCE_CAP)),
                 associations=list(old.associations),
                 source_turn=old.source_turn,
+                said_by=list(old.said_by),
             )
             by_label.setdefault(canonical_label(old.label), hid)
 
@@ -289,22 +338,24 @@ class Scene:
                     label=new.label,
                     kind=new.kind,
                     attrs=new.attrs,
-                    salience=float(min(bump, SALIENCE_CAP)),
+                    salience=float(min(mention, SALIENCE_CAP)),
                     associations=new.associations,
                     source_turn=turn,
                 )
             else:
                 hx = hxs[sid]
-                hx.salience = float(min(hx.salience + bump, SALIENCE_CAP))
+                hx.salience = float(min(hx.salience + mention, SALIENCE_CAP))
                 hx.attrs = {**hx.attrs, **new.attrs}
                 hx.associations = _union(hx.associations, new.associations)
                 if hx.source_turn is None:
                     hx.source_turn = turn
+            if speaker is not None and speaker not in hxs[sid].said_by:
+                hxs[sid].said_by.append(speaker)
             mentioned.add(sid)
             scene_id[canon] = sid
 
         links = [
-            Link(k.src, k.rel, k.dst, k.polarity, k.weight)
+            Link(k.src, k.rel, k.dst, k.polarity, k.weight, k.said_by, k.turn)
             for k in self.links
             if k.src in self.hyperlexemes and k.dst in self.hyperlexemes
         ]
@@ -322,12 +373,18 @@ class Scene:
             if not rel:
                 raise ValueError(f"delta link {k.src} -{k.rel!r}-> {k.dst}: empty rel")
             src, dst = scene_id[canon_of[k.src]], scene_id[canon_of[k.dst]]
-            said[(src, rel, dst)] = Link(src, _SPACES.sub(" ", k.rel.strip()), dst, k.polarity)
+            said[(src, rel, dst)] = Link(src, _SPACES.sub(" ", k.rel.strip()), dst, k.polarity,
+                                         said_by=speaker, turn=turn if speaker else None)
         for key, new_link in said.items():
             for link in existing.get(key, []):
                 confirmed = link.polarity == new_link.polarity
+                users = link.said_by == USER and persona_speaks
+                if users and not confirmed:
+                    continue  # a persona does not overrule the user's fact
                 weight = link.weight + bump if confirmed else bump
                 link.polarity, link.weight = new_link.polarity, float(min(weight, LINK_WEIGHT_CAP))
+                if speaker is not None and not users:
+                    link.said_by, link.turn = speaker, turn
             if key not in existing:
                 new_link.weight = float(min(bump, LINK_WEIGHT_CAP))
                 links.append(new_link)
@@ -393,8 +450,9 @@ class Scene:
     ) -> str:
         """Compact, token-cheap text for a prompt. ``view`` is ``all``, ``focus`` or ``none``.
 
-        First line ``label[attrs]; label; ...`` most salient first, then one
-        ``src [NOT ]rel dst`` line per link whose endpoints are both shown. With
+        First line ``label[attrs]; label; ...``, the user's facts first, then by salience;
+        then one ``src [NOT ]rel dst`` line per link whose endpoints are both shown, the
+        user's first. A persona's additions end in ``(by NAME)``. With
         ``max_tokens``, the least salient hyperlexemes (and their links) are dropped until
         ``count_tokens`` (default ``estimate_tokens``) is within budget; "" if none fits.
         """
@@ -429,22 +487,26 @@ class Scene:
         for hid in ids:
             hx = self.hyperlexemes[hid]
             attrs = _attrs_text(hx.attrs)
-            parts.append(f"{hx.label}[{attrs}]" if attrs else hx.label)
+            mark = "" if hx.is_fact else _by(hx.said_by)
+            parts.append((f"{hx.label}[{attrs}]" if attrs else hx.label) + mark)
         shown = sorted(
             (k for k in self.links if k.src in rank and k.dst in rank),
-            key=lambda k: (rank[k.src], rank[k.dst], canonical_label(k.rel), k.polarity),
+            key=lambda k: (not k.is_fact, rank[k.src], rank[k.dst], canonical_label(k.rel),
+                           k.polarity),
         )
         labels = {hid: self.hyperlexemes[hid].label for hid in ids}
         return "\n".join(["; ".join(parts), *(_link_text(k, labels) for k in shown)])
 
-    def table_rows(self) -> list[tuple[str, str, float, str, str]]:
-        """(label, kind, salience, attrs, "focus" or "") per hyperlexeme, ordered as rendered."""
+    def table_rows(self) -> list[tuple[str, str, float, str, str, str]]:
+        """(label, kind, salience, attrs, "focus" or "", said by) per hyperlexeme, ordered as
+        rendered; "said by" is the speakers with the first turn (``user@1, poet``)."""
         focus = set(self.focus)
         rows = []
         for hid in self.ranked():
             hx = self.hyperlexemes[hid]
             mark = "focus" if hid in focus else ""
-            rows.append((hx.label, hx.kind, hx.salience, _attrs_text(hx.attrs), mark))
+            rows.append((hx.label, hx.kind, hx.salience, _attrs_text(hx.attrs), mark,
+                         provenance(hx.said_by, hx.source_turn)))
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -518,8 +580,18 @@ class Delta:
         )
 
 
+def provenance(speakers: Iterable[str], turn: int | None) -> str:
+    """Who said it and when, for people: ``user@1, poet`` (the first speaker with the turn);
+    "" when not recorded."""
+    names = list(speakers)
+    if not names:
+        return ""
+    first = names[0] if turn is None else f"{names[0]}@{turn}"
+    return ", ".join([first, *names[1:]])
+
+
 def _hx_differs(a: Hyperlexeme, b: Hyperlexeme) -> bool:
-    fixed = ("label", "kind", "attrs", "associations", "source_turn")
+    fixed = ("label", "kind", "attrs", "associations", "source_turn", "said_by")
     if any(getattr(a, name) != getattr(b, name) for name in fixed):
         return True
     return abs(a.salience - b.salience) > DIFF_TOLERANCE
