@@ -118,7 +118,9 @@ class Completion:
 
 
 class Generation(ABC):
-    """A running generation: iterate it for text pieces; ``cancel()`` stops it early.
+    """A running generation: iterate it for text pieces; ``cancel()`` stops it early: once
+    it has returned, no further piece is yielded (the backend may still be finishing the
+    token it was computing).
 
     After iteration ends, ``text``, ``usage`` and ``finish_reason`` describe the result.
     Stop strings are cut here, for every backend: the text never contains one.
@@ -149,6 +151,8 @@ class Generation(ABC):
         pending = ""
         try:
             for piece in self._pieces():
+                if self.cancelled:  # nothing reaches the caller after cancel() returned
+                    break
                 pending += piece
                 cut = _first_stop(pending, self.stop)
                 if cut is not None:
@@ -159,7 +163,8 @@ class Generation(ABC):
                 if len(pending) > hold:
                     ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
                     yield from self._emit(ready)
-            yield from self._emit(pending)
+            if not self.cancelled:
+                yield from self._emit(pending)
         finally:
             if self.finish_reason is None and self.cancelled:
                 self.finish_reason = "cancelled"

@@ -45,3 +45,18 @@ def test_one_finish_reason_rule_for_every_engine() -> None:
     assert finish_reason(8, 8, ended=True) == "stop"  # the end token came last
     assert finish_reason(3, 8, ended=False) == "stop"  # shorter than the limit: it ended
     assert finish_reason(8, 8, ended=False, cancelled=True) == "cancelled"
+
+
+def test_nothing_is_yielded_after_cancel_returns() -> None:
+    from hyperlex.generation import Generation
+
+    class Queued(Generation):  # a backend that already produced three pieces
+        def _pieces(self):
+            yield from ("a", "b", "c")
+
+    generation, seen = Queued("p"), []
+    for piece in generation:
+        seen.append(piece)
+        generation.cancel()
+    assert seen == ["a"] and generation.text == "a"
+    assert generation.finish_reason == "cancelled"

@@ -69,10 +69,10 @@ def _report_options(func: Any) -> Any:
 def _scene_options(func: Any) -> Any:
     """The round trip's scene set and encoder."""
     options = [
-        click.option("--scenes", "scene_files", multiple=True, metavar="FILE",
-                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        click.option("--scenes", "scene_files", multiple=True, metavar="FILE|heldout",
                      help="Add the scenes of FILE (JSON lines: Scene.to_dict() plus an id; "
-                          "repeatable)."),
+                          "repeatable); 'heldout': the shipped held-out split of the "
+                          "synthetic corpus."),
         click.option("--no-shipped-scenes", is_flag=True,
                      help="Leave out the scenes shipped with hyperlex (use only --scenes)."),
         click.option("--encoder", default="default", show_default=True,

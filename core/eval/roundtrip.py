@@ -82,6 +82,8 @@ if TYPE_CHECKING:
     from hyperlex.persona.bundle import Persona
 
 SHIPPED_SCENES = "eval/data/scenes.jsonl"
+HELDOUT = "heldout"
+HELDOUT_SCENES = "eval/data/heldout-scenes.jsonl"
 INSTRUCTION = ("Describe this scene in your own voice, keeping every fact (NOT marks a negated "
                "relation):\n{facts}")
 FULL_SCENE_BUDGET = 1_000_000
@@ -194,10 +196,17 @@ def shipped_scenes() -> list[EvalScene]:
 
 
 def load_scenes(paths: Sequence[str | Path] = (), shipped: bool = True) -> list[EvalScene]:
-    """The shipped scenes (unless ``shipped`` is False), then each file's, in order. An
-    unreadable file, a bad line or an id used twice raises HyperlexError naming FILE:LINE."""
+    """The shipped scenes (unless ``shipped`` is False), then each file's, in order; the name
+    ``heldout`` is the shipped held-out split of the synthetic corpus
+    (``hyperlex/eval/data/heldout-scenes.jsonl``, scenes no training sees). An unreadable
+    file, a bad line or an id used twice raises HyperlexError naming FILE:LINE."""
     scenes = shipped_scenes() if shipped else []
     for path in paths:
+        if str(path) == HELDOUT:
+            source = f"hyperlex/{HELDOUT_SCENES}"
+            scenes += parse_scenes(resources.files("hyperlex").joinpath(HELDOUT_SCENES)
+                                   .read_text("utf-8"), source)
+            continue
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")

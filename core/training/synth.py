@@ -1,103 +1,201 @@
-"""A synthetic scene <-> text corpus (``agent data synth``).
+"""The synthetic scene <-> text corpus (``agent data synth``): scenes the default encoder
+reads back from their text, over the shipped vocabulary (``hyperlex.training.vocabulary``).
 
-Scene templates (hyperlexemes with attributes, links with polarity) are crossed with field
-variations (emotion, rhythm) and realized as text by a small deterministic grammar, so every
-record's text says exactly what its scene holds: negated links become "does not", the
-emotion colours the wording and the rhythm sets sentence length and line breaks.
+Each record starts as a *plan*: 2-8 things (nouns from thousands of lemmas), some with a
+quality (an adjective; an affect-laden one colours the field) or a count, 1-5 links between
+them (everyday transitive verbs; about a third negated) and a few associations. The plan is
+realised as text in one of several *registers* (``plain`` sentences, a ``story`` with
+connectives, a terse ``report``), which also set the field's tempo and tone. The text is
+then read by the default encoder, and the record is kept only if the reading holds exactly
+the plan: every thing with its quality and count, every link with its polarity, nothing
+else. The scene stored with the text is that reading (as the shipped evaluation scenes are
+built), plus the associations, which the text's last sentence names ("Think of ...").
 
-``output`` records train a scene -> text adapter (the scene and field go into the contract's
-slots; the reply is the text); ``input`` records train a text -> scene adapter (the human
-turn is the text; the reply is the scene delta as canonical JSON).
+Scenes are split for good: a scene belongs to the ``heldout`` split when a hash of its
+labels says so, to ``train`` otherwise, so no training record ever shows a held-out scene.
+
+``output`` records train a scene -> text adapter (the scene goes into the contract's slot;
+the reply is the text); ``input`` records train a text -> scene reader (the human turn is
+the text; the reply is the scene delta as JSON).
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from hyperlex.scene.model import Hyperlexeme, Link, Scene, SceneField
+from hyperlex.scene.model import Delta, Scene, canonical_label
+from hyperlex.training.vocabulary import load_vocabulary, plural, third_person
 
 DIRECTIONS = ("output", "input", "both")
-
-
-@dataclass(frozen=True)
-class Template:
-    name: str
-    things: tuple[tuple[str, str, str, dict[str, str]], ...]  # (id, label, kind, attrs)
-    links: tuple[tuple[str, str, str, int], ...]  # (src, verb lemma, dst, polarity)
-
-
-def _t(name: str, things: list, links: list) -> Template:
-    return Template(name, tuple((i, label, kind, attrs) for i, label, kind, attrs in things),
-                    tuple(links))
-
-
-TEMPLATES: tuple[Template, ...] = (
-    _t("harbor", [("h1", "fisherman", "entity", {"age": "old"}), ("h2", "sea", "entity", {}),
-                  ("h3", "storm", "concept", {}), ("h4", "boat", "entity", {"color": "blue"})],
-       [("h1", "love", "h2", 1), ("h1", "fear", "h3", -1), ("h1", "repair", "h4", 1)]),
-    _t("garden", [("h1", "child", "entity", {}), ("h2", "seed", "entity", {"size": "small"}),
-                  ("h3", "rain", "entity", {}), ("h4", "sun", "entity", {})],
-       [("h1", "plant", "h2", 1), ("h1", "wait for", "h3", 1), ("h2", "need", "h4", 1)]),
-    _t("library", [("h1", "scholar", "entity", {"mood": "tired"}),
-                   ("h2", "book", "entity", {"age": "ancient"}), ("h3", "answer", "concept", {})],
-       [("h1", "read", "h2", 1), ("h1", "find", "h3", -1)]),
-    _t("city", [("h1", "traveler", "entity", {}), ("h2", "city", "entity", {"size": "vast"}),
-                ("h3", "map", "entity", {}), ("h4", "friend", "entity", {})],
-       [("h1", "cross", "h2", 1), ("h1", "trust", "h3", -1), ("h1", "call", "h4", 1)]),
-    _t("forest", [("h1", "fox", "entity", {"color": "red"}), ("h2", "forest", "entity", {}),
-                  ("h3", "hunter", "entity", {})],
-       [("h1", "know", "h2", 1), ("h1", "see", "h3", -1)]),
-    _t("kitchen", [("h1", "cook", "entity", {}), ("h2", "bread", "entity", {"state": "warm"}),
-                   ("h3", "guest", "entity", {}), ("h4", "salt", "entity", {})],
-       [("h1", "bake", "h2", 1), ("h1", "welcome", "h3", 1), ("h1", "forget", "h4", -1)]),
-    _t("mountain", [("h1", "climber", "entity", {}), ("h2", "summit", "entity", {}),
-                    ("h3", "fear", "concept", {}), ("h4", "rope", "entity", {})],
-       [("h1", "reach", "h2", 1), ("h1", "show", "h3", -1), ("h1", "hold", "h4", 1)]),
-    _t("letter", [("h1", "sister", "entity", {}), ("h2", "letter", "entity", {}),
-                  ("h3", "brother", "entity", {"place": "far away"})],
-       [("h1", "write", "h2", 1), ("h3", "answer", "h2", -1)]),
-    _t("orchestra", [("h1", "violinist", "entity", {}), ("h2", "melody", "concept", {}),
-                     ("h3", "audience", "entity", {"size": "large"})],
-       [("h1", "play", "h2", 1), ("h3", "hear", "h2", 1), ("h3", "applaud", "h1", -1)]),
-    _t("lab", [("h1", "scientist", "entity", {}), ("h2", "experiment", "concept", {}),
-               ("h3", "result", "concept", {"kind": "surprising"})],
-       [("h1", "run", "h2", 1), ("h1", "expect", "h3", -1)]),
-    _t("night", [("h1", "owl", "entity", {}), ("h2", "moon", "entity", {"phase": "full"}),
-                 ("h3", "village", "entity", {})],
-       [("h1", "watch", "h3", 1), ("h2", "light", "h3", 1), ("h3", "sleep through", "h2", -1)]),
-    _t("school", [("h1", "teacher", "entity", {}), ("h2", "student", "entity", {}),
-                  ("h3", "question", "concept", {"kind": "hard"})],
-       [("h2", "ask", "h3", 1), ("h1", "answer", "h3", 1), ("h1", "dismiss", "h2", -1)]),
-)
-
-EMOTIONS: dict[str, tuple[float, float, str, str]] = {
-    # name: (valence, arousal, adverb, closing line)
-    "joy": (0.8, 0.6, "gladly", "Everything feels light."),
-    "sadness": (-0.7, 0.3, "sadly", "Something is missing."),
-    "anger": (-0.6, 0.9, "fiercely", "It is not fair."),
-    "fear": (-0.7, 0.8, "nervously", "Something may go wrong."),
-    "calm": (0.3, 0.1, "quietly", "All is still."),
-    "wonder": (0.7, 0.7, "in wonder", "How strange and fine it is."),
-}
-RHYTHMS: tuple[tuple[str, str], ...] = (("fast", "short"), ("moderate", "medium"),
-                                        ("slow", "long"))
+REGISTERS = ("plain", "story", "report")
+SPLITS = ("train", "heldout")
+HELDOUT_SHARE = 8  # one scene in eight is held out
+NEGATED_SHARE = 0.35
+COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
+AFFECT_QUALITIES = ("happy", "cheerful", "joyful", "proud", "hopeful", "calm", "gentle",
+                    "peaceful", "sad", "lonely", "angry", "afraid", "anxious", "weary",
+                    "bitter", "gloomy", "furious", "nervous", "tender", "bright")
 OUTPUT_ASKS = ("Describe the scene.", "Tell me what is happening.", "Put the scene into words.",
-               "What do you see?", "Narrate this moment.")
+               "What do you see?", "Say what the scene holds.")
+STORY_OPENINGS = ("Meanwhile", "Then", "After that", "Later", "Soon")
 
 
-def build_scene(template: Template) -> Scene:
-    things = {i: Hyperlexeme(id=i, label=label, kind=kind, attrs=dict(attrs))
-              for i, label, kind, attrs in template.things}
-    links = [Link(src=s, rel=rel, dst=d, polarity=pol) for s, rel, d, pol in template.links]
-    return Scene(hyperlexemes=things, links=links, focus=list(things))
+@dataclass
+class Plan:
+    """What a record's text must say."""
+
+    things: list[tuple[str, str | None, int | None]]  # (noun, quality, count)
+    links: list[tuple[int, str, int, int]]  # (src thing, verb, dst thing, polarity)
+    associations: dict[int, list[str]] = field(default_factory=dict)
+
+
+def plan_scene(rng: random.Random, vocabulary: dict[str, tuple[str, ...]]) -> Plan:
+    size = rng.randint(2, 8)
+    nouns = rng.sample(vocabulary["nouns"], size)
+    things: list[tuple[str, str | None, int | None]] = []
+    for noun in nouns:
+        roll = rng.random()
+        quality = (rng.choice(AFFECT_QUALITIES) if roll < 0.15 else
+                   rng.choice(vocabulary["adjectives"]) if roll < 0.45 else None)
+        things.append((noun, quality, None))
+    links: list[tuple[int, str, int, int]] = []
+    pairs = [(a, b) for a in range(size) for b in range(size) if a != b]
+    rng.shuffle(pairs)
+    used: set[int] = set()
+    for src, dst in pairs:
+        if len(links) >= rng.randint(1, min(5, size)) and used == set(range(size)):
+            break
+        if len(links) >= 5:
+            break
+        if src in used and dst in used and len(used) < size:
+            continue
+        polarity = -1 if rng.random() < NEGATED_SHARE else 1
+        links.append((src, rng.choice(vocabulary["verbs"]), dst, polarity))
+        used |= {src, dst}
+    for i, (noun, quality, _) in enumerate(things):  # a count only on an object, never negated
+        objects = [k for k in links if k[2] == i]
+        if quality is None and objects and all(k[3] > 0 for k in objects) and rng.random() < 0.2:
+            things[i] = (noun, None, rng.choice(list(COUNTS)))
+    keep = sorted(used)  # a thing in no link is left out: a clause states each thing
+    index = {old: new for new, old in enumerate(keep)}
+    plan = Plan([things[i] for i in keep],
+                [(index[s], v, index[d], p) for s, v, d, p in links])
+    for i in rng.sample(range(len(plan.things)), k=min(len(plan.things), rng.randint(0, 2))):
+        plan.associations[i] = rng.sample(vocabulary["nouns"], rng.randint(1, 2))
+    return plan
+
+
+def _phrase(thing: tuple[str, str | None, int | None]) -> str:
+    noun, quality, count = thing
+    if count is not None:
+        return f"{COUNTS[count]} {plural(noun)}"
+    return " ".join(["the", *([quality] if quality else []), noun])
+
+
+def _clause(plan: Plan, link: tuple[int, str, int, int], first_mention: set[int]) -> str:
+    src, verb, dst, polarity = link
+    subject = _phrase(plan.things[src]) if src in first_mention else f"the {plan.things[src][0]}"
+    obj = _phrase(plan.things[dst]) if dst in first_mention else f"the {plan.things[dst][0]}"
+    first_mention -= {src, dst}
+    said = third_person(verb) if polarity > 0 else f"does not {verb}"
+    return f"{subject} {said} {obj}"
+
+
+def realize(plan: Plan, register: str, rng: random.Random) -> tuple[str, str]:
+    """(the body that states the scene, the association sentence or "")."""
+    fresh = set(range(len(plan.things)))
+    clauses = [_clause(plan, link, fresh) for link in plan.links]
+    if register == "plain":
+        body = " ".join(c[0].upper() + c[1:] + "." for c in clauses)
+    elif register == "story":
+        sentences = []
+        for i, clause in enumerate(clauses):
+            opening = rng.choice(STORY_OPENINGS) + ", " if i else ""
+            sentences.append((opening + clause)[0].upper() + (opening + clause)[1:] + ".")
+        body = " ".join(sentences)
+    elif register == "report":
+        body = "; ".join(clauses)
+        body = body[0].upper() + body[1:] + "."
+    else:
+        raise ValueError(f"register must be one of {', '.join(REGISTERS)}, got {register!r}")
+    words = [w for ws in plan.associations.values() for w in ws]
+    if not words:
+        return body, ""
+    listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    return body, f"Think of {listed}."
+
+
+def split_of(scene: Scene) -> str:
+    """``heldout`` or ``train``, fixed by the scene's labels."""
+    labels = "|".join(sorted(canonical_label(h.label) for h in scene.hyperlexemes.values()))
+    digest = int(hashlib.sha256(labels.encode()).hexdigest()[:8], 16)
+    return "heldout" if digest % HELDOUT_SHARE == 0 else "train"
+
+
+def reads_as_planned(delta: Delta, plan: Plan) -> bool:
+    """The encoder's reading holds exactly the plan's things, attributes and links."""
+    labels = {h.id: canonical_label(h.label) for h in delta.hyperlexemes}
+    things = {canonical_label(h.label): dict(h.attrs) for h in delta.hyperlexemes}
+    wanted = {}
+    for noun, quality, count in plan.things:
+        attrs: dict[str, Any] = {}
+        if quality:
+            attrs["quality"] = quality
+        if count:
+            attrs["count"] = count
+        wanted[noun] = attrs
+    triples = {(labels.get(k.src), canonical_label(k.rel), labels.get(k.dst), k.polarity)
+               for k in delta.links}
+    planned = {(plan.things[s][0], v, plan.things[d][0], p) for s, v, d, p in plan.links}
+    return things == wanted and triples == planned
+
+
+def scene_records(count: int, split: str = "train", seed: int = 0,
+                  registers: tuple[str, ...] = REGISTERS,
+                  encoder: Callable[[str], Delta] | None = None) -> Iterator[dict[str, Any]]:
+    """``count`` verified scenes of ``split``: dicts with ``id``, ``reference``, ``register``,
+    ``scene`` (a Scene) and ``negated`` (whether a link is negated)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    for register in registers:
+        if register not in REGISTERS:
+            raise ValueError(f"unknown register {register!r}; registers: {', '.join(REGISTERS)}")
+    if encoder is None:
+        from hyperlex.scene.encoders import DefaultEncoder
+
+        encoder = DefaultEncoder()
+    vocabulary = load_vocabulary()
+    rng = random.Random(f"{split}:{seed}")
+    made = tries = 0
+    while made < count:
+        tries += 1
+        if tries > 50 * count + 100:
+            raise RuntimeError(f"only {made} of {count} scenes read back as planned")
+        plan = plan_scene(rng, vocabulary)
+        register = registers[tries % len(registers)]
+        body, think = realize(plan, register, rng)
+        delta = encoder(body)
+        if not reads_as_planned(delta, plan):
+            continue
+        scene = Scene().apply(delta, turn=0)
+        if split_of(scene) != split:
+            continue
+        by_label = {canonical_label(h.label): h for h in scene.hyperlexemes.values()}
+        for i, words in plan.associations.items():
+            by_label[plan.things[i][0]].associations = list(words)
+        made += 1
+        yield {"id": f"{split}-{seed}-{made:05d}", "reference": f"{body} {think}".strip(),
+               "register": register, "scene": scene,
+               "negated": any(k.polarity < 0 for k in scene.links)}
 
 
 def scene_delta(scene: Scene) -> dict[str, Any]:
-    """The compact delta an input adapter (text -> scene) should produce for ``scene``."""
+    """The compact delta a reader (text -> scene) should produce for ``scene``."""
     return {
         "hyperlexemes": [{"id": h.id, "label": h.label, "kind": h.kind, "attrs": h.attrs}
                          for h in scene.hyperlexemes.values()],
@@ -106,69 +204,31 @@ def scene_delta(scene: Scene) -> dict[str, Any]:
     }
 
 
-def _noun(h: Hyperlexeme) -> str:
-    adjectives = [v for k, v in sorted(h.attrs.items()) if k != "place"]
-    place = f" {h.attrs['place']}" if "place" in h.attrs else ""
-    return " ".join(["the", *adjectives, h.label]) + place
-
-
-def _verb(lemma: str, polarity: int) -> str:
-    if polarity < 0:
-        return f"does not {lemma}"
-    head, _, rest = lemma.partition(" ")
-    if head.endswith(("s", "sh", "ch", "x")):
-        third = head + "es"
-    elif head.endswith("y") and head[-2:-1] not in "aeiou":
-        third = head[:-1] + "ies"
-    else:
-        third = head + "s"
-    return f"{third} {rest}".strip()
-
-
-def realize(scene: Scene, emotion: str, tempo: str, line_length: str) -> str:
-    """The scene as text: one clause per link, coloured by the emotion, shaped by the rhythm."""
-    _, _, adverb, closing = EMOTIONS[emotion]
-    clauses = []
-    for i, link in enumerate(scene.links):
-        src, dst = scene.hyperlexemes[link.src], scene.hyperlexemes[link.dst]
-        manner = f" {adverb}" if i == 0 and link.polarity > 0 else ""
-        clauses.append(f"{_noun(src)} {_verb(link.rel, link.polarity)} {_noun(dst)}{manner}")
-    if tempo == "fast":
-        sentences = [c[0].upper() + c[1:] + "." for c in clauses] + [closing]
-        return "\n".join(sentences) if line_length == "short" else " ".join(sentences)
-    if tempo == "slow":
-        body = ", and ".join(clauses)
-        return body[0].upper() + body[1:] + f", while {closing[0].lower() + closing[1:]}"
-    half = (len(clauses) + 1) // 2
-    first, second = " and ".join(clauses[:half]), " and ".join(clauses[half:])
-    sentences = [s[0].upper() + s[1:] + "." for s in (first, second) if s]
-    return " ".join([*sentences, closing])
-
-
-def synth_records(count: int | None = None, direction: str = "output",
-                  seed: int = 0) -> list[dict[str, Any]]:
-    """Records for every template x emotion x rhythm (or a seeded sample of ``count``)."""
+def synth_records(count: int = 1000, direction: str = "output", seed: int = 0,
+                  split: str = "train", registers: tuple[str, ...] = REGISTERS
+                  ) -> list[dict[str, Any]]:
+    """Training records (see the module docstring) for ``count`` verified scenes."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
-    rng = random.Random(seed)
-    combos = list(itertools.product(TEMPLATES, EMOTIONS, RHYTHMS))
-    if count is not None and count < len(combos):
-        combos = rng.sample(combos, count)
+    ask = random.Random(seed)
     records = []
-    for template, emotion, (tempo, line_length) in combos:
-        valence, arousal, _, _ = EMOTIONS[emotion]
-        field = SceneField(valence=valence, arousal=arousal, emotion=emotion, tempo=tempo,
-                      line_length=line_length)
-        scene = build_scene(template)
-        text = realize(scene, emotion, tempo, line_length)
-        meta = {"template": template.name, "synthetic": True}
-        field_dict = {k: getattr(field, k) for k in ("valence", "arousal", "emotion", "tempo",
-                                                     "line_length", "tone")}
+    for item in scene_records(count, split, seed, registers):
+        meta = {"synthetic": True, "register": item["register"], "scene_id": item["id"]}
+        scene = item["scene"]
         if direction in ("output", "both"):
-            records.append({"human": rng.choice(OUTPUT_ASKS), "text": text,
-                            "scene": scene.to_dict(), "field": field_dict,
-                            "meta": meta | {"direction": "output"}})
+            records.append({"human": ask.choice(OUTPUT_ASKS), "text": item["reference"],
+                            "scene": scene.to_dict(), "meta": meta | {"direction": "output"}})
         if direction in ("input", "both"):
-            records.append({"human": text, "text": json.dumps(scene_delta(scene)),
+            records.append({"human": item["reference"], "text": json.dumps(scene_delta(scene)),
                             "meta": meta | {"direction": "input"}})
     return records
+
+
+def eval_scene_lines(count: int, seed: int = 0) -> list[str]:
+    """``count`` held-out scenes as evaluation-scene JSON lines (``agent eval roundtrip
+    --scenes``): the scene, its id and its reference text."""
+    lines = []
+    for item in scene_records(count, "heldout", seed):
+        record = {"id": item["id"], "reference": item["reference"], **item["scene"].to_dict()}
+        lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
+    return lines
