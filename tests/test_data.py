@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from hyperlex.cli import cli
 from hyperlex.training.data import DataError, read_dataset
-from hyperlex.training.synth import EMOTIONS, RHYTHMS, TEMPLATES, synth_records
+from hyperlex.training.synth import REGISTERS, scene_records, split_of, synth_records
+from hyperlex.training.vocabulary import load_vocabulary
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -79,14 +80,52 @@ def test_agent_data_validate_lists_problems_and_fails(tmp_path: Path) -> None:
     assert f"{bad}:2: text is missing" in failed.stdout
 
 
-def test_synthetic_corpus_crosses_templates_with_fields_and_keeps_negation() -> None:
-    records = synth_records(direction="output")
-    assert len(records) == len(TEMPLATES) * len(EMOTIONS) * len(RHYTHMS)
-    harbor = next(r for r in records if r["meta"]["template"] == "harbor"
-                  and r["field"]["emotion"] == "fear" and r["field"]["tempo"] == "fast")
-    assert "does not fear the storm" in harbor["text"]
-    assert any(link["polarity"] == -1 for link in harbor["scene"]["links"])
-    assert {r["field"]["tempo"] for r in records} == {"fast", "moderate", "slow"}
+def test_the_corpus_vocabulary_has_thousands_of_lemmas() -> None:
+    vocabulary = load_vocabulary()
+    assert sum(len(words) for words in vocabulary.values()) >= 4000
+    assert len(vocabulary["nouns"]) >= 2000 and len(vocabulary["verbs"]) >= 150
+    assert len(set(vocabulary["nouns"]) & set(vocabulary["verbs"])) == 0
+
+
+def test_every_synthetic_text_reads_back_to_its_scene() -> None:
+    """The default encoder reads each reference back to the scene it is stored with: every
+    thing, quality, count and link with its polarity, and the associations are named."""
+    from hyperlex.eval.roundtrip import read_back, score_roundtrip
+    from hyperlex.scene.encoders import DefaultEncoder
+
+    encoder = DefaultEncoder()
+    items = list(scene_records(45, "train", seed=7))
+    for item in items:
+        scene = item["scene"]
+        score = score_roundtrip(scene, read_back(encoder(item["reference"])), item["reference"])
+        assert score.hyperlexemes["recall"] == 1.0 and score.links["f1"] == 1.0, item
+        assert score.failures == 0, (item["reference"], score.as_dict())
+        assert 2 <= len(scene.hyperlexemes) <= 8 and 1 <= len(scene.links) <= 5
+    assert {item["register"] for item in items} == set(REGISTERS)
+    assert sum(item["negated"] for item in items) >= len(items) / 3
+    assert sum(any(h.associations for h in item["scene"].hyperlexemes.values())
+               for item in items) >= len(items) / 3
+    labels = {h.label for item in items for h in item["scene"].hyperlexemes.values()}
+    assert len(labels) >= 150  # not a dozen templates
+
+
+def test_no_training_scene_is_a_held_out_one() -> None:
+    train = list(scene_records(40, "train", seed=1))
+    heldout = list(scene_records(10, "heldout", seed=1))
+    assert {split_of(item["scene"]) for item in train} == {"train"}
+    assert {split_of(item["scene"]) for item in heldout} == {"heldout"}
+    keys = [frozenset(h.label for h in item["scene"].hyperlexemes.values())
+            for item in train + heldout]
+    assert not set(keys[:40]) & set(keys[40:])
+
+
+def test_the_shipped_held_out_scenes() -> None:
+    from hyperlex.eval.roundtrip import load_scenes
+
+    scenes = load_scenes(["heldout"], shipped=False)
+    assert len(scenes) >= 48 and all(s.reference for s in scenes)
+    assert sum(any(k.polarity < 0 for k in s.scene.links) for s in scenes) >= len(scenes) / 3
+    assert {split_of(s.scene) for s in scenes} == {"heldout"}
 
 
 def test_input_records_target_the_scene_delta() -> None:
@@ -103,3 +142,15 @@ def test_agent_data_synth_writes_a_valid_dataset(tmp_path: Path) -> None:
                                       "--count", "20"])
     assert result.exit_code == 0, result.output
     assert len(read_dataset(out)) == 40
+
+
+def test_agent_data_synth_writes_evaluation_scenes(tmp_path: Path) -> None:
+    from hyperlex.eval.roundtrip import load_scenes
+
+    out = tmp_path / "scenes.jsonl"
+    result = CliRunner().invoke(cli, ["data", "synth", "--out", str(out), "--scenes",
+                                      "--split", "heldout", "--count", "5",
+                                      "--register", "story"])
+    assert result.exit_code == 0, result.output
+    scenes = load_scenes([out], shipped=False)
+    assert len(scenes) == 5 and all(s.id.startswith("heldout-") for s in scenes)

@@ -66,10 +66,21 @@ def _report_options(func: Any) -> Any:
     return func
 
 
+def _scene_sources(ctx: click.Context, param: click.Parameter,
+                   values: tuple[str, ...]) -> tuple[str | Path, ...]:
+    """``heldout`` (the shipped held-out scenes) or an existing file, each."""
+    for value in values:
+        if value != "heldout" and not Path(value).is_file():
+            raise click.BadParameter(f"{value}: no such file (or 'heldout', the shipped "
+                                     "held-out scenes)", ctx, param)
+    return tuple(v if v == "heldout" else Path(v) for v in values)
+
+
 def _scene_options(func: Any) -> Any:
     """The round trip's scene set and encoder."""
     options = [
         click.option("--scenes", "scene_files", multiple=True, metavar="FILE|heldout",
+                     callback=_scene_sources,
                      help="Add the scenes of FILE (JSON lines: Scene.to_dict() plus an id; "
                           "repeatable); 'heldout': the shipped held-out split of the "
                           "synthetic corpus."),

@@ -43,6 +43,7 @@ AFFECT_QUALITIES = ("happy", "cheerful", "joyful", "proud", "hopeful", "calm", "
 OUTPUT_ASKS = ("Describe the scene.", "Tell me what is happening.", "Put the scene into words.",
                "What do you see?", "Say what the scene holds.")
 STORY_OPENINGS = ("Meanwhile", "Then", "After that", "Later", "Soon")
+VOICE = frozenset({"speaker", "listener"})  # "Think of ..." addresses a listener
 
 
 @dataclass
@@ -137,10 +138,14 @@ def split_of(scene: Scene) -> str:
     return "heldout" if digest % HELDOUT_SHARE == 0 else "train"
 
 
-def reads_as_planned(delta: Delta, plan: Plan) -> bool:
-    """The encoder's reading holds exactly the plan's things, attributes and links."""
+def reads_as_planned(delta: Delta, plan: Plan, named: bool = False) -> bool:
+    """The encoder's reading holds exactly the plan's things, attributes and links; with
+    ``named``, the text also names the associations ("Think of ..."), which may add those
+    words and the listener, and nothing else."""
+    extra = {w for ws in plan.associations.values() for w in ws} | VOICE if named else set()
     labels = {h.id: canonical_label(h.label) for h in delta.hyperlexemes}
-    things = {canonical_label(h.label): dict(h.attrs) for h in delta.hyperlexemes}
+    things = {canonical_label(h.label): dict(h.attrs) for h in delta.hyperlexemes
+              if canonical_label(h.label) not in extra}
     wanted = {}
     for noun, quality, count in plan.things:
         attrs: dict[str, Any] = {}
@@ -150,7 +155,7 @@ def reads_as_planned(delta: Delta, plan: Plan) -> bool:
             attrs["count"] = count
         wanted[noun] = attrs
     triples = {(labels.get(k.src), canonical_label(k.rel), labels.get(k.dst), k.polarity)
-               for k in delta.links}
+               for k in delta.links if not {labels.get(k.src), labels.get(k.dst)} & extra}
     planned = {(plan.things[s][0], v, plan.things[d][0], p) for s, v, d, p in plan.links}
     return things == wanted and triples == planned
 
@@ -188,8 +193,11 @@ def scene_records(count: int, split: str = "train", seed: int = 0,
         by_label = {canonical_label(h.label): h for h in scene.hyperlexemes.values()}
         for i, words in plan.associations.items():
             by_label[plan.things[i][0]].associations = list(words)
+        reference = f"{body} {think}".strip()
+        if think and not reads_as_planned(encoder(reference), plan, named=True):
+            continue
         made += 1
-        yield {"id": f"{split}-{seed}-{made:05d}", "reference": f"{body} {think}".strip(),
+        yield {"id": f"{split}-{seed}-{made:05d}", "reference": reference,
                "register": register, "scene": scene,
                "negated": any(k.polarity < 0 for k in scene.links)}
 
