@@ -336,6 +336,22 @@ def roundtrip_cli(runner: CliRunner, tiny_base: Path, *args: str):
                                "-p", "beta", "--max-new-tokens", "6", *args])
 
 
+def test_the_round_trip_generates_the_same_replies_on_llama_cpp_and_torch(
+        runner: CliRunner, tiny_plugin: str, tiny_base: Path) -> None:
+    """The default engine (llama.cpp's exact mode) gives the torch engine's greedy replies,
+    so the faster evaluation measures the same thing."""
+    pytest.importorskip("llama_cpp")
+    replies = {}
+    for engine in ("llamacpp", "torch"):
+        result = roundtrip_cli(runner, tiny_base, "--limit", "3", "--json", "--engine", engine)
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        replies[engine] = {name: [r["reply"] for r in data["results"][name]]
+                           for name in data["personas"]}
+    assert any(reply for per in replies["torch"].values() for reply in per)
+    assert replies["llamacpp"] == replies["torch"]
+
+
 def test_eval_roundtrip_on_the_tiny_model_writes_a_report_and_gates(
         runner: CliRunner, tiny_plugin: str, tiny_base: Path, tmp_path: Path) -> None:
     gate = tmp_path / "gate.yaml"

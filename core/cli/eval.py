@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from hyperlex.cli.common import (
+    choose_backend,
     emit_json,
     engine_options,
     get_host,
@@ -339,16 +340,24 @@ def _print_roundtrip(report: Any, verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the full report (every reply, what was read back, its score) as JSON.")
 @_report_options
+@click.option("--engine", "backend", type=click.Choice(["auto", "torch", "llamacpp"]),
+              default="auto", show_default=True,
+              help="Where the replies are generated; auto: llama.cpp's exact mode when "
+                   "installed (the torch engine's greedy replies, faster), else torch.")
 @engine_options
 def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
                    no_shipped_scenes: bool, encoder: str, verbose: bool, limit: int | None,
                    max_new_tokens: int, batch_size: int, as_json: bool,
-                   report_dir: Path | None, thresholds_file: Path | None, base: str | None,
-                   dtype: str, quantize: str | None) -> None:
+                   report_dir: Path | None, thresholds_file: Path | None, backend: str,
+                   base: str | None, dtype: str, quantize: str | None) -> None:
     """Scene -> text -> scene: each persona speaks every scene (its contract with the whole
     scene, greedy) and the encoder reads the reply back. Per persona: hyperlexeme recall and
     precision, link F1 (strict and relaxed), and the failure modes: split links,
-    impoverished associations, logical loss (polarity flips)."""
+    impoverished associations, logical loss (polarity flips).
+
+    The replies are generated on llama.cpp's exact mode when it is installed (the same
+    greedy replies as the torch engine, several times faster on a CPU); --engine torch
+    forces transformers + PEFT."""
     from hyperlex.eval.report import roundtrip_section
 
     thresholds = _load_gate(thresholds_file)
@@ -357,7 +366,9 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
     scenes = _eval_scenes(scene_files, no_shipped_scenes, limit)
     reader = _scene_encoder(host, encoder)
     chosen = _roundtrip_personas(host, names)
-    engine = open_engine(host, base, dtype, quantize, only=list(chosen))
+    backend = choose_backend(backend, dtype, quantize, merge=False)
+    engine = open_engine(host, base, dtype, quantize, only=list(chosen), backend=backend,
+                         exact=True)
     report = _run_roundtrip(engine, chosen, bool(names), scenes, reader, encoder,
                             max_new_tokens, batch_size)
     if as_json:
