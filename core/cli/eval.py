@@ -340,10 +340,11 @@ def _print_roundtrip(report: Any, verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the full report (every reply, what was read back, its score) as JSON.")
 @_report_options
-@click.option("--engine", "backend", type=click.Choice(["auto", "torch", "llamacpp"]),
-              default="auto", show_default=True,
-              help="Where the replies are generated; auto: llama.cpp's exact mode when "
-                   "installed (the torch engine's greedy replies, faster), else torch.")
+@click.option("--engine", "backend", type=click.Choice(["torch", "llamacpp"]),
+              default="torch", show_default=True,
+              help="Where the replies are generated: torch (batched), or llama.cpp's exact "
+                   "mode (an F32 GGUF of the base: the same greedy replies but for near-ties; "
+                   "one reply at a time, slower here, see docs/verification.md).")
 @engine_options
 def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
                    no_shipped_scenes: bool, encoder: str, verbose: bool, limit: int | None,
@@ -355,9 +356,7 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
     precision, link F1 (strict and relaxed), and the failure modes: split links,
     impoverished associations, logical loss (polarity flips).
 
-    The replies are generated on llama.cpp's exact mode when it is installed (the same
-    greedy replies as the torch engine, several times faster on a CPU); --engine torch
-    forces transformers + PEFT."""
+    --engine llamacpp generates on llama.cpp's exact mode instead of the torch engine."""
     from hyperlex.eval.report import roundtrip_section
 
     thresholds = _load_gate(thresholds_file)
