@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from hyperlex.persona.bundle import Persona
 
 
-
 @dataclass
 class Turn:
     """One finished (or running) exchange: who answered, why, and what it cost."""

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from hyperlex.scene.model import Scene
 
 
-
 @dataclass
 class RouteDecision:
     """Who answers, why, and the text that persona receives (any request phrase removed)."""

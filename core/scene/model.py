@@ -541,7 +541,6 @@ class Scene:
         return cls.from_dict(json.loads(text))
 
 
-
 @dataclass
 class Delta:
     """What one utterance adds to a scene: the output of a scene encoder.

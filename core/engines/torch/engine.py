@@ -360,8 +360,6 @@ class TorchEngine(Engine):
         return completions
 
 
-
-
 def create_engine(personas: Sequence[Persona], base: ResolvedBase | str | None,
                   **options: Any) -> TorchEngine:
     """The registry's constructor (:func:`hyperlex.engines.registry.open_engine`)."""
