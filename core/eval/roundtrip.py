@@ -189,10 +189,11 @@ def _check_scene(scene: Scene, where: str) -> None:
         raise HyperlexError(f"{where}: focus names unknown id(s) {', '.join(unknown_focus)}")
 
 
-def shipped_scenes() -> list[EvalScene]:
-    """The scenes shipped with hyperlex (``hyperlex/eval/data/scenes.jsonl``)."""
-    text = resources.files("hyperlex").joinpath(SHIPPED_SCENES).read_text("utf-8")
-    return parse_scenes(text, f"hyperlex/{SHIPPED_SCENES}")
+def shipped_scenes(name: str = SHIPPED_SCENES) -> list[EvalScene]:
+    """A scene set shipped with hyperlex: by default ``hyperlex/eval/data/scenes.jsonl``,
+    or ``HELDOUT_SCENES``."""
+    return parse_scenes(resources.files("hyperlex").joinpath(name).read_text("utf-8"),
+                        f"hyperlex/{name}")
 
 
 def load_scenes(paths: Sequence[str | Path] = (), shipped: bool = True) -> list[EvalScene]:
@@ -203,9 +204,7 @@ def load_scenes(paths: Sequence[str | Path] = (), shipped: bool = True) -> list[
     scenes = shipped_scenes() if shipped else []
     for path in paths:
         if str(path) == HELDOUT:
-            source = f"hyperlex/{HELDOUT_SCENES}"
-            scenes += parse_scenes(resources.files("hyperlex").joinpath(HELDOUT_SCENES)
-                                   .read_text("utf-8"), source)
+            scenes += shipped_scenes(HELDOUT_SCENES)
             continue
         path = Path(path)
         try:

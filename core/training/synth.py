@@ -107,21 +107,21 @@ def _clause(plan: Plan, link: tuple[int, str, int, int], first_mention: set[int]
     return f"{subject} {said} {obj}"
 
 
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:] + "."
+
+
 def realize(plan: Plan, register: str, rng: random.Random) -> tuple[str, str]:
     """(the body that states the scene, the association sentence or "")."""
     fresh = set(range(len(plan.things)))
     clauses = [_clause(plan, link, fresh) for link in plan.links]
     if register == "plain":
-        body = " ".join(c[0].upper() + c[1:] + "." for c in clauses)
+        body = " ".join(_sentence(c) for c in clauses)
     elif register == "story":
-        sentences = []
-        for i, clause in enumerate(clauses):
-            opening = rng.choice(STORY_OPENINGS) + ", " if i else ""
-            sentences.append((opening + clause)[0].upper() + (opening + clause)[1:] + ".")
-        body = " ".join(sentences)
+        body = " ".join(_sentence((rng.choice(STORY_OPENINGS) + ", " if i else "") + clause)
+                        for i, clause in enumerate(clauses))
     elif register == "report":
-        body = "; ".join(clauses)
-        body = body[0].upper() + body[1:] + "."
+        body = _sentence("; ".join(clauses))
     else:
         raise ValueError(f"register must be one of {', '.join(REGISTERS)}, got {register!r}")
     words = [w for ws in plan.associations.values() for w in ws]

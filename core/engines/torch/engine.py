@@ -285,7 +285,8 @@ class TorchEngine(Engine):
         ``layers``, rows are grouped by persona and each group runs with its composition."""
         params = params or GenerationParams()
         for _, persona in requests:
-            self.check_request(persona, layers)
+            self.check_request(persona)
+        self.check_request(None, layers)
         if not layers:
             return self._batch(requests, params, None)
         results: dict[int, Completion] = {}
