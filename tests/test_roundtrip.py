@@ -15,20 +15,18 @@ from click.testing import CliRunner
 from hyperlex.cli import cli
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.roundtrip import (
-    INSTRUCTION,
     METRICS,
     EvalScene,
     aggregate,
     load_scenes,
     read_back,
     roundtrip,
-    scene_facts,
     score_roundtrip,
     shipped_scenes,
-    speaking_messages,
 )
 from hyperlex.generation import Completion
 from hyperlex.persona.bundle import Persona
+from hyperlex.persona.prompt import say_scene_message, scene_prompt
 from hyperlex.scene.model import Hyperlexeme, Link, Scene, SceneField, slugify
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
@@ -247,11 +245,11 @@ def test_the_persona_sees_the_whole_scene_whatever_its_view(tmp_path: Path) -> N
         "name": "terse", "description": "d", "base_model": "b",
         "contract": {"system": "You are {persona}. Scene: {scene}", "scene_view": "none",
                      "scene_budget": 1}})
-    system, user = speaking_messages(persona, SOURCE)
+    system, user = scene_prompt(persona, SOURCE)
     assert system["role"] == "system" and user["role"] == "user"
     assert SOURCE.render("all") in system["content"]
     assert "sailor NOT see lighthouse" in system["content"]
-    assert user["content"] == INSTRUCTION.format(facts=scene_facts(SOURCE))
+    assert user["content"] == say_scene_message(SOURCE)
     assert user["content"].endswith("Associations: sea: salt, horizon")
     assert persona.system_message(SOURCE) == "You are Terse. Scene: (empty)"  # untouched
 
@@ -264,7 +262,7 @@ class ScriptedEngine:
     it ("careless")."""
 
     def __init__(self, scenes: list[EvalScene]):
-        self.by_facts = {INSTRUCTION.format(facts=scene_facts(s.scene)): s for s in scenes}
+        self.by_facts = {say_scene_message(s.scene): s for s in scenes}
         self.calls: list[int] = []
 
     def count_tokens(self, messages):  # the prompt builder budgets the scene with it

@@ -204,3 +204,36 @@ def test_a_declared_adapter_folder_is_where_the_adapter_goes(bundle: Path,
           progress=False)
     assert Persona.from_dir(bundle).adapter_dir == (bundle / "weights").resolve()
     assert not (bundle / "adapter").exists()
+
+
+def test_a_further_round_starts_from_the_adapter_and_mixes_in_more_data(
+        bundle: Path, tiny_base: Path) -> None:
+    import dataclasses
+
+    first = train(bundle, FAST, base=str(tiny_base), progress=False)
+    record = {"speak_scene": True, "text": "The fox does not see the moon.",
+              "scene": {"hyperlexemes": [{"id": "fox", "label": "fox"},
+                                         {"id": "moon", "label": "moon"}],
+                        "links": [{"src": "fox", "rel": "see", "dst": "moon", "polarity": -1}]}}
+    (bundle / "data" / "faithful.jsonl").write_text(json.dumps(record) + "\n")
+    further = dataclasses.replace(FAST, epochs=1, extra_data=("data/faithful.jsonl",),
+                                  init_adapter="adapter/")
+    card = train(bundle, further, base=str(tiny_base), progress=False)
+    assert card["round"] == 2 and card["init_adapter"] == "adapter/"
+    assert [(m["file"], m["records"]) for m in card["data"]["mix"]] == [
+        ("data/train.jsonl", 4), ("data/faithful.jsonl", 1)]
+    assert card["earlier_rounds"] == [{k: first[k] for k in (
+        "round", "data", "steps", "final_loss", "heldout_loss")}]
+    assert card["first_loss"] < first["first_loss"]  # it starts where round 1 ended
+
+
+def test_an_initial_adapter_of_another_shape_is_refused(bundle: Path, tiny_base: Path) -> None:
+    import dataclasses
+
+    train(bundle, FAST, base=str(tiny_base), progress=False)
+    wider = dataclasses.replace(FAST, r=8, init_adapter="adapter/")
+    with pytest.raises(HyperlexError, match="init_adapter: .* match r, alpha"):
+        train(bundle, wider, base=str(tiny_base), progress=False)
+    outside = dataclasses.replace(FAST, init_adapter="../elsewhere")
+    with pytest.raises(HyperlexError, match="outside the bundle"):
+        train(bundle, outside, base=str(tiny_base), progress=False)

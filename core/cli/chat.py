@@ -36,7 +36,8 @@ from hyperlex.errors import HyperlexError, UnknownPersona
     help="Generation option, e.g. -o temperature 0 -o max_new_tokens 64.",
 )
 @click.option("--mood", default=None, metavar="NAME[:WEIGHT]",
-              help="Compose a mood layer over every persona, e.g. --mood melancholic:0.7.")
+              help="Compose a layer over every persona: a mood (--mood melancholic:0.7) or the "
+              "scene-writer (--mood writer:0.5).")
 @click.option("--router", default="embedding", show_default=True,
               help="Automatic router for unaddressed turns ('none': keep the current persona).")
 @click.option("-s", "--session", default=None, metavar="NAME",
@@ -102,7 +103,8 @@ def chat(
         raise click.BadParameter(str(UnknownPersona(persona, speakers)), param_hint="'--persona'")
     if not speakers:
         raise HyperlexError("no personas are installed (agent plugins shows why plugins failed)")
-    check_option("--mood", parse_mood, {n: p for n, p in installed.items() if p.is_mood}, mood)
+    check_option("--mood", parse_mood, {n: p for n, p in installed.items() if p.is_layer},
+                 mood)
     check_option("--router", check_router, host, router)
     if no_store and session:
         raise click.UsageError("--session and --no-store contradict each other")

@@ -89,6 +89,9 @@ def _scene_options(func: Any) -> Any:
                      help="Leave out the scenes shipped with hyperlex (use only --scenes)."),
         click.option("--encoder", default="default", show_default=True,
                      help="Scene encoder that reads the replies back."),
+        click.option("--compose", "compose", multiple=True, metavar="LAYER[:WEIGHT]",
+                     help="Also score every persona with LAYER composed over it at WEIGHT "
+                          "(repeatable), e.g. --compose writer:0.5 --compose writer:1."),
         click.option("-v", "--verbose", is_flag=True,
                      help="List every round-trip failure on stderr, with its scene and reply."),
     ]
@@ -290,9 +293,25 @@ def _eval_scenes(scene_files: tuple[Path, ...], no_shipped: bool, limit: int | N
     return load_scenes(scene_files, shipped=not no_shipped)[:limit]
 
 
+def _compositions(host: Host, specs: tuple[str, ...]) -> list[tuple[str, float]]:
+    """The --compose layers, each checked (a mood, or a persona with ``layer: true``)."""
+    from hyperlex.agent.moods import parse_mood
+
+    layers = {n: p for n, p in host.personas.items() if p.is_layer}
+    parsed = []
+    for spec in specs:
+        try:
+            layer = parse_mood(layers, spec)
+        except HyperlexError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--compose'") from None
+        if layer is not None and layer not in parsed:
+            parsed.append(layer)
+    return parsed
+
+
 def _run_roundtrip(engine: Any, chosen: dict[str, Any], explicit: bool, scenes: Any,
                    encoder: Any, encoder_name: str, max_new_tokens: int,
-                   batch_size: int) -> Any:
+                   batch_size: int, layers: list[tuple[str, float]]) -> Any:
     from hyperlex.eval.fidelity import evaluation_params
     from hyperlex.eval.roundtrip import roundtrip
 
@@ -302,9 +321,13 @@ def _run_roundtrip(engine: Any, chosen: dict[str, Any], explicit: bool, scenes: 
     speakers = {n: p for n, p in chosen.items() if n not in engine.skipped}
     if not speakers:
         raise HyperlexError("no persona left to evaluate: every adapter was skipped")
+    for layer, _ in layers:
+        if layer not in engine.moods:
+            raise HyperlexError(engine.skipped.get(layer, f"layer {layer!r} is not loaded"))
     return roundtrip(engine, speakers, scenes, encoder,
                      params=evaluation_params(max_new_tokens), batch_size=batch_size,
-                     progress=lambda m: click.echo(m, err=True), encoder_name=encoder_name)
+                     progress=lambda m: click.echo(m, err=True), encoder_name=encoder_name,
+                     layers=tuple(layers))
 
 
 def _print_roundtrip(report: Any, verbose: bool) -> None:
@@ -347,7 +370,8 @@ def _print_roundtrip(report: Any, verbose: bool) -> None:
                    "one reply at a time, slower here, see docs/verification.md).")
 @engine_options
 def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
-                   no_shipped_scenes: bool, encoder: str, verbose: bool, limit: int | None,
+                   no_shipped_scenes: bool, encoder: str, compose: tuple[str, ...],
+                   verbose: bool, limit: int | None,
                    max_new_tokens: int, batch_size: int, as_json: bool,
                    report_dir: Path | None, thresholds_file: Path | None, backend: str,
                    base: str | None, dtype: str, quantize: str | None) -> None:
@@ -356,7 +380,9 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
     precision, link F1 (strict and relaxed), and the failure modes: split links,
     impoverished associations, logical loss (polarity flips).
 
-    --engine llamacpp generates on llama.cpp's exact mode instead of the torch engine."""
+    --compose writer:0.5 adds a row per persona speaking with the scene-writer composed
+    over it at weight 0.5. --engine llamacpp generates on llama.cpp's exact mode instead of
+    the torch engine."""
     from hyperlex.eval.report import roundtrip_section
 
     thresholds = _load_gate(thresholds_file)
@@ -365,11 +391,13 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
     scenes = _eval_scenes(scene_files, no_shipped_scenes, limit)
     reader = _scene_encoder(host, encoder)
     chosen = _roundtrip_personas(host, names)
+    layers = _compositions(host, compose)
     backend = choose_backend(backend, dtype, quantize, merge=False)
-    engine = open_engine(host, base, dtype, quantize, only=list(chosen), backend=backend,
+    engine = open_engine(host, base, dtype, quantize,
+                         only=[*chosen, *(layer for layer, _ in layers)], backend=backend,
                          exact=True)
     report = _run_roundtrip(engine, chosen, bool(names), scenes, reader, encoder,
-                            max_new_tokens, batch_size)
+                            max_new_tokens, batch_size, layers)
     if as_json:
         emit_json(report.as_dict())
     else:
@@ -390,8 +418,8 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
 def eval_all(names: tuple[str, ...], max_new_tokens: int, batch_size: int, limit: int | None,
              as_json: bool, base: str | None, dtype: str, quantize: str | None,
              cases: Path | None, router: str, scene_files: tuple[Path, ...],
-             no_shipped_scenes: bool, encoder: str, verbose: bool, report_dir: Path | None,
-             thresholds_file: Path | None) -> None:
+             no_shipped_scenes: bool, encoder: str, compose: tuple[str, ...], verbose: bool,
+             report_dir: Path | None, thresholds_file: Path | None) -> None:
     """Fidelity, routing and roundtrip in one run: one model load, one report and one gate.
 
     -p and --limit apply to fidelity (held-out prompts) and roundtrip (scenes)."""
@@ -407,13 +435,15 @@ def eval_all(names: tuple[str, ...], max_new_tokens: int, batch_size: int, limit
     routing_cases = _routing_cases(host, cases)
     scenes = _eval_scenes(scene_files, no_shipped_scenes, limit)
     reader = _scene_encoder(host, encoder)
+    layers = _compositions(host, compose)
     click.echo("routing", err=True)
     routing_report = _run_routing(host, routing_cases, router)
-    engine = open_engine(host, base, dtype, quantize, only=list(chosen))
+    engine = open_engine(host, base, dtype, quantize,
+                         only=[*chosen, *(layer for layer, _ in layers)])
     fidelity_report = _run_fidelity(host, chosen, engine, limit, max_new_tokens, batch_size)
     click.echo("round trip", err=True)
     roundtrip_report = _run_roundtrip(engine, chosen, True, scenes, reader, encoder,
-                                      max_new_tokens, batch_size)
+                                      max_new_tokens, batch_size, layers)
     if as_json:
         emit_json({"fidelity": fidelity_report.as_dict(), "routing": routing_report.as_dict(),
                     "roundtrip": roundtrip_report.as_dict()})

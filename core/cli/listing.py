@@ -31,6 +31,7 @@ def personas(as_json: bool) -> None:
                 "plugin": reg.plugin,
                 "adapter_rank": info.rank if info else None,
                 "adapter_scale": persona.scale,
+                "layer": persona.is_layer,
                 "adapter_bytes": info.size_bytes if info else None,
                 "path": str(persona.root) if persona.root else None,
             }
@@ -44,7 +45,8 @@ def personas(as_json: bool) -> None:
         return
     table = [
         (
-            r["name"] + (" (mood)" if r["kind"] == "mood" else ""),
+            r["name"] + (" (mood)" if r["kind"] == "mood" else " (also a layer)" if r["layer"]
+                         else ""),
             r["title"],
             r["base_model"],
             f"r={r['adapter_rank']}" if r["adapter_rank"] else "-",

@@ -1,4 +1,5 @@
-"""``agent scene``: run a scene encoder on text, and score encoders against a gold set.
+"""``agent scene``: run a scene encoder on text, score encoders against a gold set, and speak
+a scene (``agent scene say``).
 
 Content goes to stdout; diagnostics to stderr. Encoders come from the plugin host
 (``register_scene_encoders``); the language pipeline of an encoder loads on first use only.
@@ -13,6 +14,7 @@ from typing import Any
 
 import click
 
+from hyperlex.cli.common import engine_options
 from hyperlex.errors import HyperlexError
 
 DEFAULT_GOLD = Path("tests") / "data" / "scene_gold.jsonl"
@@ -142,3 +144,80 @@ def evaluate(gold: Path | None, encoder_name: str, as_json: bool, verbose: bool,
                 if entry[key]:
                     click.echo(f"    {key}: {json.dumps(entry[key], ensure_ascii=False)}",
                                err=True)
+
+
+@scene.command("say")
+@click.argument("scene_file", metavar="SCENE.json")
+@click.option("-p", "--persona", default="writer", show_default=True,
+              help="The persona that speaks the scene.")
+@click.option("--mood", "layer", default=None, metavar="LAYER[:WEIGHT]",
+              help="Compose a layer over the persona: the scene-writer (--mood writer:0.5) "
+              "or a mood.")
+@click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
+              help="Generation option over the persona's contract, e.g. -o temperature 0.")
+@click.option("--check", is_flag=True,
+              help="Read the reply back with --encoder and score the round trip (stderr).")
+@click.option("--encoder", "encoder_name", default="default", show_default=True,
+              help="Scene encoder for --check.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the reply (and with --check its score) as JSON.")
+@click.option("--engine", "backend", type=click.Choice(["auto", "torch", "llamacpp"]),
+              default="auto", show_default=True,
+              help="Inference engine (auto: llama.cpp when installed).")
+@engine_options
+def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[str, str], ...],
+        check: bool, encoder_name: str, as_json: bool, backend: str, base: str | None,
+        dtype: str, quantize: str | None) -> None:
+    """Speak the scene in SCENE.json ('-': standard input) as PERSONA: the scene-writer by
+    default, or any persona, with a layer composed over it.
+
+    SCENE.json holds one scene as Scene.to_dict() gives it (what `agent sessions show --json`
+    prints under "scene", or one line of an evaluation-scene file)."""
+    from hyperlex.agent.moods import parse_mood
+    from hyperlex.cli.common import check_option, choose_backend, get_host, open_engine
+    from hyperlex.eval.roundtrip import read_back, read_scene_file, score_roundtrip
+    from hyperlex.generation import parse_options
+    from hyperlex.persona.prompt import scene_prompt
+
+    text = sys.stdin.read() if scene_file == "-" else None
+    source = read_scene_file("<stdin>" if scene_file == "-" else scene_file, text)
+    host = get_host()
+    installed = host.personas
+    speaker = host.persona(persona)
+    if speaker.is_mood:
+        raise click.BadParameter(f"{persona!r} is a mood, not a speaker", param_hint="'--persona'")
+    layers_known = {n: p for n, p in installed.items() if p.is_layer}
+    check_option("--mood", parse_mood, layers_known, layer)
+    composed = parse_mood(layers_known, layer)
+    encoder = _encoder(encoder_name) if check else None
+    params = speaker.contract.params().updated(parse_options(options), "-o")
+    backend = choose_backend(backend, dtype, quantize, merge=False)
+    engine = open_engine(host, base, dtype, quantize,
+                         only=[persona, *([composed[0]] if composed else [])], backend=backend)
+    engine.check_request(persona, [composed] if composed else [])
+    messages = scene_prompt(engine.persona(persona), source, engine)
+    layers = (composed,) if composed else ()
+    if as_json:
+        reply = engine.generate(messages, persona, params, layers=layers).text.strip()
+    else:
+        pieces = []
+        for piece in engine.stream(messages, persona, params, layers=layers):
+            pieces.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        reply = "".join(pieces).strip()
+    result: dict[str, Any] = {"persona": persona, "layer": layer, "reply": reply}
+    if encoder is not None:
+        score = score_roundtrip(source, read_back(_run(encoder, reply)), reply).as_dict()
+        result["score"] = score
+        if not as_json:
+            click.echo(_score_line(score), err=True)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
+def _score_line(score: dict[str, Any]) -> str:
+    h, links = score["hyperlexemes"], score["links_relaxed"]
+    return (f"round trip: hyperlexemes {h['tp']}/{h['tp'] + h['fn']} kept, links "
+            f"{links['tp']}/{links['tp'] + links['fn']} kept (relaxed), "
+            f"{len(score['logical_loss'])} polarity flip(s), {len(score['split_links'])} split")

@@ -32,6 +32,12 @@ from hyperlex.errors import HyperlexError
               help="Dtype the adapter weights are stored in.")
 @click.option("--data", help="Training set, relative to the bundle.")
 @click.option("--heldout", help="Held-out set, relative to the bundle.")
+@click.option("--extra-data", multiple=True, callback=lambda _c, _p, value: value or None,
+              help="Another training set mixed in, relative to the bundle (repeatable), e.g. "
+              "data/faithful.jsonl from agent data faithful.")
+@click.option("--init-adapter", default=None, metavar="DIR",
+              help="Start from this adapter's weights (relative to the bundle, e.g. adapter/): "
+              "a further round instead of a fresh LoRA.")
 @click.option("--qlora/--no-qlora", default=None,
               help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
@@ -198,3 +204,90 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
     click.echo(f"{out}: {written} records", err=True)
 
 
+
+
+@data.command("faithful")
+@click.option("-p", "--persona", "names", multiple=True,
+              help="Persona to build data for (repeatable; default: every persona with an "
+              "adapter that is not itself a layer).")
+@click.option("--count", type=click.IntRange(1), default=24, show_default=True,
+              help="Training scenes (the synthetic corpus's train split) per persona.")
+@click.option("--compose", "compose", multiple=True, metavar="LAYER[:WEIGHT]",
+              default=("writer:0.5", "writer:1"), show_default=True,
+              help="Proposals besides the persona alone: LAYER composed over it at WEIGHT "
+              "(repeatable).")
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Hyperlexeme recall a candidate must reach.")
+@click.option("--min-link-recall", type=click.FloatRange(0, 1), default=0.8, show_default=True,
+              help="Relaxed link recall a candidate must reach.")
+@click.option("--out", default="data/faithful.jsonl", show_default=True, metavar="FILE",
+              help="Where the records go, relative to each persona's bundle (overwritten).")
+@click.option("--encoder", default="default", show_default=True,
+              help="Scene encoder that reads the candidates back.")
+@click.option("--seed", default=1, show_default=True, help="Which training scenes.")
+@click.option("--max-new-tokens", default=120, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print each persona's counts as JSON.")
+@engine_options
+def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
+                  min_recall: float, min_link_recall: float, out: str, encoder: str, seed: int,
+                  max_new_tokens: int, batch_size: int, as_json: bool, base: str | None,
+                  dtype: str, quantize: str | None) -> None:
+    """Self-distillation data: each persona speaks training scenes alone and with the
+    scene-writer composed over it; the replies that read back to their scene and that the
+    fidelity classifier gives to the persona become its speak_scene records (docs/data.md).
+    Train on them with agent train BUNDLE --init-adapter adapter/ --extra-data FILE."""
+    from hyperlex.agent.moods import parse_mood
+    from hyperlex.cli.common import open_engine, report_problems
+    from hyperlex.engines.embeddings import minilm_embedder
+    from hyperlex.eval.faithful import faithful_records
+    from hyperlex.eval.fidelity import PersonaClassifier, evaluation_params, load_sets
+    from hyperlex.eval.roundtrip import EvalScene
+    from hyperlex.training.data import write_records
+    from hyperlex.training.synth import scene_records
+    from hyperlex.training.train import load_config
+
+    host = get_host()
+    report_problems(host)
+    speakers = {n: p for n, p in host.personas.items() if not p.is_mood
+                and p.adapter_dir is not None and p.root is not None
+                and (p.root / load_config(p.root).data).is_file()}
+    chosen = {n: host.persona(n) for n in names} or {
+        n: p for n, p in speakers.items() if not p.is_layer}
+    for name, persona in chosen.items():
+        if name not in speakers:
+            raise HyperlexError(f"persona {name!r} has no adapter and training data to start "
+                                "from (train it first)")
+        if not (persona.root / out).resolve().is_relative_to(persona.root.resolve()):
+            raise click.BadParameter(f"{out!r} points outside the bundle {persona.root}",
+                                     param_hint="'--out'")
+    layers_known = {n: p for n, p in host.personas.items() if p.is_layer}
+    try:
+        proposals = [()] + [(layer,) for spec in compose
+                            if (layer := parse_mood(layers_known, spec)) is not None]
+    except HyperlexError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--compose'") from None
+    if encoder not in host.scene_encoders:
+        raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
+    reader = host.scene_encoders[encoder]
+    scenes = [EvalScene(item["id"], item["scene"], item["reference"], "synth")
+              for item in scene_records(count, "train", seed)]
+    click.echo("fitting the voice classifier", err=True)
+    classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in speakers.items()},
+                                   minilm_embedder())
+    engine = open_engine(host, base, dtype, quantize,
+                         only=[*chosen, *(s[0][0] for s in proposals if s)])
+    summary = []
+    for name, persona in chosen.items():
+        run = faithful_records(engine, persona, scenes, proposals, reader, classifier,
+                               evaluation_params(max_new_tokens), batch_size,
+                               min_recall, min_link_recall,
+                               progress=lambda m: click.echo(m, err=True))
+        target = persona.root / out
+        write_records(target, run.records)
+        summary.append({**run.as_dict(), "file": str(target)})
+        click.echo(f"{name}: {len(run.records)}/{len(scenes)} scenes kept "
+                   f"({run.candidates} candidates; accepted {dict(run.accepted)}; refused "
+                   f"{dict(run.refused)}) -> {target}", err=True)
+    if as_json:
+        emit_json(summary)

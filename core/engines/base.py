@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hyperlex.errors import PersonaNotAvailable, UnknownPersona
+from hyperlex.errors import HyperlexError, PersonaNotAvailable, UnknownPersona
 from hyperlex.generation import Completion, Generation, GenerationParams, Layers, Message
 
 if TYPE_CHECKING:
@@ -22,17 +22,26 @@ class Engine(ABC):
 
     base_name: str
     personas: dict[str, Persona]
-    moods: dict[str, Persona]  # contextual layers (bundles of kind "mood")
+    # the layers composable over a speaker: every mood, and each persona with ``layer: true``
+    moods: dict[str, Persona]
     skipped: dict[str, str]  # persona name -> why its adapter was not attached
 
-    def _bundles(self, persona: Persona) -> dict[str, Persona]:
-        return self.moods if persona.is_mood else self.personas
+    def _register(self, persona: Persona) -> None:
+        """File ``persona`` as a speaker, as a layer, or (``layer: true``) as both."""
+        if not persona.is_mood:
+            self.personas[persona.name] = persona
+        if persona.is_layer:
+            self.moods[persona.name] = persona
+
+    def _unregister(self, name: str) -> None:
+        self.personas.pop(name, None)
+        self.moods.pop(name, None)
 
     def _adapter_wanted(self, persona: Persona, check_base: bool) -> bool:
         """Whether ``persona``'s adapter should be attached. A prompt-only persona is
         registered here, one trained on another base is skipped with the reason."""
         if persona.adapter_dir is None:  # a prompt-only persona runs on the bare base
-            self._bundles(persona)[persona.name] = persona
+            self._register(persona)
             return False
         if check_base and persona.base_model.lower() != self.base_name:
             self.skipped[persona.name] = (
@@ -55,12 +64,16 @@ class Engine(ABC):
         raise UnknownPersona(name, list(self.personas) + (list(self.moods) if moods else []))
 
     def check_request(self, persona: str | None, layers: Layers = ()) -> None:
-        """Refuse a persona (None: the bare base) or a mood in ``layers`` this engine lacks."""
+        """Refuse a persona (None: the bare base) or a layer in ``layers`` this engine lacks,
+        and a persona composed over itself."""
         if persona is not None:
             self.persona(persona)
         for name, _ in layers:
             if name not in self.moods:
                 raise UnknownPersona(name, list(self.moods), kind="mood")
+            if name == persona:
+                raise HyperlexError(f"{name!r} is already speaking; compose it over another "
+                                    "persona, or let it speak alone")
 
     @abstractmethod
     def stream(

@@ -56,12 +56,12 @@ class OpenAIEngine(Engine):
             if not wanted and persona.adapter_dir is not None:
                 continue
             if persona.name in served:
-                self._bundles(persona)[persona.name] = persona
+                self._register(persona)
                 self.models[persona.name] = persona.name
             elif persona.adapter_dir is None and None in self.models:
                 self.models[persona.name] = self.base_name
             else:
-                self._bundles(persona).pop(persona.name, None)
+                self._unregister(persona.name)
                 self.skipped[persona.name] = (
                     f"the server at {base_url} does not serve a model named {persona.name!r} "
                     f"(it serves {', '.join(sorted(served)) or 'nothing'})")

@@ -3,12 +3,13 @@
 Does a persona keep the meaning of a scene when it speaks it? For each persona and each
 evaluation scene:
 
-1. **scene -> text.** The persona speaks the scene: its contract's system message, rendered
-   with the scene, then the fixed user message :data:`INSTRUCTION` carrying the scene's
-   facts (:func:`scene_facts`). The scene is rendered with ``scene_view: all`` and no token
-   budget, whatever the persona's own ``scene_view`` and ``scene_budget``: the round trip
-   measures what a persona keeps of what it was *given*, so every persona is given the
-   whole scene (a ``focus`` or ``none`` view would make losses the contract's, not the
+1. **scene -> text.** The persona speaks the scene through the one scene prompt
+   (:func:`hyperlex.persona.prompt.scene_prompt`): its contract's system message, rendered
+   with the scene, then the fixed user message ``SAY_SCENE`` carrying the scene's facts. The
+   scene is rendered with ``scene_view: all`` and no token budget, whatever the persona's
+   own ``scene_view`` and ``scene_budget``: the round trip measures what a persona keeps of
+   what it was *given*, so every persona is given the whole scene (a ``focus`` or ``none``
+   view would make losses the contract's, not the
    adapter's). The facts also go in the user message because a contract's template need not
    have a ``{scene}`` slot, and because associations are not part of the prompt rendering.
    Decoding is greedy (:func:`hyperlex.eval.fidelity.evaluation_params`), batched across personas
@@ -74,7 +75,8 @@ from typing import TYPE_CHECKING, Any
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.scene import delta_sets, prf
-from hyperlex.persona.prompt import TokenCounter, build_prompt
+from hyperlex.generation import Layers
+from hyperlex.persona.prompt import SAY_SCENE, scene_prompt
 from hyperlex.scene.model import Delta, Scene, canonical_label
 
 if TYPE_CHECKING:
@@ -84,10 +86,6 @@ if TYPE_CHECKING:
 SHIPPED_SCENES = "eval/data/scenes.jsonl"
 HELDOUT = "heldout"
 HELDOUT_SCENES = "eval/data/heldout-scenes.jsonl"
-INSTRUCTION = ("Describe this scene in your own voice, keeping every fact (NOT marks a negated "
-               "relation):\n{facts}")
-FULL_SCENE_BUDGET = 1_000_000
-"""The contract's scene budget during a round trip: large enough that nothing is cut."""
 VOICE_LABELS = frozenset({"speaker", "listener"})
 """The persona's own "I" and "you": not scene content unless the source scene has them."""
 METRICS = ("hyperlexeme_recall", "hyperlexeme_precision", "hyperlexeme_f1", "link_precision",
@@ -135,15 +133,43 @@ def _parse_scene(line: str, where: str) -> EvalScene:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise HyperlexError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    scene = _scene_object(record, where)
+    scene_id = record.get("id")
+    if not isinstance(scene_id, str) or not scene_id.strip():
+        raise HyperlexError(f"{where}: 'id' must be a non-empty string")
+    return EvalScene(scene_id.strip(), scene, record.get("reference"), where)
+
+
+def read_scene_file(path: str | Path, text: str | None = None) -> Scene:
+    """One scene from a JSON file (``Scene.to_dict()``, or a record of an evaluation-scene
+    file, whose ``id`` and ``reference`` are ignored), or from ``text`` read elsewhere (say
+    standard input) with ``path`` naming it. Every problem is a HyperlexError naming the
+    file, and the line and column of bad JSON."""
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise HyperlexError(f"{path}: scene file not found") from None
+        except UnicodeDecodeError as exc:
+            raise HyperlexError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        except OSError as exc:
+            raise HyperlexError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HyperlexError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column "
+                            f"{exc.colno})") from None
+    return _scene_object(record, str(path))
+
+
+def _scene_object(record: Any, where: str) -> Scene:
+    """The scene of a decoded scene record, checked (see :func:`_check_scene`)."""
     if not isinstance(record, dict):
         raise HyperlexError(f"{where}: a scene must be a JSON object")
     unknown = sorted(set(record) - set(SCENE_RECORD_KEYS))
     if unknown:
         raise HyperlexError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
                             f"{', '.join(SCENE_RECORD_KEYS)}")
-    scene_id = record.get("id")
-    if not isinstance(scene_id, str) or not scene_id.strip():
-        raise HyperlexError(f"{where}: 'id' must be a non-empty string")
     reference = record.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise HyperlexError(f"{where}: 'reference' must be a string")
@@ -156,7 +182,7 @@ def _parse_scene(line: str, where: str) -> EvalScene:
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise HyperlexError(f"{where}: not a scene: {exc}") from None
     _check_scene(scene, where)
-    return EvalScene(scene_id.strip(), scene, reference, where)
+    return scene
 
 
 def _check_scene(scene: Scene, where: str) -> None:
@@ -225,31 +251,6 @@ def load_scenes(paths: Sequence[str | Path] = (), shipped: bool = True) -> list[
     if not scenes:
         raise HyperlexError("no scenes to evaluate")
     return scenes
-
-
-# scene -> text ------------------------------------------------------------------------------
-
-
-def scene_facts(scene: Scene) -> str:
-    """The scene as the user message states it: ``Scene.render("all")`` (hyperlexemes with
-    their attributes, then one ``src [NOT ]rel dst`` line per link), then the associations."""
-    lines = [scene.render("all")]
-    associations = [f"{hx.label}: {', '.join(hx.associations)}"
-                    for hid in scene.ranked() if (hx := scene.hyperlexemes[hid]).associations]
-    if associations:
-        lines.append("Associations: " + "; ".join(associations))
-    return "\n".join(line for line in lines if line)
-
-
-def speaking_messages(persona: Persona, scene: Scene,
-                      counter: TokenCounter | None = None) -> list[dict[str, str]]:
-    """The chat a persona answers to speak ``scene``: its contract's system message with the
-    whole scene (``scene_view`` all, no budget), then :data:`INSTRUCTION` with the facts."""
-    contract = dataclasses.replace(persona.contract, scene_view="all",
-                                   scene_budget=FULL_SCENE_BUDGET)
-    speaker = dataclasses.replace(persona, contract=contract)
-    return build_prompt(speaker, INSTRUCTION.format(facts=scene_facts(scene)), scene=scene,
-                        counter=counter)
 
 
 # scoring ------------------------------------------------------------------------------------
@@ -449,8 +450,10 @@ def aggregate(scores: Sequence[RoundtripScore]) -> tuple[dict[str, float], dict[
 
 @dataclass
 class RoundtripReport:
-    """Per persona: ``metrics`` (see :data:`METRICS`), ``counts``, and ``results``: one
-    entry per scene with the reply, its scene's labels and links, and the score."""
+    """Per row (a persona alone, or ``PERSONA+LAYER:WEIGHT`` composed, see
+    :func:`composed_row`): ``metrics`` (see :data:`METRICS`), ``counts``, and ``results``:
+    one entry per scene with the reply, its scene's labels and links, and the score. The
+    rows are in ``personas``."""
 
     personas: list[str]
     scenes: list[str]
@@ -460,9 +463,10 @@ class RoundtripReport:
     encoder: str = "default"
 
     def mean(self) -> dict[str, float]:
-        """The unweighted mean of each metric over the personas."""
-        n = max(len(self.personas), 1)
-        return {m: round(sum(self.metrics[p][m] for p in self.personas) / n, 4) for m in METRICS}
+        """The unweighted mean of each metric over the personas speaking alone."""
+        alone = [p for p in self.personas if "+" not in p] or self.personas
+        n = max(len(alone), 1)
+        return {m: round(sum(self.metrics[p][m] for p in alone) / n, 4) for m in METRICS}
 
     def failures(self) -> list[dict[str, Any]]:
         """Every failure, one entry each: persona, scene, mode (split link, impoverished,
@@ -489,11 +493,12 @@ class RoundtripReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"personas": self.personas, "scenes": self.scenes, "encoder": self.encoder,
-                "instruction": INSTRUCTION, "metrics": self.metrics, "mean": self.mean(),
+                "instruction": SAY_SCENE, "metrics": self.metrics, "mean": self.mean(),
                 "counts": self.counts, "results": self.results}
 
     def table(self) -> str:
-        head = (f"{'PERSONA':<12} {'SCENES':>6} {'H-REC':>6} {'H-PREC':>6} {'LINK-F1':>7} "
+        width = max([12, *(len(name) for name in self.personas)])
+        head = (f"{'PERSONA':<{width}} {'SCENES':>6} {'H-REC':>6} {'H-PREC':>6} {'LINK-F1':>7} "
                 f"{'RELAXED':>7} {'SPLIT':>6} {'IMPOV':>6} {'LOGIC':>6}")
         lines = [head]
         rows = [(n, self.metrics[n], self.counts[n]["scenes"]) for n in self.personas]
@@ -501,14 +506,16 @@ class RoundtripReport:
             rows.append(("mean", self.mean(), len(self.scenes)))
         for name, m, scenes in rows:
             lines.append(
-                f"{name:<12} {scenes:>6} {m['hyperlexeme_recall']:>6.2f} "
+                f"{name:<{width}} {scenes:>6} {m['hyperlexeme_recall']:>6.2f} "
                 f"{m['hyperlexeme_precision']:>6.2f} {m['link_f1']:>7.2f} "
                 f"{m['link_f1_relaxed']:>7.2f} {m['split_links']:>6.2f} "
                 f"{m['impoverished']:>6.2f} {m['logical_loss']:>6.2f}")
         return "\n".join(lines)
 
 
-def _encode_all(encoder: Callable[[str], Delta], texts: list[str]) -> list[Delta | Exception]:
+def encode_all(encoder: Callable[[str], Delta], texts: list[str]) -> list[Delta | Exception]:
+    """Each text's delta, through the encoder's batched ``pipe`` when it has one; a text the
+    encoder fails on gives its exception."""
     pipe = getattr(encoder, "pipe", None)
     if callable(pipe):
         try:
@@ -524,6 +531,11 @@ def _encode_all(encoder: Callable[[str], Delta], texts: list[str]) -> list[Delta
     return results
 
 
+def composed_row(persona: str, layer: str, weight: float) -> str:
+    """The report row of ``persona`` speaking with ``layer`` composed at ``weight``."""
+    return f"{persona}+{layer}:{weight:g}"
+
+
 def read_back(delta: Delta | Exception) -> Scene:
     """The scene a reply's delta gives on an empty scene (an encoder failure gives none)."""
     return Scene() if isinstance(delta, Exception) else Scene().apply(delta, turn=0)
@@ -532,23 +544,37 @@ def read_back(delta: Delta | Exception) -> Scene:
 def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalScene],
               encoder: Callable[[str], Delta], params: GenerationParams | None = None,
               batch_size: int = 16, progress: Callable[[str], None] | None = None,
-              encoder_name: str = "default") -> RoundtripReport:
+              encoder_name: str = "default", layers: Layers = ()) -> RoundtripReport:
     """Every persona speaks every scene, ``encoder`` reads each reply back, and each pair is
-    scored with :func:`score_roundtrip`."""
+    scored with :func:`score_roundtrip`. Each ``(layer, weight)`` of ``layers`` adds a row
+    per persona, ``PERSONA+LAYER:WEIGHT``: the persona speaking with that layer composed
+    over it (the scene-writer over a persona, say); a layer is not composed over itself."""
     from hyperlex.eval.fidelity import evaluation_params
 
     params = params or evaluation_params(120)
     say = progress or (lambda message: None)
     names = sorted(personas)
-    requests, owners = [], []
-    for name in names:
-        for item in scenes:
-            requests.append((speaking_messages(personas[name], item.scene, engine), name))
-            owners.append((name, item))
-    replies = generate_replies(engine, requests, params, batch_size,
-                               lambda done, total: say(f"generated {done}/{total}"))
+    rows: list[tuple[str, str, Layers]] = [(name, name, ()) for name in names]
+    for layer, weight in layers:
+        rows += [(composed_row(name, layer, weight), name, ((layer, weight),))
+                 for name in names if name != layer]
+    owners: list[tuple[str, EvalScene]] = []
+    replies: list[str] = []
+    total = len(rows) * len(scenes)
+    for stack in dict.fromkeys(stack for _, _, stack in rows):
+        requests = []
+        for row, name, row_stack in rows:
+            if row_stack == stack:
+                requests += [(scene_prompt(personas[name], item.scene, engine), name)
+                             for item in scenes]
+                owners += [(row, item) for item in scenes]
+        done = len(replies)
+        replies += generate_replies(
+            engine, requests, params, batch_size,
+            lambda n, _total, done=done: say(f"generated {done + n}/{total}"), layers=stack)
+    names = [row for row, _, _ in rows]
     say("reading the replies back")
-    deltas = _encode_all(encoder, replies)
+    deltas = encode_all(encoder, replies)
 
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     scores: dict[str, list[RoundtripScore]] = {name: [] for name in names}

@@ -34,6 +34,7 @@ TEMPLATE_SLOTS = ("scene", "field", "persona")
 TOP_LEVEL_FIELDS = (
     "name",
     "kind",
+    "layer",
     "title",
     "description",
     "base_model",
@@ -118,6 +119,7 @@ class Persona:
     examples: tuple[str, ...] = ()
     root: Path | None = None
     scale: float = 1.0  # the adapter's LoRA scaling is multiplied by this when it is attached
+    layer: bool = False  # a speaking persona that can also be composed over another, as moods are
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Persona:
@@ -163,6 +165,7 @@ class Persona:
             examples=v.strings(routing, "routing.examples"),
             root=root,
             scale=_scale(v, data.get("scale", 1.0)),
+            layer=_flag(v, data, "layer"),
         )
 
     def adapter_info(self) -> AdapterInfo | None:
@@ -181,6 +184,12 @@ class Persona:
     def is_mood(self) -> bool:
         """A mood is a contextual layer composed over a persona, never a speaker itself."""
         return self.kind == "mood"
+
+    @property
+    def is_layer(self) -> bool:
+        """Whether the bundle can be composed over a speaking persona at a weight: every
+        mood, and a persona with ``layer: true`` (the scene-writer)."""
+        return self.is_mood or self.layer
 
     def system_message(
         self, scene: Scene | None = None, count_tokens: Callable[[str], int] | None = None
@@ -310,6 +319,13 @@ def check_scale(value: Any) -> float:
             or not math.isfinite(value) or not 0 < value <= MAX_SCALE:
         raise ValueError(f"must be a number in (0, {MAX_SCALE:g}], got {value!r}")
     return float(value)
+
+
+def _flag(v: _Validator, data: Mapping[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if not isinstance(value, bool):
+        raise v.fail(name, f"must be true or false, got {value!r}")
+    return value
 
 
 def _scale(v: _Validator, value: Any) -> float:

@@ -10,6 +10,7 @@ cut, oldest exchange first, until the prompt and the reply fit the context windo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,5 +97,49 @@ def example_prompt(persona: Persona | None, example: Any,
     base with no system message."""
     if persona is None:
         return [*example.history, {"role": "user", "content": example.human}]
+    if getattr(example, "speaks_scene", False):
+        return scene_prompt(persona, example.scene, counter)
     return build_prompt(persona, example.human, scene=example.scene, history=example.history,
+                        counter=counter)
+
+
+# speaking a scene --------------------------------------------------------------------------
+
+SAY_SCENE = ("Describe this scene in your own voice, keeping every fact (NOT marks a negated "
+             "relation):\n{facts}")
+"""The user message that asks a persona to speak a scene (``agent scene say``, the round
+trip, the scene-writer's and the self-distilled training records)."""
+FULL_SCENE_BUDGET = 1_000_000
+"""The scene budget when a scene is spoken: large enough that nothing is cut."""
+
+
+def scene_facts(scene: Scene) -> str:
+    """The scene as :data:`SAY_SCENE` states it: ``Scene.render("all")`` (hyperlexemes with
+    their attributes, then one ``src [NOT ]rel dst`` line per link), then the associations."""
+    lines = [scene.render("all")]
+    associations = [f"{hx.label}: {', '.join(hx.associations)}"
+                    for hid in scene.ranked() if (hx := scene.hyperlexemes[hid]).associations]
+    if associations:
+        lines.append("Associations: " + "; ".join(associations))
+    return "\n".join(line for line in lines if line)
+
+
+def say_scene_message(scene: Scene) -> str:
+    """:data:`SAY_SCENE` with ``scene``'s facts."""
+    return SAY_SCENE.format(facts=scene_facts(scene))
+
+
+def whole_scene(persona: Persona) -> Persona:
+    """``persona`` with a contract that shows the whole scene (``scene_view`` all, no budget):
+    what it is given when asked to speak a scene, whatever its own view and budget."""
+    contract = dataclasses.replace(persona.contract, scene_view="all",
+                                   scene_budget=FULL_SCENE_BUDGET)
+    return dataclasses.replace(persona, contract=contract)
+
+
+def scene_prompt(persona: Persona, scene: Scene,
+                 counter: TokenCounter | None = None) -> list[Message]:
+    """The chat a persona answers to speak ``scene``: its contract's system message with the
+    whole scene, then :func:`say_scene_message`."""
+    return build_prompt(whole_scene(persona), say_scene_message(scene), scene=scene,
                         counter=counter)

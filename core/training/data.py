@@ -4,6 +4,12 @@ One record per line, either
 
     {"human": "...", "text": "...", "scene": {...}?, "field": {...}?}
 
+the scene-speaking form (the persona says a scene: the prompt is the one
+:func:`hyperlex.persona.prompt.scene_prompt` builds, the scene whole in the system message
+and its facts in the user message)
+
+    {"speak_scene": true, "scene": {...}, "text": "..."}
+
 or the chat form
 
     {"messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...], "scene"?, "field"?}
@@ -22,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from hyperlex.errors import HyperlexError
+from hyperlex.persona.prompt import say_scene_message
 from hyperlex.scene.model import Scene, SceneField
 
 Message = dict[str, str]
-RECORD_KEYS = {"human", "text", "scene", "field", "messages", "meta"}
+RECORD_KEYS = {"human", "text", "scene", "field", "messages", "meta", "speak_scene"}
 
 
 class DataError(HyperlexError):
@@ -47,8 +54,11 @@ class Example:
     history: list[Message] = field(default_factory=list)
     scene: Scene | None = None
     line: int = 0
+    speaks_scene: bool = False  # the persona is asked to say ``scene`` (``human`` is that ask)
 
     def as_record(self) -> dict[str, Any]:
+        if self.speaks_scene and self.scene is not None:
+            return {"speak_scene": True, "scene": self.scene.to_dict(), "text": self.text}
         record: dict[str, Any] = {"human": self.human, "text": self.text}
         if self.scene is not None:
             record["scene"] = self.scene.to_dict()
@@ -63,6 +73,8 @@ def parse_record(record: Any) -> Example:
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}; allowed: "
                          f"{', '.join(sorted(RECORD_KEYS))}")
+    if "speak_scene" in record:
+        return _scene_speaking(record)
     if "messages" in record:
         if "human" in record or "text" in record:
             raise ValueError("use either messages or human/text, not both")
@@ -70,6 +82,19 @@ def parse_record(record: Any) -> Example:
     else:
         human, text, history = _string(record, "human"), _string(record, "text"), []
     return Example(human=human, text=text, history=history, scene=_scene(record))
+
+
+def _scene_speaking(record: dict[str, Any]) -> Example:
+    if record["speak_scene"] is not True:
+        raise ValueError("speak_scene must be true (leave it out for an ordinary record)")
+    if "human" in record or "messages" in record:
+        raise ValueError("a speak_scene record has no human or messages: its prompt is the "
+                         "scene's")
+    scene = _scene(record)
+    if scene is None or scene.empty:
+        raise ValueError("a speak_scene record needs a non-empty scene")
+    return Example(human=say_scene_message(scene), text=_string(record, "text"), scene=scene,
+                   speaks_scene=True)
 
 
 def _string(record: dict[str, Any], key: str) -> str:

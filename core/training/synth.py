@@ -15,7 +15,9 @@ Scenes are split for good: a scene belongs to the ``heldout`` split when a hash 
 labels says so, to ``train`` otherwise, so no training record ever shows a held-out scene.
 
 ``output`` records train a scene -> text adapter (the scene goes into the contract's slot;
-the reply is the text); ``input`` records train a text -> scene reader (the human turn is
+the reply is the text): every other one is a ``speak_scene`` record, whose prompt is the
+one every scene is spoken with (:func:`hyperlex.persona.prompt.scene_prompt`), the rest ask
+in a few words; ``input`` records train a text -> scene reader (the human turn is
 the text; the reply is the scene delta as JSON).
 """
 
@@ -224,8 +226,12 @@ def synth_records(count: int = 1000, direction: str = "output", seed: int = 0,
         meta = {"synthetic": True, "register": item["register"], "scene_id": item["id"]}
         scene = item["scene"]
         if direction in ("output", "both"):
-            records.append({"human": ask.choice(OUTPUT_ASKS), "text": item["reference"],
-                            "scene": scene.to_dict(), "meta": meta | {"direction": "output"}})
+            # every other record asks in the scene prompt's words (chat, `agent scene say`
+            # and the round trip), the rest in a short request with the scene shown
+            asked = {"speak_scene": True} if len(records) % 2 == 0 else {
+                "human": ask.choice(OUTPUT_ASKS)}
+            records.append({**asked, "text": item["reference"], "scene": scene.to_dict(),
+                            "meta": meta | {"direction": "output"}})
         if direction in ("input", "both"):
             records.append({"human": item["reference"], "text": json.dumps(scene_delta(scene)),
                             "meta": meta | {"direction": "input"}})

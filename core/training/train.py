@@ -54,6 +54,10 @@ class TrainConfig:
     save_dtype: str = "bfloat16"
     data: str = "data/train.jsonl"
     heldout: str = "data/heldout.jsonl"
+    # more JSONL files trained on with ``data`` (a self-distillation round's data/faithful.jsonl)
+    extra_data: tuple[str, ...] = ()
+    # start from this adapter's weights instead of a fresh LoRA (a further round over "adapter/")
+    init_adapter: str = ""
 
     def updated(self, values: dict[str, Any], where: str) -> TrainConfig:
         """A copy with ``values`` applied, each checked and converted; errors name ``where``."""
@@ -163,6 +167,29 @@ def _inside(bundle: Path, relative: str, key: str) -> Path:
     return path
 
 
+def _initial_adapter(bundle: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The weights (safetensors only) and training card of ``config.init_adapter``, checked
+    to have the shape this run trains."""
+    from safetensors.torch import load_file
+
+    where = _inside(bundle, config.init_adapter, "init_adapter")
+    weights, settings = where / "adapter_model.safetensors", where / "adapter_config.json"
+    if not weights.is_file() or not settings.is_file():
+        raise HyperlexError(f"init_adapter: {where} has no adapter_config.json and "
+                            "adapter_model.safetensors (train the bundle once without it)")
+    saved = json.loads(settings.read_text(encoding="utf-8"))
+    wanted = {"r": config.r, "lora_alpha": config.alpha,
+              "target_modules": sorted(config.target_modules)}
+    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+             "target_modules": sorted(saved.get("target_modules") or [])}
+    if found != wanted:
+        raise HyperlexError(f"init_adapter: {where} was trained with {found}, but this run "
+                            f"trains {wanted}; match r, alpha and target_modules")
+    card_file = where / "training_card.json"
+    card = json.loads(card_file.read_text(encoding="utf-8")) if card_file.is_file() else {}
+    return {k: v.float() for k, v in load_file(weights).items()}, card
+
+
 def _digest(*paths: Path) -> str:
     h = hashlib.sha256()
     for path in paths:
@@ -230,9 +257,13 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
                             f"training would use {resolved.name!r}; change base_model or --base")
     data_path, heldout_path = (_inside(bundle, getattr(config, key), key)
                                for key in ("data", "heldout"))
-    records = read_dataset(data_path)
+    mix = [(config.data, data_path, read_dataset(data_path))]
+    mix += [(f, path, read_dataset(path)) for f in config.extra_data
+            if (path := _inside(bundle, f, "extra_data"))]
+    records = [record for _, _, part in mix for record in part]
     heldout = read_dataset(heldout_path) if heldout_path.is_file() else []
-    data_hash = _digest(data_path)
+    data_hash = _digest(*(path for _, path, _ in mix))
+    init = _initial_adapter(bundle, config) if config.init_adapter else None
     checkpoint = bundle / CHECKPOINT_DIR
     state = _read_checkpoint(checkpoint, config, data_hash) if resume else None
 
@@ -251,7 +282,8 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
                                 f"{', '.join(map(str, cut[:10]))}); raise --max-length")
         return encoded
 
-    examples, held = encode(records, data_path), encode(heldout, heldout_path)
+    examples = [item for _, path, part in mix for item in encode(part, path)]
+    held = encode(heldout, heldout_path)
     if config.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:  # recompute activations in backward: less memory
@@ -260,6 +292,8 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
                       target_modules=list(config.target_modules), bias="none",
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if init is not None:
+        set_peft_model_state_dict(model, init[0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
@@ -326,7 +360,10 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         "persona": persona.name,
         "base_model": resolved.name,
         "data": {"file": config.data, "records": len(records), "sha256": data_hash,
-                 "heldout_records": len(heldout)},
+                 "heldout_records": len(heldout),
+                 "mix": [{"file": f, "records": len(part), "sha256": _digest(path)}
+                         for f, path, part in mix]},
+        "round": init[1].get("round", 1) + 1 if init is not None else 1,
         "config": {**asdict(config), "target_modules": list(config.target_modules)},
         "steps": steps,
         "first_loss": losses[0] if losses else None,
@@ -337,6 +374,11 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
         "torch": torch.__version__,
     }
+    if init is not None:  # what each earlier round trained on, newest last
+        previous = {k: init[1].get(k) for k in ("round", "data", "steps", "final_loss",
+                                                "heldout_loss")}
+        card["init_adapter"] = config.init_adapter
+        card["earlier_rounds"] = [*init[1].get("earlier_rounds", []), previous]
     if not declared:  # a prompt-only bundle becomes an adapter-backed one
         yaml_file = bundle / BUNDLE_FILE
         text = yaml_file.read_text(encoding="utf-8")

@@ -231,7 +231,7 @@ class LlamaCppEngine(Engine):
             return
         self._adapters[persona.name] = adapter
         self.scales[persona.name] = persona.scale
-        self._bundles(persona)[persona.name] = persona
+        self._register(persona)
 
     def close(self) -> None:
         """Free the extra contexts and the adapters (the model frees the rest)."""

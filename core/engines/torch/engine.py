@@ -119,7 +119,7 @@ class TorchEngine(Engine):
             self.model.eval()
             self._index_lora_layers()
             keep_stored_dtype(self._lora_layers, persona.name, persona.adapter_dir)
-        self._bundles(persona)[persona.name] = persona
+        self._register(persona)
         self._unit_scalings[persona.name] = [
             (layer, layer.scaling[persona.name])
             for layer in self._lora_layers if persona.name in layer.scaling
@@ -180,6 +180,7 @@ class TorchEngine(Engine):
                 if persona in layer.lora_A:
                     layer.merge(adapter_names=[persona])
             self._merged = persona
+        self._full_weight([persona])
         for name, weight in moods:
             for layer, scaling in self._scalings[name]:
                 layer.scaling[name] = scaling * weight
@@ -187,6 +188,14 @@ class TorchEngine(Engine):
         for layer in self._lora_layers:
             layer._active_adapter = active
         self._active = (persona, moods)
+
+    def _full_weight(self, speakers: Sequence[str | None]) -> None:
+        """A layer persona (``layer: true``) that speaks does so at its own scale, whatever
+        weight it last had as a layer."""
+        for name in speakers:
+            if name in self.moods and name in self._scalings:
+                for layer, scaling in self._scalings[name]:
+                    layer.scaling[name] = scaling
 
     def _unmerge(self) -> None:
         """Take a merged persona's delta back out of the base weights (PEFT subtracts what it
@@ -318,6 +327,8 @@ class TorchEngine(Engine):
                 torch.manual_seed(seed)
             if isinstance(self.model, PeftModel):
                 self._unmerge()  # PEFT's per-row adapters need unmerged layers
+                self._full_weight(personas)
+                self._active = None  # scalings may have changed under the cached composition
                 kwargs["adapter_names"] = [
                     p if p is not None and self.personas[p].adapter_dir is not None
                     else "__base__" for p in personas]
