@@ -33,10 +33,19 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# Re-trains every built-in persona's adapter from its bundle (about 15 min each on 2 cores).
+# Re-trains the built-in cast in two rounds (docs/personas.md#training-the-cast): each
+# persona's voice (about 15 min each on 2 cores), the scene-writer on the synthetic corpus,
+# then one self-distillation round: each persona speaks training scenes alone and with the
+# writer over it, the replies that read back to their scene in the persona's voice are kept
+# (agent data faithful), and the persona trains on them beside its voice data, starting from
+# its round-1 adapter.
 CAST := philosopher poet scientist logician dreamer interface
+FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl --epochs 1 --lr 0.0005
 train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p || exit 1; done
+	$(BIN)/agent train personas/writer
+	$(BIN)/agent data faithful --count 24
+	for p in $(CAST); do $(BIN)/agent train personas/$$p $(FAITHFUL_ROUND) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

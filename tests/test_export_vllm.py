@@ -19,7 +19,8 @@ from hyperlex.serve.vllm import MANIFEST, MOOD_REASON, export_vllm, lora_rank_fl
 
 from .conftest import write_bundle
 
-BUILTIN_SPEAKERS = ("dreamer", "interface", "logician", "philosopher", "poet", "scientist")
+BUILTIN_SPEAKERS = ("dreamer", "interface", "logician", "philosopher", "poet", "scientist",
+                    "writer")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path,
            tiny_bundles: dict[str, Path]):
     from hyperlex.engines.torch.engine import TorchEngine
 
-    writer = write_bundle(tmp_path_factory.mktemp("writer"), "writer", adapter_seed=7,
+    writer = write_bundle(tmp_path_factory.mktemp("writer"), "scribe", adapter_seed=7,
                           tiny_base=tiny_base, extra_yaml="layer: true\n")
     personas = [Persona.from_dir(tiny_bundles["alpha"]), Persona.from_dir(writer)]
     return TorchEngine(personas, base=str(tiny_base), progress=False)
@@ -62,13 +62,13 @@ def params():
 
 
 def test_faithful_candidates_in_the_persona_voice_become_records(engine) -> None:
-    run = faithful_records(engine, engine.persona("alpha"), SCENES, [(), (("writer", 0.5),)],
+    run = faithful_records(engine, engine.persona("alpha"), SCENES, [(), (("scribe", 0.5),)],
                            reads(SCENE), Voice("alpha"), params())
     assert run.candidates == 4 and sum(run.accepted.values()) == 4 and not run.refused
     assert [r["meta"]["scene_id"] for r in run.records] == ["s1", "s2"]
     example = parse_record({k: v for k, v in run.records[0].items()})
     assert example.speaks_scene and example.scene.render("all") == SCENE.render("all")
-    assert run.records[0]["meta"]["proposal"] in ("alone", "writer:0.5")
+    assert run.records[0]["meta"]["proposal"] in ("alone", "scribe:0.5")
 
 
 def test_candidates_that_lose_the_scene_or_the_voice_are_refused(engine) -> None:

@@ -254,3 +254,31 @@ def test_the_users_negated_fact_leads_the_scene_after_three_poet_turns(engine) -
     assert scene.render("focus").split("\n")[1] == "fisherman NOT trust sea"
     assert any(not hx.is_fact for hx in scene.hyperlexemes.values())  # the poet's additions
     assert "(by poet)" in scene.render("all")
+
+
+def test_the_scene_writer_keeps_held_out_scenes_and_lifts_a_persona_composed(engine) -> None:
+    """The trained scene-writer on held-out scenes it never saw: it keeps most of what they
+    hold and flips no negation; composed over the poet it makes the poet keep more."""
+    from hyperlex.eval.roundtrip import load_scenes, roundtrip
+    from hyperlex.host import Host
+
+    host = Host()
+    scenes = load_scenes(["heldout"], shipped=False)[:4]
+    report = roundtrip(engine, {n: engine.persona(n) for n in ("poet", "writer")}, scenes,
+                       host.scene_encoders["default"], layers=(("writer", 1.0),))
+    writer, poet, composed = (report.metrics[n] for n in ("writer", "poet", "poet+writer:1"))
+    assert writer["hyperlexeme_recall"] >= 0.6 and writer["logical_loss"] == 0, writer
+    assert composed["hyperlexeme_recall"] > poet["hyperlexeme_recall"] + 0.2, (poet, composed)
+
+
+def test_the_shipped_round_trip_gate_holds_on_a_slice_of_the_held_out_scenes(
+        real_home: Path) -> None:
+    """eval-thresholds.yaml gates the cast; a slice of it runs here, so a persona or writer
+    that stops keeping the scene fails CI (exit 3 lists the metric that missed)."""
+    root = Path(__file__).resolve().parents[1]
+    done = run_agent(real_home, "eval", "roundtrip", "-p", "logician", "-p", "writer",
+                     "--scenes", "heldout", "--no-shipped-scenes", "--limit", "3",
+                     "--compose", "writer:1", "--engine", "torch",
+                     "--thresholds", str(root / "eval-thresholds.yaml"))
+    rows = {line.split()[0] for line in done.stdout.splitlines()[1:]}
+    assert {"logician", "writer", "logician+writer:1"} <= rows

@@ -185,7 +185,7 @@ def test_agent_route_prints_the_decision_with_all_scores():
     assert result.exit_code == 0, result.output
     decision = json.loads(result.stdout)
     assert decision["persona"] == "scientist" and decision["source"] == "router"
-    assert set(decision["scores"]) == set(CAST)
+    assert set(decision["scores"]) == {*CAST, "writer"}  # the scene-writer speaks too
     assert 0 < decision["confidence"] <= 1
 
 

@@ -1,4 +1,5 @@
-"""The scene-writer on the tiny model: a persona that is also a layer (`layer: true`),
+"""A scene-writer on the tiny model ("scribe": the shipped writer is for the real base): a
+persona that is also a layer (`layer: true`),
 spoken alone or composed over another persona, the scene prompt that training, chat and the
 round trip share, `agent scene say`, and the round trip's composed rows."""
 
@@ -26,7 +27,7 @@ SCENE = Scene(hyperlexemes={"sailor": Hyperlexeme("sailor", "sailor"),
 
 @pytest.fixture(scope="module")
 def writer_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    return write_bundle(tmp_path_factory.mktemp("writer"), "writer", adapter_seed=7,
+    return write_bundle(tmp_path_factory.mktemp("scribe"), "scribe", adapter_seed=7,
                         tiny_base=tiny_base, extra_yaml="layer: true\n")
 
 
@@ -39,11 +40,11 @@ def engine(tiny_base: Path, tiny_bundles: dict[str, Path], writer_bundle: Path):
 
 
 def test_a_layer_persona_is_both_a_speaker_and_a_layer(engine) -> None:
-    assert "writer" in engine.personas and "writer" in engine.moods
+    assert "scribe" in engine.personas and "scribe" in engine.moods
     assert "alpha" in engine.personas and "alpha" not in engine.moods
-    engine.check_request("alpha", [("writer", 0.5)])
+    engine.check_request("alpha", [("scribe", 0.5)])
     with pytest.raises(HyperlexError, match="already speaking"):
-        engine.check_request("writer", [("writer", 0.5)])
+        engine.check_request("scribe", [("scribe", 0.5)])
 
 
 def test_layer_must_be_a_boolean(tmp_path: Path) -> None:
@@ -55,13 +56,13 @@ def test_layer_must_be_a_boolean(tmp_path: Path) -> None:
 def test_the_writer_speaks_alone_at_full_weight_after_serving_as_a_layer(engine) -> None:
     from hyperlex.generation import GenerationParams
 
-    messages = scene_prompt(engine.persona("writer"), SCENE, engine)
+    messages = scene_prompt(engine.persona("scribe"), SCENE, engine)
     greedy = GenerationParams(temperature=0, max_new_tokens=12)
-    alone = engine.generate(messages, "writer", greedy).text
-    composed = engine.generate(messages, "alpha", greedy, layers=[("writer", 0.5)]).text
+    alone = engine.generate(messages, "scribe", greedy).text
+    composed = engine.generate(messages, "alpha", greedy, layers=[("scribe", 0.5)]).text
     assert composed != engine.generate(messages, "alpha", greedy).text
-    assert engine.generate(messages, "writer", greedy).text == alone
-    batch = engine.generate_batch([(messages, "writer"), (messages, "alpha")], greedy)
+    assert engine.generate(messages, "scribe", greedy).text == alone
+    batch = engine.generate_batch([(messages, "scribe"), (messages, "alpha")], greedy)
     assert batch[0].text == alone
 
 
@@ -70,7 +71,7 @@ def test_a_speak_scene_record_trains_on_the_scene_prompt(engine, tiny_base: Path
 
     example = parse_record({"speak_scene": True, "scene": SCENE.to_dict(),
                             "text": "The sailor does not see the lighthouse."})
-    writer = engine.persona("writer")
+    writer = engine.persona("scribe")
     counter = ChatTemplateCounter(AutoTokenizer.from_pretrained(tiny_base))
     assert example_prompt(writer, example, counter) == scene_prompt(writer, SCENE, counter)
     assert example.as_record()["speak_scene"] is True
@@ -88,15 +89,15 @@ def test_bad_speak_scene_records_say_what_is_wrong(record: dict, problem: str) -
 
 
 def test_the_round_trip_reports_each_persona_alone_and_composed(engine) -> None:
-    personas = {name: engine.persona(name) for name in ("alpha", "writer")}
+    personas = {name: engine.persona(name) for name in ("alpha", "scribe")}
     scenes = [EvalScene("s1", SCENE, None, "test")]
     report = roundtrip(engine, personas, scenes, lambda text: _empty_delta(),
-                       layers=(("writer", 0.5),))
-    assert report.personas == ["alpha", "writer", "alpha+writer:0.5"]
-    composed = report.results["alpha+writer:0.5"][0]["reply"]
+                       layers=(("scribe", 0.5),))
+    assert report.personas == ["alpha", "scribe", "alpha+scribe:0.5"]
+    composed = report.results["alpha+scribe:0.5"][0]["reply"]
     assert composed != report.results["alpha"][0]["reply"]
-    assert set(report.mean()) and report.mean() == _mean_of(report, ["alpha", "writer"])
-    assert "alpha+writer:0.5" in report.table()
+    assert set(report.mean()) and report.mean() == _mean_of(report, ["alpha", "scribe"])
+    assert "alpha+scribe:0.5" in report.table()
 
 
 def _empty_delta():
@@ -122,16 +123,16 @@ def test_scene_say_speaks_a_scene_file_and_scores_it(runner, writer_plugin, tiny
                                                      tmp_path: Path) -> None:
     scene_file = tmp_path / "scene.json"
     scene_file.write_text(json.dumps(SCENE.to_dict(), indent=2))
-    result = runner.invoke(cli, ["scene", "say", str(scene_file), "--base", str(tiny_base),
-                                 "--engine", "torch", "--check", "--json"])
+    result = runner.invoke(cli, ["scene", "say", str(scene_file), "-p", "scribe", "--base",
+                                 str(tiny_base), "--engine", "torch", "--check", "--json"])
     assert result.exit_code == 0, result.output
     reply = json.loads(result.stdout)
-    assert reply["persona"] == "writer" and reply["reply"]
+    assert reply["persona"] == "scribe" and isinstance(reply["reply"], str)
     assert reply["score"]["links"]["tp"] + reply["score"]["links"]["fn"] == 1
     composed = runner.invoke(cli, ["scene", "say", str(scene_file), "-p", "alpha", "--mood",
-                                   "writer:0.5", "--base", str(tiny_base), "--engine", "torch"])
+                                   "scribe:0.5", "--base", str(tiny_base), "--engine", "torch"])
     assert composed.exit_code == 0, composed.output
-    assert composed.stdout.strip()
+    assert "Loading" not in composed.stdout and "Loading" in composed.stderr
 
 
 def test_scene_say_names_a_bad_scene_file(runner, writer_plugin, tmp_path: Path) -> None:
@@ -148,5 +149,5 @@ def test_scene_say_refuses_an_unknown_layer(runner, writer_plugin, tmp_path: Pat
     scene_file = tmp_path / "scene.json"
     scene_file.write_text(json.dumps(SCENE.to_dict()))
     result = runner.invoke(cli, ["scene", "say", str(scene_file), "-p", "alpha", "--mood",
-                                 "scribe:0.5"])
-    assert result.exit_code == 2 and "scribe" in result.output
+                                 "nobody:0.5"])
+    assert result.exit_code == 2 and "nobody" in result.output

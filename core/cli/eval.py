@@ -312,8 +312,7 @@ def _compositions(host: Host, specs: tuple[str, ...]) -> list[tuple[str, float]]
 def _run_roundtrip(engine: Any, chosen: dict[str, Any], explicit: bool, scenes: Any,
                    encoder: Any, encoder_name: str, max_new_tokens: int,
                    batch_size: int, layers: list[tuple[str, float]]) -> Any:
-    from hyperlex.eval.fidelity import evaluation_params
-    from hyperlex.eval.roundtrip import roundtrip
+    from hyperlex.eval.roundtrip import roundtrip, speaking_params
 
     skipped = [n for n in chosen if n in engine.skipped]
     if explicit and skipped:
@@ -325,7 +324,7 @@ def _run_roundtrip(engine: Any, chosen: dict[str, Any], explicit: bool, scenes: 
         if layer not in engine.moods:
             raise HyperlexError(engine.skipped.get(layer, f"layer {layer!r} is not loaded"))
     return roundtrip(engine, speakers, scenes, encoder,
-                     params=evaluation_params(max_new_tokens), batch_size=batch_size,
+                     params=speaking_params(max_new_tokens), batch_size=batch_size,
                      progress=lambda m: click.echo(m, err=True), encoder_name=encoder_name,
                      layers=tuple(layers))
 

@@ -216,9 +216,9 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
               default=("writer:0.5", "writer:1"), show_default=True,
               help="Proposals besides the persona alone: LAYER composed over it at WEIGHT "
               "(repeatable).")
-@click.option("--min-recall", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=0.75, show_default=True,
               help="Hyperlexeme recall a candidate must reach.")
-@click.option("--min-link-recall", type=click.FloatRange(0, 1), default=0.8, show_default=True,
+@click.option("--min-link-recall", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Relaxed link recall a candidate must reach.")
 @click.option("--out", default="data/faithful.jsonl", show_default=True, metavar="FILE",
               help="Where the records go, relative to each persona's bundle (overwritten).")
@@ -241,8 +241,8 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     from hyperlex.cli.common import open_engine, report_problems
     from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.faithful import faithful_records
-    from hyperlex.eval.fidelity import PersonaClassifier, evaluation_params, load_sets
-    from hyperlex.eval.roundtrip import EvalScene
+    from hyperlex.eval.fidelity import PersonaClassifier, load_sets
+    from hyperlex.eval.roundtrip import EvalScene, speaking_params
     from hyperlex.training.data import write_records
     from hyperlex.training.synth import scene_records
     from hyperlex.training.train import load_config
@@ -273,14 +273,14 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     scenes = [EvalScene(item["id"], item["scene"], item["reference"], "synth")
               for item in scene_records(count, "train", seed)]
     click.echo("fitting the voice classifier", err=True)
-    classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in speakers.items()},
-                                   minilm_embedder())
+    classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in speakers.items()
+                                    if not p.is_layer}, minilm_embedder())
     engine = open_engine(host, base, dtype, quantize,
                          only=[*chosen, *(s[0][0] for s in proposals if s)])
     summary = []
     for name, persona in chosen.items():
         run = faithful_records(engine, persona, scenes, proposals, reader, classifier,
-                               evaluation_params(max_new_tokens), batch_size,
+                               speaking_params(max_new_tokens), batch_size,
                                min_recall, min_link_recall,
                                progress=lambda m: click.echo(m, err=True))
         target = persona.root / out

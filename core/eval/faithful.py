@@ -6,8 +6,11 @@ evaluation sees them), candidate replies are generated through the one scene pro
 and the persona with a layer (the scene-writer) composed over it at each given weight. Each
 candidate is read back by the scene encoder and scored as the round trip scores it
 (:func:`hyperlex.eval.roundtrip.score_roundtrip`), and the fidelity classifier
-(:class:`hyperlex.eval.fidelity.PersonaClassifier`, fitted on every speaker's voice data, the
-writer's included) says whose voice it is in.
+(:class:`hyperlex.eval.fidelity.PersonaClassifier`, fitted on the voice data of every
+speaker that is not a layer) says whose voice it is in. The scene-writer is left out of the
+classifier on purpose: every reply that keeps a scene leans toward its plain sentences, and
+the question is whether the reply is still this persona's rather than another's. (With the
+writer in, no candidate of the dreamer or the interface was both faithful and theirs.)
 
 A candidate is **accepted** when it keeps the scene (hyperlexeme recall and relaxed link
 recall at least the thresholds, no polarity flipped) *and* the classifier gives it to the
@@ -39,8 +42,8 @@ from hyperlex.persona.bundle import Persona
 from hyperlex.persona.prompt import scene_prompt
 from hyperlex.scene.model import Delta
 
-MIN_HYPERLEXEME_RECALL = 1.0
-MIN_LINK_RECALL = 0.8
+MIN_HYPERLEXEME_RECALL = 0.75
+MIN_LINK_RECALL = 0.5
 
 
 @dataclass
@@ -66,11 +69,12 @@ class FaithfulRun:
     candidates: int
     accepted: Counter[str] = field(default_factory=Counter)  # proposal -> accepted candidates
     refused: Counter[str] = field(default_factory=Counter)  # reason -> candidates
+    verdicts: list[dict[str, Any]] = field(default_factory=list)  # one per candidate
 
     def as_dict(self) -> dict[str, Any]:
         return {"persona": self.persona, "records": len(self.records),
                 "candidates": self.candidates, "accepted": dict(self.accepted),
-                "refused": dict(self.refused)}
+                "refused": dict(self.refused), "verdicts": self.verdicts}
 
 
 def refusal(candidate: Candidate, persona: str, min_recall: float,
@@ -118,6 +122,13 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
     best: dict[str, Candidate] = {}
     for candidate in candidates:
         reason = refusal(candidate, name, min_recall, min_link_recall)
+        run.verdicts.append({
+            "scene": candidate.scene.id, "proposal": candidate.proposal,
+            "hyperlexeme_recall": candidate.score.hyperlexemes["recall"],
+            "link_recall_relaxed": candidate.score.links_relaxed["recall"],
+            "polarity_flips": len(candidate.score.logical_loss), "voice": candidate.voice,
+            "voice_probability": round(candidate.voice_probability, 3),
+            "refused": reason, "reply": candidate.reply})
         if reason is not None:
             run.refused[reason] += 1
             continue

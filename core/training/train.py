@@ -364,7 +364,7 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
                  "mix": [{"file": f, "records": len(part), "sha256": _digest(path)}
                          for f, path, part in mix]},
         "round": init[1].get("round", 1) + 1 if init is not None else 1,
-        "config": {**asdict(config), "target_modules": list(config.target_modules)},
+        "config": _config_record(config),
         "steps": steps,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
@@ -409,9 +409,14 @@ def _save_adapter(model: Any, adapter_dir: Path, base_name: str, save_dtype: str
               metadata={"format": "pt"})
 
 
+def _config_record(config: TrainConfig) -> dict[str, Any]:
+    """The configuration as JSON stores it (tuples as lists)."""
+    return {**asdict(config), "target_modules": list(config.target_modules),
+            "extra_data": list(config.extra_data)}
+
+
 def _checkpoint_key(config: TrainConfig, data_hash: str) -> dict[str, Any]:
-    return {"config": {**asdict(config), "target_modules": list(config.target_modules)},
-            "data_sha256": data_hash}
+    return {"config": _config_record(config), "data_sha256": data_hash}
 
 
 def _write_checkpoint(path: Path, config: TrainConfig, data_hash: str,
