@@ -40,11 +40,13 @@ test: lint
 # (agent data faithful), and the persona trains on them beside its voice data, starting from
 # its round-1 adapter.
 CAST := philosopher poet scientist logician dreamer interface
-FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl --epochs 1 --lr 0.0005
+# the kept replies count twice beside the voice data: a round keeps a handful per persona
+FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
+	--extra-data data/faithful.jsonl --epochs 1 --lr 0.0005
 train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p || exit 1; done
 	$(BIN)/agent train personas/writer
-	$(BIN)/agent data faithful --count 24
+	$(BIN)/agent data faithful --count 32
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(FAITHFUL_ROUND) || exit 1; done
 
 clean:

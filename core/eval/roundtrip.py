@@ -145,20 +145,24 @@ def read_scene_file(path: str | Path, text: str | None = None) -> Scene:
     standard input) with ``path`` naming it. Every problem is a HyperlexError naming the
     file, and the line and column of bad JSON."""
     if text is None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise HyperlexError(f"{path}: scene file not found") from None
-        except UnicodeDecodeError as exc:
-            raise HyperlexError(f"{path}: not UTF-8 text ({exc.reason})") from None
-        except OSError as exc:
-            raise HyperlexError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        text = _scene_file_text(Path(path))
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise HyperlexError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column "
                             f"{exc.colno})") from None
     return _scene_object(record, str(path))
+
+
+def _scene_file_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HyperlexError(f"{path}: scene file not found") from None
+    except UnicodeDecodeError as exc:
+        raise HyperlexError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise HyperlexError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
 def _scene_object(record: Any, where: str) -> Scene:
@@ -231,16 +235,7 @@ def load_scenes(paths: Sequence[str | Path] = (), shipped: bool = True) -> list[
         if str(path) == HELDOUT:
             scenes += shipped_scenes(HELDOUT_SCENES)
             continue
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise HyperlexError(f"{path}: scene file not found") from None
-        except UnicodeDecodeError as exc:
-            raise HyperlexError(f"{path}: not UTF-8 text ({exc.reason})") from None
-        except OSError as exc:
-            raise HyperlexError(f"{path}: cannot be read: {exc.strerror or exc}") from None
-        scenes += parse_scenes(text, str(path))
+        scenes += parse_scenes(_scene_file_text(Path(path)), str(path))
     seen: dict[str, str] = {}
     for item in scenes:
         if item.id in seen:

@@ -401,6 +401,8 @@ def _save_adapter(model: Any, adapter_dir: Path, base_name: str, save_dtype: str
     config_file = adapter_dir / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = base_name
+    if isinstance(config.get("target_modules"), list):  # PEFT writes a set, in any order
+        config["target_modules"] = sorted(config["target_modules"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = adapter_dir / "adapter_model.safetensors"
     tensors = load_file(weights)
