@@ -66,6 +66,20 @@ def test_the_writer_speaks_alone_at_full_weight_after_serving_as_a_layer(engine)
     assert batch[0].text == alone
 
 
+def test_a_merged_writer_also_speaks_at_full_weight_after_serving_as_a_layer(
+        engine, tiny_base: Path, tiny_bundles: dict[str, Path], writer_bundle: Path) -> None:
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.generation import GenerationParams
+
+    merged = TorchEngine([Persona.from_dir(tiny_bundles["alpha"]), Persona.from_dir(writer_bundle)],
+                         base=str(tiny_base), progress=False, merge=True)
+    messages = scene_prompt(merged.persona("scribe"), SCENE, merged)
+    greedy = GenerationParams(temperature=0, max_new_tokens=12)
+    merged.generate(messages, "alpha", greedy, layers=[("scribe", 0.5)])
+    assert (merged.generate(messages, "scribe", greedy).text
+            == engine.generate(messages, "scribe", greedy).text)
+
+
 def test_a_speak_scene_record_trains_on_the_scene_prompt(engine, tiny_base: Path) -> None:
     from transformers import AutoTokenizer
 

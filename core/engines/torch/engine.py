@@ -175,12 +175,12 @@ class TorchEngine(Engine):
             return
         if self._merged is not None and (self._merged != persona or moods):
             self._unmerge()
+        self._full_weight([persona])  # before a merge folds the scaling into the base
         if self.merge and persona is not None and not moods and self._merged is None:
             for layer in self._lora_layers:
                 if persona in layer.lora_A:
                     layer.merge(adapter_names=[persona])
             self._merged = persona
-        self._full_weight([persona])
         for name, weight in moods:
             for layer, scaling in self._scalings[name]:
                 layer.scaling[name] = scaling * weight
