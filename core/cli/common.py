@@ -140,6 +140,23 @@ def check_option(option: str, check: Callable[..., Any], *args: Any) -> None:
         raise click.BadParameter(str(exc), param_hint=f"'{option}'") from None
 
 
+def compositions(host: Host, specs: tuple[str, ...]) -> list[tuple[str, float]]:
+    """The ``--compose LAYER[:WEIGHT]`` layers, each checked (a mood, or a persona with
+    ``layer: true``), duplicates dropped; a bad one is a usage error naming the option."""
+    from hyperlex.agent.moods import parse_mood
+
+    layers = {n: p for n, p in host.personas.items() if p.is_layer}
+    parsed: list[tuple[str, float]] = []
+    for spec in specs:
+        try:
+            layer = parse_mood(layers, spec)
+        except HyperlexError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--compose'") from None
+        if layer is not None and layer not in parsed:
+            parsed.append(layer)
+    return parsed
+
+
 def warm_up_encoders(host: Host) -> None:
     """Call each installed persona's scene encoder's optional ``warm_up()`` in a background
     thread (errors are left for the first real call to report)."""

@@ -10,6 +10,7 @@ import click
 
 from hyperlex.cli.common import (
     choose_backend,
+    compositions,
     emit_json,
     engine_options,
     get_host,
@@ -293,22 +294,6 @@ def _eval_scenes(scene_files: tuple[Path, ...], no_shipped: bool, limit: int | N
     return load_scenes(scene_files, shipped=not no_shipped)[:limit]
 
 
-def _compositions(host: Host, specs: tuple[str, ...]) -> list[tuple[str, float]]:
-    """The --compose layers, each checked (a mood, or a persona with ``layer: true``)."""
-    from hyperlex.agent.moods import parse_mood
-
-    layers = {n: p for n, p in host.personas.items() if p.is_layer}
-    parsed = []
-    for spec in specs:
-        try:
-            layer = parse_mood(layers, spec)
-        except HyperlexError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--compose'") from None
-        if layer is not None and layer not in parsed:
-            parsed.append(layer)
-    return parsed
-
-
 def _run_roundtrip(engine: Any, chosen: dict[str, Any], explicit: bool, scenes: Any,
                    encoder: Any, encoder_name: str, max_new_tokens: int,
                    batch_size: int, layers: list[tuple[str, float]]) -> Any:
@@ -390,7 +375,7 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
     scenes = _eval_scenes(scene_files, no_shipped_scenes, limit)
     reader = _scene_encoder(host, encoder)
     chosen = _roundtrip_personas(host, names)
-    layers = _compositions(host, compose)
+    layers = compositions(host, compose)
     backend = choose_backend(backend, dtype, quantize, merge=False)
     engine = open_engine(host, base, dtype, quantize,
                          only=[*chosen, *(layer for layer, _ in layers)], backend=backend,
@@ -434,7 +419,7 @@ def eval_all(names: tuple[str, ...], max_new_tokens: int, batch_size: int, limit
     routing_cases = _routing_cases(host, cases)
     scenes = _eval_scenes(scene_files, no_shipped_scenes, limit)
     reader = _scene_encoder(host, encoder)
-    layers = _compositions(host, compose)
+    layers = compositions(host, compose)
     click.echo("routing", err=True)
     routing_report = _run_routing(host, routing_cases, router)
     engine = open_engine(host, base, dtype, quantize,

@@ -185,19 +185,15 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
     from tqdm import tqdm
 
     from hyperlex.training.data import write_records
-    from hyperlex.training.synth import REGISTERS, scene_records, synth_records
+    from hyperlex.training.synth import REGISTERS, eval_scene_lines, synth_records
 
     chosen = registers or REGISTERS
     if as_scenes:
-        import json as json_module
-
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as file:
-            for item in tqdm(scene_records(count, split, seed, chosen), total=count,
+            for line in tqdm(eval_scene_lines(count, split, seed, chosen), total=count,
                              desc="scenes", unit="scene", file=sys.stderr):
-                record = {"id": item["id"], "reference": item["reference"],
-                          **item["scene"].to_dict()}
-                file.write(json_module.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+                file.write(line + "\n")
         click.echo(f"{out}: {count} {split} scenes", err=True)
         return
     written = write_records(out, synth_records(count, direction, seed, split, chosen))
@@ -237,8 +233,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     scene-writer composed over it; the replies that read back to their scene and that the
     fidelity classifier gives to the persona become its speak_scene records (docs/data.md).
     Train on them with agent train BUNDLE --init-adapter adapter/ --extra-data FILE."""
-    from hyperlex.agent.moods import parse_mood
-    from hyperlex.cli.common import open_engine, report_problems
+    from hyperlex.cli.common import compositions, open_engine, report_problems
     from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.faithful import faithful_records
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
@@ -261,12 +256,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
         if not (persona.root / out).resolve().is_relative_to(persona.root.resolve()):
             raise click.BadParameter(f"{out!r} points outside the bundle {persona.root}",
                                      param_hint="'--out'")
-    layers_known = {n: p for n, p in host.personas.items() if p.is_layer}
-    try:
-        proposals = [()] + [(layer,) for spec in compose
-                            if (layer := parse_mood(layers_known, spec)) is not None]
-    except HyperlexError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--compose'") from None
+    proposals = [(), *((layer,) for layer in compositions(host, compose))]
     if encoder not in host.scene_encoders:
         raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
     reader = host.scene_encoders[encoder]

@@ -238,11 +238,10 @@ def synth_records(count: int = 1000, direction: str = "output", seed: int = 0,
     return records
 
 
-def eval_scene_lines(count: int, seed: int = 0) -> list[str]:
-    """``count`` held-out scenes as evaluation-scene JSON lines (``agent eval roundtrip
-    --scenes``): the scene, its id and its reference text."""
-    lines = []
-    for item in scene_records(count, "heldout", seed):
+def eval_scene_lines(count: int, split: str = "heldout", seed: int = 0,
+                     registers: tuple[str, ...] = REGISTERS) -> Iterator[str]:
+    """``count`` scenes of ``split`` as evaluation-scene JSON lines (``agent eval roundtrip
+    --scenes``), one at a time: the scene, its id and its reference text."""
+    for item in scene_records(count, split, seed, registers):
         record = {"id": item["id"], "reference": item["reference"], **item["scene"].to_dict()}
-        lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
-    return lines
+        yield json.dumps(record, ensure_ascii=False, sort_keys=True)
