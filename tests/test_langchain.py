@@ -149,9 +149,9 @@ class Spy:
         self.calls: list[tuple[Any, ...]] = []
         real = engine.stream
 
-        def stream(messages, persona, params=None, stop=(), layers=()):
+        def stream(messages, persona, params=None, stop=(), layers=(), **kwargs):
             self.calls.append((list(messages), persona, params, tuple(stop), tuple(layers)))
-            return real(messages, persona, params, stop, layers)
+            return real(messages, persona, params, stop, layers, **kwargs)
 
         monkeypatch.setattr(engine, "stream", stream)
 

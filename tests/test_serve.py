@@ -14,6 +14,7 @@ import pytest
 
 from hyperlex.agent.controller import Controller
 from hyperlex.agent.store import Store
+from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
 from hyperlex.serve.server import PersonaService, Server
 
@@ -392,3 +393,61 @@ def test_a_persona_that_could_not_be_loaded_says_why(host, tiny_base: Path, tiny
         with pytest.raises(openai.NotFoundError) as caught:
             ask(c, "stranger", "Hi")
         assert "trained on base 'another-base'" in caught.value.body["message"]
+
+
+# structured output ------------------------------------------------------------------------
+
+MOOD_SCHEMA = {"type": "object", "properties": {
+    "mood": {"enum": ["calm", "stormy"]}, "word": {"type": "string", "maxLength": 6}},
+    "required": ["mood", "word"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("mode", ["", "engine"])
+def test_a_json_schema_response_format_is_honoured(client, server: Server, mode: str) -> None:
+    from hyperlex.structured import ResponseFormat
+
+    headers = {"X-Hyperlex-Mode": mode} if mode else {}
+    fmt = {"type": "json_schema",
+           "json_schema": {"name": "mood", "schema": MOOD_SCHEMA, "strict": True}}
+    reply = ask(client, "alpha", "How is the sea?", response_format=fmt, max_tokens=64,
+                temperature=0, extra_headers=headers)
+    assert reply.choices[0].finish_reason == "stop"
+    assert ResponseFormat.json_schema(MOOD_SCHEMA).parse(reply.choices[0].message.content)
+    chunks = ask(client, "alpha", "How is the sea?", response_format=fmt, max_tokens=64,
+                 temperature=0, extra_headers=headers, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+
+
+def test_json_object_mode_and_a_cut_reply(client) -> None:
+    reply = ask(client, "beta", "Any JSON", response_format={"type": "json_object"},
+                max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize(("response_format", "named"), [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}},
+     "uniqueItems"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+        "type": "object", "properties": {"a": {"type": "string"}}}}}, "additionalProperties"),
+    ({"type": "yaml"}, "response_format.type"),
+])
+def test_a_response_format_that_cannot_be_honoured_is_a_400(client, response_format,
+                                                            named: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, "alpha", "Hi", response_format=response_format)
+    assert caught.value.body["param"] == "response_format"
+    assert named in caught.value.body["message"]
+
+
+def test_the_backend_passes_the_response_format_through(remote, engine) -> None:
+    from hyperlex.structured import ResponseFormat
+
+    fmt = ResponseFormat.json_schema(MOOD_SCHEMA)
+    messages = [{"role": "user", "content": "Go"}]
+    params = GenerationParams(temperature=0, max_new_tokens=64)
+    served = remote.generate(messages, "alpha", params, response_format=fmt)
+    assert served.text == engine.generate(messages, "alpha", params, response_format=fmt).text
+    assert fmt.parse(served.text)

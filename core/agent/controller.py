@@ -26,6 +26,7 @@ from hyperlex.scene.model import USER, Scene
 if TYPE_CHECKING:
     from hyperlex.agent.store import Store
     from hyperlex.persona.bundle import Persona
+    from hyperlex.structured import ResponseFormat
 
 
 @dataclass
@@ -234,7 +235,8 @@ class Controller:
 
     def send(self, message: str, *, persona: str | None = None, mood: str | None = None,
              options: Mapping[str, Any] | None = None, stop: Sequence[str] = (),
-             instructions: str | None = None) -> TurnStream:
+             instructions: str | None = None,
+             response_format: ResponseFormat | None = None) -> TurnStream:
         """Start a turn. Iterate the result for the streamed reply; the turn is recorded
         (and ``on_turn`` hooks run) when the reply finishes, unless it was cancelled.
 
@@ -242,7 +244,9 @@ class Controller:
         for this turn only; they are not saved with the session. ``options`` (generation
         options over the contract's and the controller's), ``stop`` strings and
         ``instructions`` (appended to the persona's system message) apply to this turn only:
-        this is how a served request carries its own settings."""
+        this is how a served request carries its own settings. With ``response_format`` the
+        reply is decoded as JSON matching it, the system message says so (with the schema, as
+        OpenAI's models are told), and the scene reads the reply's text as usual."""
         turn_mood = self.mood if mood is None else parse_mood(self.engine.moods, mood)
         decision = self.route(message, persona)
         self.last_decision = decision
@@ -256,13 +260,16 @@ class Controller:
         self.encode(decision.message, persona, index, speaker=USER)
         adapter_mood = turn_mood and self.engine.moods[turn_mood[0]].adapter_dir is not None
         layers = [turn_mood] if adapter_mood else []
+        if response_format is not None:
+            instructions = "\n\n".join(filter(None, [instructions, response_format.instruction]))
         messages = self.prompt(persona, decision.message, params, turn_mood, instructions)
         try:
             params = fit_reply(self.engine, messages, params)
         except ContextTooLong:
             self.scene = scene_before
             raise
-        generation = self.engine.stream(messages, persona, params, stop, layers)
+        generation = self.engine.stream(messages, persona, params, stop, layers,
+                                        response_format=response_format)
         return TurnStream(self, turn, generation, scene_before)
 
     def _record(self, turn: Turn) -> None:

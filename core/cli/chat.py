@@ -38,6 +38,10 @@ from hyperlex.errors import HyperlexError, UnknownPersona
 @click.option("--mood", default=None, metavar="NAME[:WEIGHT]",
               help="Compose a layer over every persona: a mood (--mood melancholic:0.7) or the "
               "scene-writer (--mood writer:0.5).")
+@click.option("--schema", "schema_file", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False),
+              help="Answer every turn with JSON matching the JSON Schema in FILE (decoded "
+              "under its grammar); '{\"type\": \"object\"}' asks for any JSON object.")
 @click.option("--router", default="embedding", show_default=True,
               help="Automatic router for unaddressed turns ('none': keep the current persona).")
 @click.option("-s", "--session", default=None, metavar="NAME",
@@ -67,6 +71,7 @@ def chat(
     message: str | None,
     options: tuple[tuple[str, str], ...],
     mood: str | None,
+    schema_file: str | None,
     router: str,
     session: str | None,
     no_store: bool,
@@ -96,6 +101,11 @@ def chat(
 
     host = get_host()
     overrides = parse_options(options)
+    response_format = None
+    if schema_file is not None:
+        from hyperlex.structured import load_schema
+
+        response_format = load_schema(schema_file)
     installed = host.personas  # runs the registration hooks, so their problems show below
     report_problems(host)
     speakers = [n for n, p in installed.items() if not p.is_mood]
@@ -131,7 +141,7 @@ def chat(
         click.echo(f"session {controller.session}{resumed}", err=True)
     if chosen == "llamacpp":
         controller.prefill()
-    loop = ChatLoop(controller, as_json=as_json)
+    loop = ChatLoop(controller, as_json=as_json, response_format=response_format)
     if message is not None:
         loop.turn(message)
     elif sys.stdin.isatty():

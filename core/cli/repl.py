@@ -6,11 +6,15 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import click
 
 from hyperlex.agent.controller import Controller
 from hyperlex.errors import HyperlexError
+
+if TYPE_CHECKING:
+    from hyperlex.structured import ResponseFormat
 
 HELP = """Commands:
   /persona NAME   pin NAME: it answers every turn (/persona auto routes again)
@@ -26,9 +30,12 @@ HELP = """Commands:
 
 
 class ChatLoop:
-    def __init__(self, controller: Controller, as_json: bool = False):
+    def __init__(self, controller: Controller, as_json: bool = False,
+                 response_format: ResponseFormat | None = None):
+        """``response_format``: every reply is JSON matching it (``agent chat --schema``)."""
         self.controller = controller
         self.as_json = as_json
+        self.response_format = response_format
         self._problems_shown = len(controller.host.failures)
 
     def interactive(self) -> None:
@@ -137,7 +144,7 @@ class ChatLoop:
             click.echo(f"mood: {self.controller.mood_label or 'off'}", err=True)
 
     def turn(self, message: str, show_persona: bool = False) -> None:
-        stream = self.controller.send(message)
+        stream = self.controller.send(message, response_format=self.response_format)
         if show_persona:
             click.secho(f"[{stream.turn.persona}] ", fg="cyan", err=True, nl=False)
         pieces = iter(stream)
@@ -154,7 +161,20 @@ class ChatLoop:
             click.echo(json.dumps(stream.turn.as_dict(), ensure_ascii=False))
         else:
             click.echo()
+        self._check_structured(stream.turn.reply, stream.generation.finish_reason)
         self._show_new_problems()
+
+    def _check_structured(self, reply: str, finish_reason: str | None) -> None:
+        """Say so when a structured reply is not the JSON asked for (cut by its length)."""
+        from hyperlex.structured import ReplyNotValid
+
+        if self.response_format is None:
+            return
+        try:
+            self.response_format.parse(reply)
+        except ReplyNotValid as exc:
+            hint = " (raise -o max_new_tokens)" if finish_reason == "length" else ""
+            click.secho(f"Warning: {exc}{hint}", fg="yellow", err=True)
 
     def _show_new_problems(self) -> None:
         """Report plugin failures from this turn's hooks (route_turn, on_turn) once each."""

@@ -16,6 +16,7 @@ from hyperlex.generation import Completion, Generation, GenerationParams, Layers
 
 if TYPE_CHECKING:
     from hyperlex.persona.bundle import Persona
+    from hyperlex.structured import ResponseFormat
 
 class Engine(ABC):
     """A base model with persona adapters attached under their names."""
@@ -83,9 +84,12 @@ class Engine(ABC):
         params: GenerationParams | None = None,
         stop: Sequence[str] = (),
         layers: Layers = (),
+        response_format: ResponseFormat | None = None,
     ) -> Generation:
         """Start generating a reply to ``messages`` with ``persona``'s adapter active and each
-        mood adapter in ``layers`` added on top at its weight."""
+        mood adapter in ``layers`` added on top at its weight; with ``response_format``, every
+        token is chosen inside its grammar, so a reply that ends (not cut by the token limit
+        or a stop string) is JSON matching the schema."""
 
     def generate(
         self,
@@ -94,16 +98,20 @@ class Engine(ABC):
         params: GenerationParams | None = None,
         stop: Sequence[str] = (),
         layers: Layers = (),
+        response_format: ResponseFormat | None = None,
     ) -> Completion:
-        return self.stream(messages, persona, params, stop, layers).complete()
+        return self.stream(messages, persona, params, stop, layers,
+                           response_format=response_format).complete()
 
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                        params: GenerationParams | None = None,
-                       layers: Layers = ()) -> list[Completion]:
-        """Replies to several (messages, persona) requests, each with the mood ``layers``;
-        backends that can run different personas in one batch override this. The default
-        runs them one after another."""
-        return [self.generate(messages, persona, params, layers=layers)
+                       layers: Layers = (),
+                       response_format: ResponseFormat | None = None) -> list[Completion]:
+        """Replies to several (messages, persona) requests, each with the mood ``layers`` (and
+        the ``response_format``); backends that can run different personas in one batch
+        override this. The default runs them one after another."""
+        return [self.generate(messages, persona, params, layers=layers,
+                              response_format=response_format)
                 for messages, persona in requests]
 
     def prefill(self, messages: Sequence[Message], persona: str | None,  # noqa: B027

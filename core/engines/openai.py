@@ -15,7 +15,7 @@ are refused here; prompt-only moods work, since they only change the system mess
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hyperlex.engines.base import Engine
 from hyperlex.engines.models import ResolvedBase, base_source, resolve_base
@@ -23,6 +23,9 @@ from hyperlex.errors import HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
 from hyperlex.persona.prompt import ChatTemplateCounter
+
+if TYPE_CHECKING:
+    from hyperlex.structured import ResponseFormat
 
 ENGINE_MODE = {"X-Hyperlex-Mode": "engine"}
 
@@ -80,7 +83,8 @@ class OpenAIEngine(Engine):
 
     def stream(self, messages: Sequence[Message], persona: str | None,
                params: GenerationParams | None = None, stop: Sequence[str] = (),
-               layers: Layers = ()) -> Generation:
+               layers: Layers = (), response_format: ResponseFormat | None = None
+               ) -> Generation:
         self.check_request(persona, layers)
         if layers:
             raise HyperlexError(
@@ -91,7 +95,7 @@ class OpenAIEngine(Engine):
             raise HyperlexError(f"the server at {self.base_url} does not serve the bare base "
                                 f"under the name {self.base_name!r}")
         return _RemoteGeneration(self, self.models[persona], list(messages), persona,
-                                 params or GenerationParams(), stop)
+                                 params or GenerationParams(), stop, response_format)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return ChatTemplateCounter(self._tokenizer).count_tokens(messages)
@@ -103,12 +107,14 @@ class OpenAIEngine(Engine):
 
 class _RemoteGeneration(Generation):
     def __init__(self, engine: OpenAIEngine, model: str, messages: list[Message],
-                 persona: str | None, params: GenerationParams, stop: Sequence[str]):
+                 persona: str | None, params: GenerationParams, stop: Sequence[str],
+                 response_format: ResponseFormat | None = None):
         super().__init__(persona, stop)
         self.engine = engine
         self.model = model
         self.messages = messages
         self.params = params
+        self.response_format = response_format
 
     def _request(self) -> dict[str, Any]:
         params = self.params
@@ -121,6 +127,8 @@ class _RemoteGeneration(Generation):
             request["stop"] = list(self.stop[:4])  # the rest are cut locally
         if params.seed is not None:
             request["seed"] = params.seed
+        if self.response_format is not None:  # the server holds the reply to it
+            request["response_format"] = self.response_format.as_openai()
         extra = {k: v for k, v in (("top_k", params.top_k),
                                    ("repetition_penalty", params.repetition_penalty))
                  if v != getattr(GenerationParams, k)}

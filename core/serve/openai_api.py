@@ -3,7 +3,8 @@
 Pure Python (no HTTP, no model) so that both the server and its tests use one definition of
 what a valid request is. Fields OpenAI defines but hyperlex cannot honour (``n > 1``, tools,
 logprobs) are refused with a 400 that names the field rather than silently ignored; vLLM's
-sampling extensions ``top_k``, ``repetition_penalty`` and ``seed`` are accepted.
+sampling extensions ``top_k``, ``repetition_penalty`` and ``seed`` are accepted, and so is
+``response_format`` (``json_object``, ``json_schema``; :mod:`hyperlex.structured`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hyperlex.generation import GenerationParams, InvalidParameter, Message
+from hyperlex.structured import InvalidResponseFormat, ResponseFormat, from_openai
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # request field -> GenerationParams field
@@ -73,6 +75,7 @@ class ChatRequest:
     include_usage: bool = False
     user: str | None = None
     mood: str | None = None  # hyperlex's extension: a mood layer for this turn
+    response_format: ResponseFormat | None = None  # None: free text
 
     @property
     def messages(self) -> list[Message]:
@@ -103,11 +106,15 @@ def parse_chat_request(body: Any) -> ChatRequest:
     mood = body.get("mood")
     if mood is not None and not isinstance(mood, str):
         raise bad_request("'mood' must be a string: NAME or NAME:WEIGHT", "mood")
+    try:
+        response_format = from_openai(body.get("response_format"))
+    except InvalidResponseFormat as exc:
+        raise bad_request(str(exc), "response_format") from None
     return ChatRequest(model=model, history=history, message=message,
                        instructions="\n\n".join(system) or None, options=_options(body),
                        stop=_stop(body.get("stop")), stream=bool(stream),
                        include_usage=bool(stream_options.get("include_usage")), user=user,
-                       mood=mood)
+                       mood=mood, response_format=response_format)
 
 
 def _split_messages(messages: Any) -> tuple[list[str], list[Message], str]:
@@ -192,7 +199,8 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def completion_body(cid: str, model: str, text: str, finish_reason: str,
                     usage: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
+                                                 "refusal": None},
                          "finish_reason": finish_reason, "logprobs": None}],
             "usage": usage, "system_fingerprint": None, "hyperlex": extra}
 

@@ -182,7 +182,7 @@ class PersonaService:
         params = GenerationParams().updated(request.options, "request")
         generation = self._engine_call(lambda: self.engine.stream(
             request.messages, request.model, fit_reply(self.engine, request.messages, params),
-            request.stop))
+            request.stop, response_format=request.response_format))
         return Reply(request.model, iter(generation), generation, {"persona": request.model})
 
     def _start_turn(self, controller: Controller, request: ChatRequest, release: Any,
@@ -190,7 +190,8 @@ class PersonaService:
         controller.history = list(request.history)  # the client's history is the truth
         turn: TurnStream = self._engine_call(lambda: controller.send(
             request.message, persona=request.model, mood=request.mood, options=request.options,
-            stop=request.stop, instructions=request.instructions))
+            stop=request.stop, instructions=request.instructions,
+            response_format=request.response_format))
         decision = controller.last_decision
         extra = {"persona": turn.turn.persona, "conversation": conversation,
                  "route": {"source": decision.source, "reason": decision.reason}

@@ -26,13 +26,17 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hyperlex.engines.base import Engine
 from hyperlex.engines.models import ResolvedBase, resolve_base
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Layers, Message, finish_reason
 from hyperlex.persona.bundle import Persona
+from hyperlex.structured import GrammarState
+
+if TYPE_CHECKING:
+    from hyperlex.structured import ResponseFormat
 
 INSTALL_HINT = "pip install 'hyperlex[llamacpp]'"
 SAVED_STATES = 8  # cache states kept per context for compositions not active right now
@@ -192,6 +196,7 @@ class LlamaCppEngine(Engine):
         self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
         self._n_vocab = self.llama.n_vocab()
         self._template = _chat_template(self.llama.metadata)
+        self._grammar_tokenizer: Any = None  # llguidance's, built on the first structured turn
         from hyperlex.engines.llamacpp.gguf_lora import shape_from_metadata
 
         self._shape = shape_from_metadata(self.llama.metadata, str(self.model_path))
@@ -232,6 +237,17 @@ class LlamaCppEngine(Engine):
         self._adapters[persona.name] = adapter
         self.scales[persona.name] = persona.scale
         self._register(persona)
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's view of the vocabulary (about a second to build; kept)."""
+        if self._grammar_tokenizer is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            lib, vocab = self._lib, self._vocab
+            eos = [t for t in (lib.llama_vocab_eos(vocab), lib.llama_vocab_eot(vocab)) if t >= 0]
+            self._grammar_tokenizer = lltokenizer_from_vocab(vocab, n_vocab=self._n_vocab,
+                                                             eos_token=eos)
+        return self._grammar_tokenizer
 
     def close(self) -> None:
         """Free the extra contexts and the adapters (the model frees the rest)."""
@@ -292,20 +308,23 @@ class LlamaCppEngine(Engine):
 
     def stream(self, messages: Sequence[Message], persona: str | None,
                params: GenerationParams | None = None, stop: Sequence[str] = (),
-               layers: Layers = ()) -> Generation:
+               layers: Layers = (), response_format: ResponseFormat | None = None
+               ) -> Generation:
         composition = self._composition(persona, layers)
         return _LlamaGeneration(self, self.encode(messages), persona, composition,
-                                params or GenerationParams(), stop)
+                                params or GenerationParams(), stop, response_format)
 
 
 class _LlamaGeneration(Generation):
     def __init__(self, engine: LlamaCppEngine, prompt: list[int], persona: str | None,
-                 composition: Composition, params: GenerationParams, stop: Sequence[str]):
+                 composition: Composition, params: GenerationParams, stop: Sequence[str],
+                 response_format: ResponseFormat | None = None):
         super().__init__(persona, stop)
         self._engine = engine
         self._prompt = prompt
         self._composition = composition
         self._params = params
+        self._format = response_format
         self.usage.prompt_tokens = len(prompt)
 
     def _pieces(self) -> Iterator[str]:
@@ -319,14 +338,19 @@ class _LlamaGeneration(Generation):
             slot.switch(self._composition)
             slot.prefill(self._prompt)
             sampler = Sampler(params, self._prompt)
+            grammar = None if self._format is None else GrammarState(
+                engine.grammar_tokenizer(), self._format)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             produced, limit, ended = 0, min(params.max_new_tokens, room), False
             while not self.cancelled and produced < limit:
-                token = sampler.next(slot.logits())
+                allowed = None if grammar is None else grammar.allowed()
+                token = sampler.next(slot.logits(), allowed)
                 produced += 1
                 if engine._lib.llama_vocab_is_eog(engine._vocab, token):
                     ended = True
                     break
+                if grammar is not None:
+                    grammar.consume(token)
                 slot.decode([token])
                 piece = decoder.decode(engine.llama.detokenize([token], special=False))
                 if piece:
@@ -348,7 +372,9 @@ class Sampler:
         self.seen = set(prompt)
         self.rng = np.random.default_rng(params.seed)
 
-    def next(self, logits: Any) -> int:
+    def next(self, logits: Any, allowed: Any = None) -> int:
+        """The next token; with ``allowed`` (a boolean mask over the vocabulary: a response
+        format's grammar), one of those, masked after the penalty as transformers does."""
         import numpy as np
 
         params = self.params
@@ -357,6 +383,8 @@ class Sampler:
             scores = logits[index]
             logits[index] = np.where(scores < 0, scores * params.repetition_penalty,
                                      scores / params.repetition_penalty)
+        if allowed is not None:
+            logits = np.where(allowed[: len(logits)], logits, -np.inf)
         if params.greedy:
             token = int(np.argmax(logits))
         else:

@@ -5,8 +5,9 @@ wait here; when it is free, the oldest starts, and every waiting turn that can s
 ``generate`` call joins it as one more row: each row keeps its own persona (PEFT's per-row
 ``adapter_names``), its own reply length, its own cancel and its own token stream. A batch
 of personas decodes in about the time of one (bench P3), so a server under load answers
-several turns for the price of one. Turns with mood layers or a seed run alone: a mood is a
-composition a row cannot have on its own, and a seed fixes the random stream of one call.
+several turns for the price of one. Turns with mood layers, a seed or a response format run
+alone: a mood is a composition a row cannot have on its own, a seed fixes the random stream
+of one call, and a grammar is held per call.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Scheduler:
 def batch_key(generation: TorchGeneration) -> Any:
     """What rows of one ``generate`` call must share (None: the turn runs alone)."""
     params = generation.params
-    if generation.layers or params.seed is not None:
+    if generation.layers or params.seed is not None or generation.response_format:
         return None
     return replace(params, max_new_tokens=0)
 

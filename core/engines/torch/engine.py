@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hyperlex.engines.base import Engine
 from hyperlex.engines.models import ResolvedBase, load_base, resolve_base
@@ -37,6 +37,9 @@ from hyperlex.generation import (
     finish_reason,
 )
 from hyperlex.persona.bundle import Persona, check_scale
+
+if TYPE_CHECKING:
+    from hyperlex.structured import ResponseFormat
 
 
 class TorchEngine(Engine):
@@ -80,6 +83,7 @@ class TorchEngine(Engine):
         self.scales: dict[str, float] = {}  # read it; change it with set_scale
         self._active: tuple[str | None, tuple[tuple[str, float], ...]] | None = None
         self.merge = merge
+        self._grammar_tokenizer: Any = None  # llguidance's, built on the first structured turn
         self._merged: str | None = None  # the persona whose LoRA is folded into the base
         for persona in personas:
             self._attach(persona, check_base)
@@ -281,27 +285,45 @@ class TorchEngine(Engine):
         params: GenerationParams | None = None,
         stop: Sequence[str] = (),
         layers: Layers = (),
+        response_format: ResponseFormat | None = None,
     ) -> Generation:
         self.check_request(persona, layers)
         return TorchGeneration(self, messages, persona, params or GenerationParams(), stop,
-                                tuple(layers))
+                                tuple(layers), response_format)
+
+    def grammar_processors(self, formats: Sequence[ResponseFormat | None]) -> list[Any]:
+        """The logits processors that hold each row to its response format (none without)."""
+        if not any(formats):
+            return []
+        if None in formats:
+            raise HyperlexError("a batch is either all structured or all free text")
+        from hyperlex.engines.torch.grammar import GrammarProcessor, grammar_tokenizer
+
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(
+                self.tokenizer, self.inner_model.config.vocab_size,
+                eos_ids(self.tokenizer, self.inner_model))
+        return [GrammarProcessor(self._grammar_tokenizer, formats)]
 
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                        params: GenerationParams | None = None,
-                       layers: Layers = ()) -> list[Completion]:
+                       layers: Layers = (),
+                       response_format: ResponseFormat | None = None) -> list[Completion]:
         """One left-padded ``generate`` call for all requests; each row runs with its own
-        persona's adapter (PEFT ``adapter_names``; ``"__base__"`` for the bare base). With mood
-        ``layers``, rows are grouped by persona and each group runs with its composition."""
+        persona's adapter (PEFT ``adapter_names``; ``"__base__"`` for the bare base), and its
+        own grammar matcher with a ``response_format``. With mood ``layers``, rows are grouped
+        by persona and each group runs with its composition."""
         params = params or GenerationParams()
         for _, persona in requests:
             self.check_request(persona)
         self.check_request(None, layers)
         if not layers:
-            return self._batch(requests, params, None)
+            return self._batch(requests, params, None, response_format)
         results: dict[int, Completion] = {}
         for persona in dict.fromkeys(p for _, p in requests):
             rows = [i for i, (_, p) in enumerate(requests) if p == persona]
-            done = self._batch([requests[i] for i in rows], params, (persona, tuple(layers)))
+            done = self._batch([requests[i] for i in rows], params, (persona, tuple(layers)),
+                               response_format)
             results.update(zip(rows, done, strict=True))
         return [results[i] for i in range(len(requests))]
 
@@ -336,8 +358,8 @@ class TorchEngine(Engine):
 
     def _batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                params: GenerationParams,
-               composition: tuple[str | None, tuple[tuple[str, float], ...]] | None
-               ) -> list[Completion]:
+               composition: tuple[str | None, tuple[tuple[str, float], ...]] | None,
+               response_format: ResponseFormat | None = None) -> list[Completion]:
         """``composition`` None: per-row adapters through PEFT; else one (persona, layers)
         activated for every row."""
         import torch
@@ -348,6 +370,7 @@ class TorchEngine(Engine):
         width = max(len(r) for r in rows)
         input_ids, attention = self.left_padded(rows)
         kwargs = generate_kwargs(params, self.tokenizer)
+        kwargs["logits_processor"] = self.grammar_processors([response_format] * len(rows))
         start = time.perf_counter()
         if composition is not None:
             with self.activate(*composition) as model, torch.inference_mode():

@@ -14,6 +14,7 @@ from hyperlex.generation import Generation, GenerationParams, Layers, Message, f
 
 if TYPE_CHECKING:
     from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.structured import ResponseFormat
 
 
 class TorchGeneration(Generation):
@@ -29,10 +30,12 @@ class TorchGeneration(Generation):
         params: GenerationParams,
         stop: Sequence[str],
         layers: Layers = (),
+        response_format: ResponseFormat | None = None,
     ):
         super().__init__(persona, stop)
         self.layers = layers
         self.params = params
+        self.response_format = response_format
         self._engine = engine
         self._inputs = engine.encode(messages)
         self.prompt_ids: list[int] = self._inputs["input_ids"][0].tolist()
@@ -56,6 +59,7 @@ class TorchGeneration(Generation):
                     **self._inputs,
                     streamer=self.streamer,
                     stopping_criteria=[CancelCriteria(self._cancelled)],
+                    logits_processor=engine.grammar_processors([self.response_format]),
                     **generate_kwargs(params, engine.tokenizer),
                 )
                 self.seconds = time.perf_counter() - start

@@ -51,6 +51,7 @@ from hyperlex.engines.base import Engine
 from hyperlex.errors import HyperlexError, PersonaNotAvailable
 from hyperlex.generation import Generation, GenerationParams, InvalidParameter, Layers, Message
 from hyperlex.persona.prompt import system_message
+from hyperlex.structured import ResponseFormat, from_openai
 
 if TYPE_CHECKING:
     from hyperlex.agent.controller import Controller
@@ -185,8 +186,10 @@ def _lc_message(message: Message) -> BaseMessage:
 # --- ChatPersona -------------------------------------------------------------------------------
 
 # Per-call options: ``model.bind(persona="poet", temperature=0)`` or ``invoke(..., seed=1)``.
+# ``response_format`` is OpenAI's field ({"type": "json_object"} or {"type": "json_schema",
+# ...}), as ChatOpenAI binds it; with_structured_output binds it for you.
 _CALL_OPTIONS = ("persona", "mood", "temperature", "top_p", "top_k", "max_tokens",
-                 "repetition_penalty", "seed")
+                 "repetition_penalty", "seed", "response_format")
 _SAMPLING = ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed")
 # Client options other chat models take (and LangChain's standard tests pass); a local engine
 # has no use for them, so they are accepted and ignored.
@@ -208,6 +211,13 @@ def _sampling(params: GenerationParams, values: Mapping[str, Any]) -> Generation
         raise ValueError(str(exc)) from None
 
 
+def _response_format(value: Any) -> ResponseFormat | None:
+    """OpenAI's ``response_format`` field (or a ResponseFormat) as the engine takes it."""
+    if value is None or isinstance(value, ResponseFormat):
+        return value
+    return from_openai(value)
+
+
 @dataclass
 class _Call:
     persona: str
@@ -215,6 +225,7 @@ class _Call:
     params: GenerationParams
     stop: tuple[str, ...]
     layers: Layers
+    response_format: ResponseFormat | None = None
 
 
 class ChatPersona(BaseChatModel):
@@ -226,8 +237,13 @@ class ChatPersona(BaseChatModel):
     contract. ``stop`` strings may span several tokens; they are cut from the reply.
 
     Per call, ``bind(persona=..., temperature=..., ...)`` or ``configurable_fields`` /
-    ``configurable_alternatives`` change the persona and options. Tool calling, structured
-    output through tools, and image/audio/file inputs are not supported.
+    ``configurable_alternatives`` change the persona and options.
+
+    ``with_structured_output(schema)`` (a pydantic model, a TypedDict or a JSON schema;
+    ``method="json_schema"``, ``"json_mode"``, or ``"function_calling"``, which is served the
+    same way since personas have no tool-call format) decodes the reply under the schema's
+    grammar, so it always parses unless it is cut by ``max_tokens``. Tool calling and
+    image/audio/file inputs are not supported.
 
     Example:
         ```python
@@ -325,7 +341,8 @@ class ChatPersona(BaseChatModel):
         settings = {k: getattr(self, k) for k in _SAMPLING}
         settings.update({k: v for k, v in options.items() if k in _SAMPLING})
         params = _sampling(persona.contract.params(), settings)
-        prompt = self._prompt(engine, persona, mood, messages)
+        response_format = _response_format(options.get("response_format"))
+        prompt = self._prompt(engine, persona, mood, messages, response_format)
         room = engine.context_length - engine.count_tokens(prompt)
         if room < 1:
             raise ValueError(f"the prompt takes {engine.context_length - room} tokens; "
@@ -334,15 +351,19 @@ class ChatPersona(BaseChatModel):
             params = params.updated({"max_new_tokens": room})
         layers = [mood] if mood and engine.moods[mood[0]].adapter_dir is not None else []
         stops = stop if stop is not None else (self.stop or [])
-        return _Call(name, prompt, params, tuple(stops), layers)
+        return _Call(name, prompt, params, tuple(stops), layers, response_format)
 
     def _prompt(self, engine: Engine, persona: Persona, mood: tuple[str, float] | None,
-                messages: Sequence[BaseMessage]) -> list[Message]:
+                messages: Sequence[BaseMessage],
+                response_format: ResponseFormat | None = None) -> list[Message]:
         """The chat messages the engine gets: one system message first (the contract, then the
-        input's system messages), then the rest with same-role neighbours merged."""
+        input's system messages, then what shape of JSON to answer with), then the rest with
+        same-role neighbours merged."""
         systems, dialog = _engine_messages(messages)
         if not dialog and not systems:
             raise ValueError("ChatPersona got no messages")
+        if response_format is not None and self.contract:
+            systems = [*systems, response_format.instruction]
         if self.contract:
             systems = [system_message(persona, None, engine,
                                       engine.moods[mood[0]] if mood else None, systems)]
@@ -381,7 +402,7 @@ class ChatPersona(BaseChatModel):
         engine = self._get_engine()
         call = self._call(engine, messages, stop, kwargs)
         generation = engine.stream(call.messages, call.persona, call.params, call.stop,
-                                   call.layers)
+                                   call.layers, response_format=call.response_format)
         pieces = iter(generation)
         try:
             for piece in pieces:
@@ -414,6 +435,76 @@ class ChatPersona(BaseChatModel):
         # Token callbacks fire only when LangChain asks for streaming (it then calls _stream).
         return generate_from_stream(self._stream(messages, stop, None, **kwargs))
 
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, Any]:
+        """A runnable that answers with ``schema``'s shape: a pydantic model instance for a
+        pydantic ``schema``, a dict otherwise (streamed as growing partial dicts);
+        ``include_raw`` gives ``{"raw", "parsed", "parsing_error"}`` instead.
+
+        The reply is decoded under the schema's grammar with every method: a 135M persona
+        asked for keys in words (what ``json_mode`` means elsewhere) does not reliably write
+        them, so ``json_mode`` holds it to the schema too, and to any JSON object only
+        without one. ``function_calling`` is served the same way: personas have no
+        tool-call format."""
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.utils.pydantic import is_basemodel_subclass
+
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        if method not in ("json_schema", "json_mode", "function_calling"):
+            raise ValueError(f"method must be 'json_schema', 'json_mode' or 'function_calling', "
+                             f"got {method!r}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"with_structured_output(method={method!r}) needs a schema")
+        if schema is None:
+            response_format = ResponseFormat.json_object()
+        else:
+            target = _json_schema(schema, strict)
+            response_format = ResponseFormat.json_schema(
+                target, _schema_name(target), where="with_structured_output schema")
+        traced = {} if schema is None else {"ls_structured_output_format": {
+            "kwargs": {"method": method, "strict": strict}, "schema": schema}}
+        llm = self.bind(response_format=response_format.as_openai(), **traced)
+        parser: Runnable[Any, Any] = (
+            PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+            if isinstance(schema, type) and is_basemodel_subclass(schema)
+            else JsonOutputParser())
+        if not include_raw:
+            return llm | parser
+        from operator import itemgetter
+
+        from langchain_core.runnables import RunnableMap, RunnablePassthrough
+
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
+                                            parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed],
+                                                            exception_key="parsing_error")
+
+
+def _json_schema(schema: dict[str, Any] | type, strict: bool | None) -> dict[str, Any]:
+    """The JSON Schema of a pydantic model, a TypedDict, an OpenAI tool or a JSON schema."""
+    from langchain_core.utils.function_calling import convert_to_json_schema
+
+    try:
+        return convert_to_json_schema(schema, strict=strict)
+    except ValueError:
+        if isinstance(schema, dict):  # a plain JSON schema without a title
+            return schema
+        raise
+
+
+def _schema_name(schema: Mapping[str, Any]) -> str:
+    title = re.sub(r"[^A-Za-z0-9_-]", "_", str(schema.get("title") or "response"))[:64]
+    return title or "response"
+
 
 # --- the agent: each turn through a nested ChatPersona run --------------------------------------
 
@@ -445,11 +536,14 @@ class _TurnEngine(Engine):
 
     def stream(self, messages: Sequence[Message], persona: str | None,
                params: GenerationParams | None = None, stop: Sequence[str] = (),
-               layers: Layers = ()) -> Generation:
+               layers: Layers = (), response_format: ResponseFormat | None = None
+               ) -> Generation:
         if persona is None:  # the controller always names a persona
-            return self.inner.stream(messages, persona, params, stop, layers)
+            return self.inner.stream(messages, persona, params, stop, layers,
+                                     response_format=response_format)
         return _ChatPersonaGeneration(self.inner, messages, persona,
-                                      params or GenerationParams(), stop, layers, self.config)
+                                      params or GenerationParams(), stop, layers, self.config,
+                                      response_format)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return self.inner.count_tokens(messages)
@@ -465,7 +559,7 @@ class _ChatPersonaGeneration(Generation):
 
     def __init__(self, engine: Engine, messages: Sequence[Message], persona: str,
                  params: GenerationParams, stop: Sequence[str], layers: Layers,
-                 config: RunnableConfig | None):
+                 config: RunnableConfig | None, response_format: ResponseFormat | None = None):
         super().__init__(persona)  # the inner generation cuts the stop strings
         mood = f"{layers[0][0]}:{layers[0][1]:g}" if layers else None
         self._model = ChatPersona(
@@ -475,9 +569,11 @@ class _ChatPersonaGeneration(Generation):
             seed=params.seed, stop=list(stop) or None)
         self._messages = [_lc_message(m) for m in messages]
         self._config = merge_configs(config, {"metadata": {"persona": persona}})
+        self._format = {} if response_format is None else {
+            "response_format": response_format.as_openai()}
 
     def _pieces(self) -> Iterator[str]:
-        chunks = self._model.stream(self._messages, self._config)
+        chunks = self._model.stream(self._messages, self._config, **self._format)
         try:
             for chunk in chunks:
                 if chunk.usage_metadata:
