@@ -9,9 +9,11 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import openai
 import pytest
+from pydantic import BaseModel
 
 from bench.cold import agent_command
 
@@ -109,6 +111,38 @@ def test_chat_on_the_openai_backend_gets_the_servers_reply(server, client,
     assert result.returncode == 0, result.stderr
     assert f"served by {server[1]}" in result.stderr
     assert result.stdout.strip() == ask(client, "philosopher").choices[0].message.content
+
+
+class Sighting(BaseModel):
+    """What a sailor saw."""
+
+    thing: str
+    near: bool
+    sea: Literal["calm", "rough"]
+
+
+def test_the_official_clients_parse_gets_a_pydantic_object(client) -> None:
+    completion = client.chat.completions.parse(
+        model="interface", response_format=Sighting, temperature=0, max_tokens=64,
+        messages=[{"role": "user", "content": "A sailor saw a lighthouse across a calm sea."}])
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Sighting) and message.refusal is None
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_langchains_chat_openai_structured_output_against_agent_serve(server) -> None:
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(model="interface", base_url=server[1], api_key=KEY, temperature=0,
+                       max_tokens=64, max_retries=0)
+    text = "A sailor saw a lighthouse across a calm sea."
+    assert isinstance(model.with_structured_output(Sighting).invoke(text), Sighting)
+    as_dict = model.with_structured_output(Sighting.model_json_schema(),
+                                           method="json_schema").invoke(text)
+    assert set(as_dict) == {"thing", "near", "sea"}
+    json_mode = model.with_structured_output(method="json_mode").invoke(
+        "Answer in JSON: what did the sailor see?")
+    assert isinstance(json_mode, dict)
 
 
 def test_ctrl_c_stops_the_server(server) -> None:
