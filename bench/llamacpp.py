@@ -74,7 +74,7 @@ def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
     tokens = max(config.max_new_tokens, 8)
     personas = cast.personas(config.personas)
     engine = LlamaCppEngine(personas, base=config.base, progress=False,
-                            threads=_threads())
+                            threads=llama_threads())
     if engine.skipped:
         raise SystemExit("personas not attached in llama.cpp: "
                          + "; ".join(engine.skipped.values()))
@@ -120,7 +120,7 @@ def cold_start_row(config: Config) -> Row:
                details={"command": chat})
 
 
-def _threads() -> int | None:
+def llama_threads() -> int | None:
     import torch
 
     return torch.get_num_threads()

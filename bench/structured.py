@@ -42,11 +42,11 @@ def grammar_rows(config: Config, cast: Cast) -> list[Row]:
                  tokens, config.repeats, fmt)]
     cast.release()
     if engine_entry("llamacpp").available():
-        from bench.llamacpp import _threads
+        from bench.llamacpp import llama_threads
         from hyperlex.engines.llamacpp.engine import LlamaCppEngine
 
         llama = LlamaCppEngine(cast.personas(1), base=config.base, progress=False,
-                               threads=_threads())
+                               threads=llama_threads())
         rows.append(_row("G2", "llama.cpp: decode with a JSON-schema grammar (vs free)", llama,
                          persona, tokens, config.repeats, fmt))
         llama.close()

@@ -46,6 +46,7 @@ _LAZY = {
     "GenerationParams": "hyperlex.generation",
     "Generation": "hyperlex.generation",
     "Completion": "hyperlex.generation",
+    "ResponseFormat": "hyperlex.structured",
     # the agent
     "Controller": "hyperlex.agent.controller",
     "Turn": "hyperlex.agent.controller",
