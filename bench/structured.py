@@ -17,17 +17,19 @@ PROMPT = [{"role": "user", "content": "List the crew of a large sailing ship as 
 
 
 def generation_rate(engine: Any, persona: str | None, tokens: int, repeats: int,
-                    response_format: Any) -> tuple[float, list[float]]:
+                    response_format: Any) -> tuple[float, dict[str, Any]]:
     """Greedy reply tokens/s through ``engine.generate`` (prefill included, the same for both
-    sides), median of ``repeats`` after a warm-up."""
+    sides), median of ``repeats`` after a warm-up; the details say how many tokens each
+    reply had (both sides should run to the limit)."""
     from hyperlex.generation import GenerationParams
 
     params = GenerationParams(temperature=0, max_new_tokens=tokens)
-    samples = []
+    samples, counts = [], []
     for _ in range(repeats + 1):
         reply = engine.generate(PROMPT, persona, params, response_format=response_format)
         samples.append(reply.usage.completion_tokens / reply.seconds)
-    return statistics.median(samples[1:]), samples[1:]
+        counts.append(reply.usage.completion_tokens)
+    return statistics.median(samples[1:]), {"tok_s": samples[1:], "tokens": counts[1:]}
 
 
 def grammar_rows(config: Config, cast: Cast) -> list[Row]:
@@ -56,8 +58,8 @@ def grammar_rows(config: Config, cast: Cast) -> list[Row]:
 
 def _row(row_id: str, what: str, engine: Any, persona: str, tokens: int, repeats: int,
          fmt: Any) -> Row:
-    free, free_samples = generation_rate(engine, persona, tokens, repeats, None)
-    held, held_samples = generation_rate(engine, persona, tokens, repeats, fmt)
+    free, free_details = generation_rate(engine, persona, tokens, repeats, None)
+    held, held_details = generation_rate(engine, persona, tokens, repeats, fmt)
     return Row(row_id, what, held, free, unit="tok/s", alt_label="free", ratio=held / free,
                target=">= 0.8x", met=held / free >= 0.8,
-               details={"tokens": tokens, "free": free_samples, "grammar": held_samples})
+               details={"limit": tokens, "free": free_details, "grammar": held_details})

@@ -92,6 +92,21 @@ def test_a_conversation_switching_personas_equals_fresh_runs(tiny_base: Path, bu
         messages.append({"role": "assistant", "content": reply})
 
 
+def test_without_the_prompt_cache_every_prompt_is_prefilled_whole(tiny_base: Path, bundles,
+                                                                  monkeypatch) -> None:
+    from hyperlex.engines.llamacpp.engine import Slot
+
+    fresh = llama_engine(tiny_base, bundles, prompt_cache=False)
+    params = GenerationParams(temperature=0, max_new_tokens=1)
+    fresh.generate(MESSAGES, "alpha", params)
+    decoded: list[int] = []
+    original = Slot.decode
+    monkeypatch.setattr(Slot, "decode", lambda slot, tokens: (decoded.append(len(tokens)),
+                                                              original(slot, tokens))[1])
+    fresh.generate(MESSAGES, "alpha", params)
+    assert sum(decoded) == fresh.count_tokens(MESSAGES) + 1  # the prompt's, and the one reply
+
+
 def test_returning_to_a_persona_prefills_only_what_was_added(engine, monkeypatch) -> None:
     from hyperlex.engines.llamacpp.engine import Slot
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from bench.cold import agent_command
 
@@ -116,7 +116,7 @@ def test_chat_on_the_openai_backend_gets_the_servers_reply(server, client,
 class Sighting(BaseModel):
     """What a sailor saw."""
 
-    thing: str
+    thing: str = Field(max_length=40)
     near: bool
     sea: Literal["calm", "rough"]
 
@@ -134,7 +134,7 @@ def test_langchains_chat_openai_structured_output_against_agent_serve(server) ->
     from langchain_openai import ChatOpenAI
 
     model = ChatOpenAI(model="interface", base_url=server[1], api_key=KEY, temperature=0,
-                       max_tokens=64, max_retries=0)
+                       max_tokens=128, max_retries=0)
     text = "A sailor saw a lighthouse across a calm sea."
     assert isinstance(model.with_structured_output(Sighting).invoke(text), Sighting)
     as_dict = model.with_structured_output(Sighting.model_json_schema(),

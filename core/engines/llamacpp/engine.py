@@ -120,7 +120,7 @@ class Slot:
         """Decode what ``prompt`` adds to what the cache holds (at least its last token, whose
         logits start the reply)."""
         keep = 0
-        limit = min(len(self.tokens), len(prompt) - 1)
+        limit = min(len(self.tokens), len(prompt) - 1) if self._engine.prompt_cache else 0
         while keep < limit and self.tokens[keep] == prompt[keep]:
             keep += 1
         if keep < len(self.tokens):
@@ -172,11 +172,16 @@ class LlamaCppEngine(Engine):
         contexts: int = 1,
         progress: bool = True,
         check_base: bool = True,
+        prompt_cache: bool = True,
     ):
         """``exact``: run an F32 GGUF written from the base's weights (the transformers
         engine's numbers) instead of the embedded quantized GGUF (faster). ``contexts``: how
         many turns may run at once (each context holds its own KV cache, about 115 MB at
-        2,048 tokens)."""
+        2,048 tokens). ``prompt_cache``: reuse the cached part of a prompt (its prefix an
+        earlier turn computed); False prefills every prompt whole, so a greedy reply depends
+        on its prompt only. With the cache, the last prompt token is decoded alone where a
+        fresh prompt decodes it in one batch with the rest, and llama.cpp's numbers differ by
+        rounding, enough to turn a greedy near-tie."""
         llama_cpp = _llama_cpp()
         from hyperlex.engines.llamacpp.gguf_base import base_gguf
 
@@ -185,6 +190,7 @@ class LlamaCppEngine(Engine):
         self.base = base if isinstance(base, ResolvedBase) else resolve_base(base)
         self.base_name = self.base.name
         self.exact = exact
+        self.prompt_cache = prompt_cache
         self.model_path = base_gguf(self.base, exact=exact, progress=progress)
         # exact: an F32 KV cache (llama.cpp's F16 default moves the logits by a KL of ~3e-5)
         cache_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
