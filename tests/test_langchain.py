@@ -56,9 +56,10 @@ def no_shared_engines(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 class TinyChatPersona:
-    """What both standard suites share: ChatPersona over the tiny engine, and what it cannot do.
-    The suites read ``chat_model_params`` as a property, so the module's engine fixture is put
-    on the class by an autouse fixture before each test."""
+    """What the standard suites share: ChatPersona over an engine, and what it cannot do (the
+    real-model suite in test_structured_real.py reuses it). The suites read
+    ``chat_model_params`` as a property, so the module's engine fixture is put on the class
+    by an autouse fixture before each test."""
 
     tiny_engine: Any = None
 

@@ -12,8 +12,9 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
-from hyperlex.integrations.langchain.chat import ChatPersona
 from hyperlex.structured import ResponseFormat
+
+from .test_langchain import TinyChatPersona
 
 pytestmark = pytest.mark.real_model
 
@@ -111,31 +112,21 @@ def test_llama_cpp_greedy_and_20_seeds_all_validate(llama_engine, kind: str) -> 
         fmt.parse(reply.text)
 
 
-class TestChatPersonaStructured(ChatModelIntegrationTests):
+class TestChatPersonaStructured(TinyChatPersona, ChatModelIntegrationTests):
     """LangChain's standard integration suite with structured output and JSON mode on, run
     on the real model: the tiny random model of test_langchain.py cannot close a JSON string
     within a reply. llama.cpp, greedy, without its prompt cache: a reply then depends on its
     prompt only (with the cache, a near-tie can make the suite's invoke and stream of one
-    prompt differ), and the suite takes a minute instead of the torch engine's five."""
-
-    real_engine: Any = None
+    prompt differ), and the suite takes two minutes instead of the torch engine's five."""
 
     @pytest.fixture(autouse=True)
-    def _real_engine(self, uncached_llama_engine) -> None:
-        type(self).real_engine = uncached_llama_engine
-
-    @property
-    def chat_model_class(self) -> type[ChatPersona]:
-        return ChatPersona
+    def _tiny_engine(self, uncached_llama_engine) -> None:
+        type(self).tiny_engine = uncached_llama_engine
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"persona": "interface", "engine": self.real_engine, "temperature": 0,
+        return {"persona": "interface", "engine": self.tiny_engine, "temperature": 0,
                 "max_tokens": STANDARD_LIMIT}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False  # no tool-call format is trained
 
     @property
     def has_structured_output(self) -> bool:
@@ -144,47 +135,3 @@ class TestChatPersonaStructured(ChatModelIntegrationTests):
     @property
     def supports_json_mode(self) -> bool:
         return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one base per engine
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return False  # text-only, as in test_langchain.py
-
-    @property
-    def supports_image_urls(self) -> bool:
-        return False
-
-    @property
-    def supports_pdf_inputs(self) -> bool:
-        return False
-
-    @property
-    def supports_audio_inputs(self) -> bool:
-        return False
-
-    @property
-    def supports_video_inputs(self) -> bool:
-        return False
-
-    @property
-    def supports_anthropic_inputs(self) -> bool:
-        return False
-
-    @property
-    def supports_image_tool_message(self) -> bool:
-        return False
-
-    @property
-    def supports_pdf_tool_message(self) -> bool:
-        return False
-
-    @property
-    def enable_vcr_tests(self) -> bool:
-        return False
