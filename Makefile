@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hyperlex-installed
 MESSAGE ?= What is time?
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup chat test lint train-cast clean
+.PHONY: setup chat test lint train-cast train-reader clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ train-cast: $(STAMP)
 	$(BIN)/agent train personas/writer
 	$(BIN)/agent data faithful --count 32
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(FAITHFUL_ROUND) || exit 1; done
+
+# The scene-reader (docs/scene.md#the-scene-reader): the default encoder's readings of the
+# synthetic corpus and of the cast's sentences, then one epoch (about 20 min on 2 cores).
+train-reader: $(STAMP)
+	$(BIN)/agent data read
+	$(BIN)/agent train plugins/reader
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -202,6 +202,41 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
 
 
 
+@data.command("read")
+@click.option("--out", default="plugins/reader/data/train.jsonl", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--count", type=click.IntRange(0), default=320, show_default=True,
+              help="Verified synthetic texts (the corpus's train split) to read.")
+@click.option("--voice", type=click.IntRange(0), default=40, show_default=True,
+              help="Sentences from each persona's training data to read.")
+@click.option("--seed", default=0, show_default=True)
+def data_read(out: Path, count: int, voice: int, seed: int) -> None:
+    """Write the scene-reader's training records: texts with the default encoder's reading
+    of each as the reply (JSON, hyperlexemes and links by label), from the synthetic corpus
+    and from the cast's own sentences (docs/scene.md#the-scene-reader)."""
+    import re
+
+    from tqdm import tqdm
+
+    from hyperlex.training.data import read_dataset, write_records
+    from hyperlex.training.synth import reading_records
+
+    host = get_host()
+    sentences: list[str] = []
+    for persona in host.personas.values():
+        data = persona.root / "data" / "train.jsonl" if persona.root else None
+        if persona.is_layer or persona.is_mood or data is None or not data.is_file():
+            continue
+        texts = [e.text for e in read_dataset(data) if not e.speaks_scene]
+        split = [s.strip() for t in texts for s in re.split(r"(?<=[.!?])\s+", t)]
+        sentences += [s for s in split if 3 <= len(s.split()) <= 30][:voice]
+    records = tqdm(reading_records(count, sentences, seed), desc="reading", unit="text",
+                   file=sys.stderr)
+    written = write_records(out, records)
+    click.echo(f"{out}: {written} records ({count} synthetic texts and {len(sentences)} "
+               "sentences read; those the reader's schema cannot hold are left out)", err=True)
+
+
 @data.command("faithful")
 @click.option("-p", "--persona", "names", multiple=True,
               help="Persona to build data for (repeatable; default: every persona with an "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,3 +245,23 @@ def eval_scene_lines(count: int, split: str = "heldout", seed: int = 0,
     for item in scene_records(count, split, seed, registers):
         record = {"id": item["id"], "reference": item["reference"], **item["scene"].to_dict()}
         yield json.dumps(record, ensure_ascii=False, sort_keys=True)
+
+
+def reading_records(count: int, sentences: Iterable[str] = (), seed: int = 0,
+                    encoder: Callable[[str], Delta] | None = None
+                    ) -> Iterator[dict[str, Any]]:
+    """The scene-reader's training records (``agent data read``): ``{"human": TEXT, "text":
+    READING}`` for ``count`` verified synthetic texts of the train split, then for each of
+    ``sentences`` (the cast's own), where READING is the default encoder's reading of TEXT
+    (:func:`hyperlex.agent.reader.reading`). A text whose reading does not fit the reader's
+    schema (nothing read, too much, an attribute it does not know) is left out."""
+    from hyperlex.agent.reader import reading
+    from hyperlex.scene.encoders import DefaultEncoder
+
+    read = encoder or DefaultEncoder()
+    synthetic = (item["reference"] for item in scene_records(count, "train", seed))
+    for source, texts in (("synthetic", synthetic), ("voice", sentences)):
+        for text in texts:
+            target = reading(read(text))
+            if target is not None:
+                yield {"human": text, "text": target, "meta": {"source": source}}
