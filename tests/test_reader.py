@@ -38,12 +38,15 @@ def test_what_the_schema_cannot_hold_is_not_a_reading() -> None:
     assert reading(odd) is None
 
 
-def test_a_link_to_a_thing_not_read_is_dropped_and_labels_are_merged() -> None:
+def test_links_to_things_not_read_are_dropped_and_labels_and_links_merged() -> None:
     delta = delta_from_reading({"hyperlexemes": [
         {"label": "Sea", "kind": "entity", "attrs": {}},
         {"label": "sea", "kind": "concept", "attrs": {}}],
-        "links": [{"src": "sea", "rel": "hold", "dst": "ship", "polarity": 1}]})
-    assert [h.label for h in delta.hyperlexemes] == ["sea"] and delta.links == []
+        "links": [{"src": "sea", "rel": "hold", "dst": "ship", "polarity": 1},
+                  {"src": "sea", "rel": "be", "dst": "Sea", "polarity": 1},
+                  {"src": "sea", "rel": "be", "dst": "sea", "polarity": 1}]})
+    assert [h.label for h in delta.hyperlexemes] == ["sea"]
+    assert [(k.src, k.rel, k.dst) for k in delta.links] == [("h1", "be", "h1")]
 
 
 def test_every_training_target_is_a_reading_the_grammar_allows(tiny_base: Path) -> None:

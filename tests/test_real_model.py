@@ -282,3 +282,15 @@ def test_the_shipped_round_trip_gate_holds_on_a_slice_of_the_held_out_scenes(
                      "--thresholds", str(root / "eval-thresholds.yaml"))
     rows = {line.split()[0] for line in done.stdout.splitlines()[1:]}
     assert {"logician", "writer", "logician+writer:1"} <= rows
+
+
+def test_the_scene_reader_reads_a_sentence_into_a_delta_under_its_grammar() -> None:
+    """The trained reader (plugins/reader) on the real model: its reading parses and names
+    what the sentence names (its links are weak yet: docs/scene.md#the-scene-reader)."""
+    from hyperlex.agent.reader import ReaderEncoder
+    from hyperlex.plugins.builtin_encoders import READER_BUNDLE
+
+    delta = ReaderEncoder(READER_BUNDLE)("The old fisherman does not trust the sea.")
+    labels = {h.label for h in delta.hyperlexemes}
+    assert {"fisherman", "sea"} <= labels
+    assert all(k.src in {h.id for h in delta.hyperlexemes} for k in delta.links)

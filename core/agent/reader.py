@@ -69,18 +69,20 @@ def reading(delta: Delta) -> str | None:
 
 def delta_from_reading(data: dict[str, Any]) -> Delta:
     """The delta a reading stands for: one hyperlexeme per label (the first wins), and the
-    links whose ends are among them."""
+    links whose ends are among them, each once."""
     things: dict[str, Hyperlexeme] = {}
     for item in data.get("hyperlexemes", []):
         label = item["label"].strip().lower()
         if label and label not in things:
             things[label] = Hyperlexeme(id=f"h{len(things) + 1}", label=label,
                                         kind=item["kind"], attrs=dict(item["attrs"]))
-    links = [Link(things[src].id, k["rel"].strip(), things[dst].id, k["polarity"])
-             for k in data.get("links", [])
-             if (src := k["src"].strip().lower()) in things
-             and (dst := k["dst"].strip().lower()) in things and k["rel"].strip()]
-    return Delta(hyperlexemes=list(things.values()), links=links)
+    links: dict[tuple[str, str, str, int], Link] = {}
+    for k in data.get("links", []):
+        src, rel, dst = k["src"].strip().lower(), k["rel"].strip(), k["dst"].strip().lower()
+        if src in things and dst in things and rel:
+            link = Link(things[src].id, rel, things[dst].id, k["polarity"])
+            links.setdefault((link.src, rel, link.dst, link.polarity), link)
+    return Delta(hyperlexemes=list(things.values()), links=list(links.values()))
 
 
 class ReaderEncoder:

@@ -205,9 +205,9 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
 @data.command("read")
 @click.option("--out", default="plugins/reader/data/train.jsonl", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--count", type=click.IntRange(0), default=320, show_default=True,
+@click.option("--count", type=click.IntRange(0), default=160, show_default=True,
               help="Verified synthetic texts (the corpus's train split) to read.")
-@click.option("--voice", type=click.IntRange(0), default=40, show_default=True,
+@click.option("--voice", type=click.IntRange(0), default=16, show_default=True,
               help="Sentences from each persona's training data to read.")
 @click.option("--seed", default=0, show_default=True)
 def data_read(out: Path, count: int, voice: int, seed: int) -> None:
