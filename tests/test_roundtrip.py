@@ -399,7 +399,8 @@ def test_eval_roundtrip_with_user_scenes_only_passes_its_thresholds(
 @pytest.mark.parametrize("args, code, message", [
     (["--thresholds", "BAD"], 1, "roundtrip.link_f2: unknown threshold"),
     (["--scenes", "SCENES"], 1, "SCENES:1: invalid JSON"),
-    (["--encoder", "psychic"], 2, "unknown encoder 'psychic'; registered encoders: default, reader"),
+    (["--encoder", "psychic"], 2,
+     "unknown encoder 'psychic'; registered encoders: default, reader"),
     (["--no-shipped-scenes"], 2, "--no-shipped-scenes needs at least one --scenes FILE"),
 ])
 def test_eval_roundtrip_rejects_bad_input_before_loading_a_model(
