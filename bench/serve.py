@@ -156,7 +156,7 @@ def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int
     """The same ``count`` requests one after another, then all at once."""
     import openai
 
-    from hyperlex.serve.server import Server
+    from hyperlex.serve.http import Server
 
     service, engine, what = service_engine_what
     personas = service.speakers

@@ -89,6 +89,8 @@ def _range_problem(key: str, value: float) -> str | None:
         return "must be >= 1"
     if key == "repetition_penalty" and value <= 0:
         return "must be > 0"
+    if key == "seed" and not 0 <= value < 2**64:
+        return "must be between 0 and 2**64 - 1"
     return None
 
 

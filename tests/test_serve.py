@@ -16,7 +16,8 @@ from hyperlex.agent.controller import Controller
 from hyperlex.agent.store import Store
 from hyperlex.generation import GenerationParams
 from hyperlex.host import Host
-from hyperlex.serve.server import PersonaService, Server
+from hyperlex.serve.http import Server
+from hyperlex.serve.server import PersonaService
 
 from .conftest import write_bundle
 

@@ -70,6 +70,42 @@ def test_migrations_create_schema_and_reopen_is_noop(db: Path):
     raw.close()
 
 
+def test_a_version_1_database_keeps_its_sessions_as_the_default_tenants(db: Path):
+    raw = sqlite3.connect(db)  # what hyperlex before tenants wrote
+    raw.executescript(store_module.MIGRATIONS[0][2] + """;
+        INSERT INTO sessions (id, name, created_at, updated_at, persona) VALUES
+            (7, 'kept', 't0', 't1', 'poet');
+        INSERT INTO turns (session_id, idx, persona, user, reply, created_at) VALUES
+            (7, 0, 'poet', 'hello', 'reply 0 from poet', 't1');
+        INSERT INTO scenes (session_id, version, turn_idx, scene, created_at) VALUES
+            (7, 2, 0, '""" + SCENE + """', 't1');
+        PRAGMA user_version = 1;""")
+    raw.close()
+    with Store(db) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        record = store.session("kept")
+        assert record.info.tenant == "" and record.persona == "poet"
+        assert [t["reply"] for t in record.turns] == ["reply 0 from poet"]
+        assert record.latest_scene() == SCENE
+        store.delete_session("kept")  # the turns and scenes still hang off the session
+        assert store.conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == 0
+
+
+def test_tenants_have_their_own_sessions_under_the_same_names(db: Path):
+    with Store(db) as store:
+        ada, bob = store.for_tenant("ada"), store.for_tenant("bob")
+        ada.open_session("plans", persona="poet")
+        bob.open_session("plans")
+        ada.record_turn("plans", make_turn(0))
+        assert ada.session("plans").info.turns == 1 and bob.session("plans").info.turns == 0
+        with pytest.raises(HyperlexError, match="unknown session 'plans'"):
+            store.session("plans")  # the default tenant has none
+        assert [s.name for s in ada.sessions()] == ["plans"]
+        assert sorted(s.tenant for s in store.sessions(all_tenants=True)) == ["ada", "bob"]
+        bob.delete_session("plans")
+        assert ada.has_session("plans") and not bob.has_session("plans")
+
+
 def test_newer_database_is_refused(db: Path):
     Store(db).close()
     raw = sqlite3.connect(db)

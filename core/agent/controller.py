@@ -84,8 +84,9 @@ class Controller:
         session had pinned). ``router`` names a registered router (None: no automatic
         routing). With ``store`` the conversation is saved turn by turn as ``session`` (None:
         a new session with a generated name, then in ``self.session``); an existing session
-        resumes with its history, scene, pinned persona and mood. The session is opened once,
-        with the persona and mood asked for, before anything else is written."""
+        resumes with its history, scene, pinned persona and mood. A named session that does
+        not exist yet is created with the first thing worth saving (a turn, a pinned persona
+        or mood), so a conversation that never got a turn leaves no empty session."""
         self.host = host
         self.engine = engine
         self.overrides = dict(overrides or {})
@@ -99,6 +100,7 @@ class Controller:
         self.last_decision: RouteDecision | None = None
         self.store = store
         self.session = session
+        self._session_exists = False
         self.turn_router = TurnRouter(host, engine.personas, router)
         if persona is not None:
             self.pinned = None if persona == "auto" else self._check(persona)
@@ -135,14 +137,27 @@ class Controller:
         self._save_session_state()
 
     def _save_session_state(self) -> None:
-        if self.store is not None and self.session is not None:
+        if self._ensure_session():
             self.store.update_session(self.session, persona=self.pinned, mood=self.mood_label)
 
+    def _ensure_session(self) -> bool:
+        """Create the session now if it is still to be created; False without a store."""
+        if self.store is None or self.session is None:
+            return False
+        if not self._session_exists:
+            self.store.open_session(self.session, persona=self.pinned, mood=self.mood_label)
+            self._session_exists = True
+        return True
+
     def _open_session(self, persona: str | None, mood: str | None) -> None:
-        """Create the session with the pinned persona and mood, or resume it: its history and
-        scene, and its persona and mood where none was asked for. An existing session whose
-        saved persona or mood differs from the one asked for is updated (one write)."""
+        """Resume the session: its history and scene, and its persona and mood where none was
+        asked for; an existing session whose saved persona or mood differs from the one asked
+        for is updated (one write). A new generated name is created at once (the caller shows
+        it); a new given name waits for :meth:`_ensure_session`."""
         assert self.store is not None
+        self._session_exists = self.session is None or self.store.has_session(self.session)
+        if not self._session_exists:
+            return
         record = self.store.open_session(self.session, persona=self.pinned,
                                          mood=self.mood_label)
         self.session = record.info.name
@@ -281,7 +296,7 @@ class Controller:
         ]
         self.turns.append(turn)
         self.host.on_turn(turn, self.scene)
-        if self.store is not None and self.session is not None:
+        if self._ensure_session():
             self.store.record_turn(self.session, turn.as_dict(), self.scene.to_json(),
                                    self.scene.version)
 

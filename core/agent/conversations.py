@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Generic, Protocol, TypeVar
 
 
@@ -17,19 +17,20 @@ class HasLock(Protocol):
     lock: threading.Lock
 
 
+Key = TypeVar("Key", bound=Hashable)
 Entry = TypeVar("Entry", bound=HasLock)
 
 
-class Conversations(Generic[Entry]):
+class Conversations(Generic[Key, Entry]):
     """``create(id)`` makes the entry for a new id (it holds the controller and a lock)."""
 
-    def __init__(self, create: Callable[[str], Entry], limit: int):
+    def __init__(self, create: Callable[[Key], Entry], limit: int):
         self.create = create
         self.limit = limit
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: OrderedDict[Key, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str, evict: bool = True) -> Entry:
+    def get(self, key: Key, evict: bool = True) -> Entry:
         """The entry for ``key``, created on first use; ``evict``: drop the least recently
         used idle entries beyond ``limit`` (only safe when they can resume from a store)."""
         with self._lock:
@@ -44,7 +45,7 @@ class Conversations(Generic[Entry]):
                     del self._entries[stale]
             return entry
 
-    def __getitem__(self, key: str) -> Entry:
+    def __getitem__(self, key: Key) -> Entry:
         return self._entries[key]
 
     def __len__(self) -> int:

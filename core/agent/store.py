@@ -14,6 +14,7 @@ refused rather than misread.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import re
@@ -35,6 +36,9 @@ DB_NAME = "hyperlex.db"
 BUSY_TIMEOUT_S = 10.0
 EXPORT_FORMATS = ("json", "markdown")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DEFAULT_TENANT = ""
+"""The tenant of every session made outside a multi-tenant ``agent serve`` (``agent chat``,
+LangChain, a server with one ``--api-key`` or none)."""
 
 
 class _Unset:
@@ -96,6 +100,30 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        2,
+        "sessions belong to a tenant: names are unique per tenant",
+        # SQLite cannot drop a UNIQUE constraint: rebuild the table (foreign keys are off
+        # while migrations run, so the turns and scenes that point at it are kept).
+        """
+        CREATE TABLE sessions_v2 (
+            id          INTEGER PRIMARY KEY,
+            tenant      TEXT NOT NULL DEFAULT '',
+            name        TEXT NOT NULL,
+            created_at  TEXT NOT NULL,
+            updated_at  TEXT NOT NULL,
+            persona     TEXT,
+            mood        TEXT,
+            meta        TEXT NOT NULL DEFAULT '{}',
+            UNIQUE (tenant, name)
+        );
+        INSERT INTO sessions_v2 (id, tenant, name, created_at, updated_at, persona, mood, meta)
+            SELECT id, '', name, created_at, updated_at, persona, mood, meta FROM sessions;
+        DROP TABLE sessions;
+        ALTER TABLE sessions_v2 RENAME TO sessions;
+        CREATE INDEX sessions_updated_at ON sessions (updated_at);
+        """,
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -132,6 +160,7 @@ class SessionInfo:
     persona: str | None = None
     mood: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tenant: str = DEFAULT_TENANT
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,9 +193,14 @@ class SessionRecord:
 
 
 class Store:
-    """One SQLite connection to the session database, safe to share between threads."""
+    """One SQLite connection to the session database, safe to share between threads.
 
-    def __init__(self, path: Path | str | None = None):
+    A store sees the sessions of one tenant (``tenant``; :meth:`for_tenant` gives another
+    tenant's view over the same connection): a name is unique within a tenant, and a
+    session of another tenant is unknown to it, exactly as if it did not exist."""
+
+    def __init__(self, path: Path | str | None = None, tenant: str = DEFAULT_TENANT):
+        self.tenant = tenant
         self.path = Path(path) if path is not None else default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -198,6 +232,12 @@ class Store:
             raise
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def for_tenant(self, tenant: str) -> Store:
+        """This store's connection seen as ``tenant`` (its sessions only)."""
+        scoped = copy.copy(self)
+        scoped.tenant = tenant
+        return scoped
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -243,6 +283,15 @@ class Store:
             raise self._too_new(version)
         if version == SCHEMA_VERSION:
             return
+        # SQLite's procedure for schema changes: foreign keys off (it cannot change inside a
+        # transaction), the migrations, a foreign key check before the commit, keys back on.
+        self.conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            self._apply_migrations()
+        finally:
+            self.conn.execute("PRAGMA foreign_keys = ON")
+
+    def _apply_migrations(self) -> None:
         with self.transaction() as conn:
             version = self._user_version()  # another process may have migrated meanwhile
             if version > SCHEMA_VERSION:
@@ -259,6 +308,10 @@ class Store:
                     (number, description, now()),
                 )
                 conn.execute(f"PRAGMA user_version = {int(number)}")
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise HyperlexError(f"migrating the session database {self.path} would break "
+                                    f"{len(broken)} references; it was left unchanged")
 
     def _user_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
@@ -275,9 +328,11 @@ class Store:
             return self._user_version()
 
     def _session_id(self, conn: sqlite3.Connection, name: str) -> int:
-        row = conn.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()
+        row = conn.execute("SELECT id FROM sessions WHERE tenant = ? AND name = ?",
+                           (self.tenant, name)).fetchone()
         if row is None:
-            names = [r[0] for r in conn.execute("SELECT name FROM sessions")]
+            names = [r[0] for r in conn.execute("SELECT name FROM sessions WHERE tenant = ?",
+                                                (self.tenant,))]
             raise _unknown(name, names)
         return int(row[0])
 
@@ -298,9 +353,9 @@ class Store:
             stamp = now()
             with self.transaction() as conn:
                 cursor = conn.execute(
-                    "INSERT INTO sessions (name, created_at, updated_at, persona, mood, meta) "
-                    "VALUES (?, ?, ?, ?, ?, '{}') ON CONFLICT (name) DO NOTHING",
-                    (candidate, stamp, stamp, persona, mood),
+                    "INSERT INTO sessions (tenant, name, created_at, updated_at, persona, mood, "
+                    "meta) VALUES (?, ?, ?, ?, ?, ?, '{}') ON CONFLICT (tenant, name) DO NOTHING",
+                    (self.tenant, candidate, stamp, stamp, persona, mood),
                 )
                 created = cursor.rowcount == 1
             if created or name is not None:
@@ -333,11 +388,19 @@ class Store:
             )
             return self._info(conn, session_id)
 
-    def sessions(self) -> list[SessionInfo]:
-        """All sessions, most recently updated first."""
+    def sessions(self, all_tenants: bool = False) -> list[SessionInfo]:
+        """This tenant's sessions (``all_tenants``: every tenant's), most recently updated
+        first."""
+        where, args = ("", ()) if all_tenants else ("WHERE s.tenant = ? ", (self.tenant,))
         with self.transaction(write=False) as conn:
-            rows = conn.execute(f"{_INFO_SELECT} ORDER BY s.updated_at DESC, s.id DESC").fetchall()
+            rows = conn.execute(f"{_INFO_SELECT} {where}ORDER BY s.updated_at DESC, s.id DESC",
+                                args).fetchall()
         return [_info_from_row(row) for row in rows]
+
+    def has_session(self, name: str) -> bool:
+        with self.transaction(write=False) as conn:
+            return conn.execute("SELECT 1 FROM sessions WHERE tenant = ? AND name = ?",
+                                (self.tenant, name)).fetchone() is not None
 
     def session(self, name: str) -> SessionRecord:
         """The session with its turns and latest scene; unknown names list close matches."""
@@ -501,7 +564,7 @@ _INFO_SELECT = """
     SELECT s.name, s.created_at, s.updated_at,
            (SELECT COUNT(*) FROM turns t WHERE t.session_id = s.id),
            (SELECT t.persona FROM turns t WHERE t.session_id = s.id ORDER BY t.idx DESC LIMIT 1),
-           s.persona, s.mood, s.meta
+           s.persona, s.mood, s.meta, s.tenant
     FROM sessions s
 """
 _TURN_COLUMNS = (
@@ -511,7 +574,7 @@ _TURN_COLUMNS = (
 
 
 def _info_from_row(row: tuple[Any, ...]) -> SessionInfo:
-    name, created, updated, count, last, persona, mood, meta = row
+    name, created, updated, count, last, persona, mood, meta, tenant = row
     return SessionInfo(
         name=name,
         created_at=created,
@@ -521,6 +584,7 @@ def _info_from_row(row: tuple[Any, ...]) -> SessionInfo:
         persona=persona,
         mood=mood,
         meta=json.loads(meta or "{}"),
+        tenant=tenant,
     )
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import click
 
 from hyperlex.cli.common import engine_options
 from hyperlex.errors import HyperlexError
+from hyperlex.serve.limits import Limits
 
 
 @click.command()
@@ -19,6 +21,30 @@ from hyperlex.errors import HyperlexError
 @click.option("--api-key", envvar="HYPERLEX_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on every request "
               "[env: HYPERLEX_API_KEY].")
+@click.option("--api-keys", "api_keys", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Tenants: lines 'KEY TENANT' or YAML 'tenant: key'; each tenant has its "
+              "own conversations and sessions (docs/serving.md).")
+@click.option("--timeout-keep-alive", default=Limits.keep_alive_s, show_default=True,
+              type=click.FloatRange(min=1), metavar="S",
+              help="Close a keep-alive connection idle this long.")
+@click.option("--timeout-headers", default=Limits.header_s, show_default=True,
+              type=click.FloatRange(min=0.1), metavar="S",
+              help="A request's line and headers must arrive within this.")
+@click.option("--timeout-body", default=Limits.body_s, show_default=True,
+              type=click.FloatRange(min=0.1), metavar="S",
+              help="A request's body must arrive within this (else 408).")
+@click.option("--timeout-generation", default=Limits.generation_s, show_default=True,
+              type=click.FloatRange(min=0.1), metavar="S",
+              help="Stop a reply that takes longer (504; nothing saved).")
+@click.option("--max-body-bytes", default=Limits.max_body_bytes, show_default=True,
+              type=click.IntRange(1024), metavar="N", help="Largest request body (else 413).")
+@click.option("--limit-concurrency", default=Limits.concurrency, show_default=True,
+              type=click.IntRange(1), metavar="N",
+              help="Chat requests in progress at once (beyond: 503).")
+@click.option("--timeout-graceful", default=Limits.graceful_s, show_default=True,
+              type=click.FloatRange(min=1), metavar="S",
+              help="On Ctrl-C/SIGTERM, running turns get this long, then are cancelled.")
 @click.option("--engine", "--backend", "backend",
               type=click.Choice(["auto", "torch", "llamacpp"]), default="auto",
               show_default=True,
@@ -35,7 +61,10 @@ from hyperlex.errors import HyperlexError
               help="Default generation option for every request, e.g. -o max_new_tokens 128.")
 @click.option("--quiet", is_flag=True, help="Do not log each request to stderr.")
 @engine_options
-def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int, router: str,
+def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
+          timeout_keep_alive: float, timeout_headers: float, timeout_body: float,
+          timeout_generation: float, max_body_bytes: int, limit_concurrency: int,
+          timeout_graceful: float, backend: str, parallel: int, router: str,
           no_store: bool, options: tuple[tuple[str, str], ...], quiet: bool, base: str | None,
           dtype: str, quantize: str | None) -> None:
     """Serve the personas over an OpenAI-compatible API.
@@ -43,7 +72,7 @@ def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int
     GET /v1/models lists 'auto' and every persona; POST /v1/chat/completions answers with
     the persona named by 'model' (or routes, for 'auto'), streaming with "stream": true. Send
     an X-Conversation-Id header (or the 'user' field) to keep the scene across requests.
-    Ctrl-C stops the server.
+    Ctrl-C (or SIGTERM) stops the server: running turns get --timeout-graceful to finish.
     """
     from hyperlex.agent.router import check_router
     from hyperlex.agent.store import Store
@@ -56,14 +85,23 @@ def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int
         warn,
     )
     from hyperlex.generation import parse_options
-    from hyperlex.serve.server import PersonaService, Server
+    from hyperlex.serve.http import Server
+    from hyperlex.serve.server import PersonaService
+    from hyperlex.serve.tenants import Keyring, load_keys
 
+    if api_key and api_keys:
+        raise click.UsageError("give --api-key or --api-keys, not both")
+    keys = load_keys(api_keys) if api_keys else Keyring.single(api_key)
+    limits = Limits(keep_alive_s=timeout_keep_alive, header_s=timeout_headers,
+                    body_s=timeout_body, max_body_bytes=max_body_bytes,
+                    concurrency=limit_concurrency, generation_s=timeout_generation,
+                    graceful_s=timeout_graceful)
     app = get_host()
     overrides = parse_options(options)
     for line in app.failures:
         warn(line)
     check_option("--router", check_router, app, router)
-    if not _loopback(host) and not api_key:
+    if not _loopback(host) and not keys.required:
         warn(f"serving on {host} without --api-key: anyone who can reach this machine can use "
              "the personas")
     chosen = choose_backend(backend, dtype, quantize, merge=False)
@@ -76,19 +114,23 @@ def serve(host: str, port: int, api_key: str | None, backend: str, parallel: int
                              store=store, overrides=overrides)
     service.warm_up()
     try:
-        server = Server(service, host, port, api_key=api_key, log=not quiet)
+        server = Server(service, host, port, keys=keys, limits=limits, log=not quiet)
     except OSError as exc:
         raise HyperlexError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     names = ", ".join(service.speakers)
+    tenants = len(keys.tenants)
+    secured = "" if not keys.required else " (API key required)" if tenants == 1 and \
+        not api_keys else f" ({tenants} tenants)"
     click.echo(f"Serving auto and {len(service.speakers)} personas ({names}) on {server.url}"
-               f"{' (API key required)' if api_key else ''}; Ctrl-C stops", err=True)
+               f"{secured}; Ctrl-C stops", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        click.echo("Stopped.", err=True)
+        pass
     finally:
         server.server_close()
         _close(engine, store)
+    click.echo("Stopped.", err=True)
 
 
 def _loopback(host: str) -> bool:

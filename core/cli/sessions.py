@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from hyperlex.agent.store import EXPORT_FORMATS, Store, export_document
+from hyperlex.agent.store import DEFAULT_TENANT, EXPORT_FORMATS, Store, export_document
 from hyperlex.errors import HyperlexError
 
 
@@ -52,21 +52,31 @@ def sessions() -> None:
     """Stored chat sessions (resume one with agent chat --session NAME)."""
 
 
+def _tenant_option(func: Any) -> Any:
+    return click.option("--tenant", default=DEFAULT_TENANT, metavar="NAME",
+                        help="The agent serve tenant the session belongs to (default: the "
+                        "one of agent chat and a server with one --api-key).")(func)
+
+
 @sessions.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the sessions as a JSON array.")
-def list_sessions(as_json: bool) -> None:
+@click.option("--tenant", default=None, metavar="NAME",
+              help="Only this agent serve tenant's sessions (default: every tenant's).")
+def list_sessions(as_json: bool, tenant: str | None) -> None:
     """List sessions, most recently updated first."""
-    with Store() as store:
-        infos = store.sessions()
+    with Store(tenant=tenant or DEFAULT_TENANT) as store:
+        infos = store.sessions(all_tenants=tenant is None)
     if as_json:
         click.echo(json.dumps([info.as_dict() for info in infos], indent=2, ensure_ascii=False))
         return
     if not infos:
         click.echo("No sessions yet (agent chat --session NAME starts one).", err=True)
         return
-    rows = [["NAME", "TURNS", "LAST PERSONA", "UPDATED"]]
+    tenants = any(info.tenant != DEFAULT_TENANT for info in infos)
+    rows = [["NAME", *(["TENANT"] * tenants), "TURNS", "LAST PERSONA", "UPDATED"]]
     rows += [
-        [info.name, str(info.turns), info.last_persona or "-", _local(info.updated_at)]
+        [info.name, *([info.tenant or "-"] * tenants), str(info.turns),
+         info.last_persona or "-", _local(info.updated_at)]
         for info in infos
     ]
     click.echo(_table(rows))
@@ -75,16 +85,18 @@ def list_sessions(as_json: bool) -> None:
 @sessions.command("show")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the session as JSON.")
-def show_session(name: str, as_json: bool) -> None:
+@_tenant_option
+def show_session(name: str, as_json: bool, tenant: str) -> None:
     """Show a session's turns: who answered and why."""
-    with Store() as store:
+    with Store(tenant=tenant) as store:
         record = store.session(name)
     if as_json:
         click.echo(json.dumps(export_document(record), sort_keys=True, indent=2,
                               ensure_ascii=False))
         return
     info = record.info
-    click.echo(f"Session {info.name}: {info.turns} turn{'s' * (info.turns != 1)}, "
+    owner = f" (tenant {info.tenant})" if info.tenant else ""
+    click.echo(f"Session {info.name}{owner}: {info.turns} turn{'s' * (info.turns != 1)}, "
                f"created {_local(info.created_at)}, updated {_local(info.updated_at)}")
     if info.persona:
         click.echo(f"pinned persona: {info.persona}")
@@ -109,9 +121,10 @@ def show_session(name: str, as_json: bool) -> None:
               show_default=True, help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file instead of stdout.")
-def export_session(name: str, fmt: str, output: Path | None) -> None:
+@_tenant_option
+def export_session(name: str, fmt: str, output: Path | None, tenant: str) -> None:
     """Export a session with its turns and final scene."""
-    with Store() as store:
+    with Store(tenant=tenant) as store:
         text = store.export(name, fmt)
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
@@ -126,9 +139,10 @@ def export_session(name: str, fmt: str, output: Path | None) -> None:
 @sessions.command("delete")
 @click.argument("name")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def delete_session(name: str, yes: bool) -> None:
+@_tenant_option
+def delete_session(name: str, yes: bool, tenant: str) -> None:
     """Delete a session with its turns and scenes."""
-    with Store() as store:
+    with Store(tenant=tenant) as store:
         info = store.session(name).info
         if not yes:
             click.confirm(

@@ -9,6 +9,7 @@ sampling extensions ``top_k``, ``repetition_penalty`` and ``seed`` are accepted,
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Mapping
@@ -34,9 +35,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 class ApiError(Exception):
     """An error answered with OpenAI's error body: ``{"error": {message, type, param, code}}``."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-             404: "invalid_request_error", 405: "invalid_request_error",
-             413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+    TYPES = {500: "server_error", 503: "server_error", 504: "server_error"}  # else client's
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None):
@@ -82,6 +81,44 @@ class ChatRequest:
         """The conversation as the client sent it (system messages first)."""
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []
         return [*system, *self.history, {"role": "user", "content": self.message}]
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body as JSON; every way it can be malformed (not UTF-8, not JSON, nested
+    beyond what Python can parse, text that is not Unicode) is a 400 that says which."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"the request body is not UTF-8: {exc}") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+    _check_unicode(body)
+    return body
+
+
+def _check_unicode(body: Any) -> None:
+    """Refuse lone surrogates (JSON's ``"\\ud800"``): they are not text, and nothing
+    downstream (a tokenizer, the store) can encode them."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"{where or 'the body'} holds a lone surrogate "
+                                  "(\\ud800-\\udfff), which is not text",
+                                  where or None) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, key))
+                stack.append((f"{where}.{key}" if where else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
 
 
 def parse_chat_request(body: Any) -> ChatRequest:

@@ -692,7 +692,7 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
         self._host = host
         self._store_spec = store
         self._store: Store | None = None
-        self.threads: Conversations[_Thread] = Conversations(self._thread_for, max_threads)
+        self.threads: Conversations[str, _Thread] = Conversations(self._thread_for, max_threads)
 
     # configuration ---------------------------------------------------------------------------
 
