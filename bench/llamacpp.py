@@ -60,6 +60,42 @@ def switch_seconds(engine: Any, names: list[str], calls: int) -> tuple[float, fl
     return statistics.median(sets), statistics.median(after) - statistics.median(plain)
 
 
+FOLLOW_UP = [{"role": "system", "content": "You are a philosopher. The scene: " + ", ".join(
+    f"the {w} is near the sea" for w in ("lighthouse", "sailor", "harbour", "gull", "storm",
+                                         "rope", "anchor", "tide", "keeper", "lamp") * 4)},
+             {"role": "user", "content": "What does the keeper think of the sea?"}]
+
+
+def follow_up_prefill_seconds(engine: Any, persona: str, repeats: int
+                              ) -> tuple[float, float, dict[str, int]]:
+    """Median seconds to prefill a conversation's second turn on the context that served its
+    first (its prompt and the reply, decoded token by token, cached), and the same prompt on
+    an empty context."""
+    first = engine.encode(FOLLOW_UP)
+    answer = "The keeper says the sea is patient, and so must he be, night after night."
+    reply = engine.llama.tokenize(answer.encode(), add_bos=False, special=False)
+    second = engine.encode([*FOLLOW_UP, {"role": "assistant", "content": answer},
+                            {"role": "user", "content": "And the gull?"}])
+    cached, whole = [], []
+    with engine.slot() as slot:
+        slot.switch((persona, ()))
+        for _ in range(repeats + 1):  # the first is a warm-up
+            slot.truncate(0)
+            slot.prefill(first)
+            for token in reply:
+                slot.decode([token])
+            start = time.perf_counter()
+            slot.prefill(second)
+            cached.append(time.perf_counter() - start)
+            slot.truncate(0)
+            start = time.perf_counter()
+            slot.prefill(second)
+            whole.append(time.perf_counter() - start)
+        slot.forget()  # scratch: never reuse it for a turn
+    sizes = {"first_prompt_tokens": len(first), "second_prompt_tokens": len(second)}
+    return statistics.median(cached[1:]), statistics.median(whole[1:]), sizes
+
+
 def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
     from hyperlex.engines.llamacpp.engine import LlamaCppEngine
     from hyperlex.engines.registry import engine_entry
@@ -70,7 +106,9 @@ def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
             ("L1", "llama.cpp persona switch", "-"),
             ("L2", "llama.cpp decode with a persona (vs bare llama.cpp)", ">= 0.8x"),
             ("L2t", "llama.cpp decode with a persona (vs transformers engine)", ">= 4x"),
-            ("L5", "llama.cpp cold start: agent chat -m to first byte", "< 1.5 s"))]
+            ("L5", "llama.cpp cold start: agent chat -m to first byte", "< 1.5 s"),
+            ("L7", "llama.cpp follow-up turn prefill, cached prefix (vs whole prompt)",
+             ">= 2x"))]
     tokens = max(config.max_new_tokens, 8)
     personas = cast.personas(config.personas)
     engine = LlamaCppEngine(personas, base=config.base, progress=False,
@@ -82,6 +120,7 @@ def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
     set_s, first_decode_extra_s = switch_seconds(engine, names, min(SWITCHES, config.switches))
     bare, bare_samples = llama_decode_rate(engine, None, tokens, config.repeats)
     active, active_samples = llama_decode_rate(engine, names[0], tokens, config.repeats)
+    cached_s, whole_s, sizes = follow_up_prefill_seconds(engine, names[0], config.repeats)
     size = engine.model_path.stat().st_size
     engine.close()
     del engine
@@ -102,6 +141,9 @@ def llamacpp_rows(config: Config, cast: Cast) -> list[Row]:
         Row("L6", "llama.cpp bare decode vs bandwidth floor (GGUF bytes)", bare, floor,
             unit="tok/s", alt_label="floor", ratio=bare / floor, target="-",
             details={"gguf_bytes": size, "copy_bandwidth_bytes_s": bandwidth}),
+        Row("L7", "llama.cpp follow-up turn prefill, cached prefix (vs whole prompt)",
+            cached_s, whole_s, unit="s", alt_label="whole prompt", ratio=whole_s / cached_s,
+            target=">= 2x", met=whole_s / cached_s >= 2, details=sizes),
     ]
     return rows + [cold_start_row(config)]
 

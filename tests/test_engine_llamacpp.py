@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hyperlex.engines.llamacpp.engine import PREFILL_BLOCK
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
@@ -107,6 +108,34 @@ def test_without_the_prompt_cache_every_prompt_is_prefilled_whole(tiny_base: Pat
     assert sum(decoded) == fresh.count_tokens(MESSAGES) + 1  # the prompt's, and the one reply
 
 
+def test_a_prompt_gets_the_same_logits_whatever_the_cache_held(engine) -> None:
+    """Greedy replies are reproducible: the logits after a prompt are bit for bit the same
+    from an empty cache, from a cache holding a longer conversation that shares only part of
+    the prompt, and from a cache that holds the prompt's prefix and a reply decoded token by
+    token."""
+    import numpy as np
+
+    long = [MESSAGES[0], {"role": "user", "content": "word " * 150},
+            {"role": "assistant", "content": "reply " * 40}]
+    prompt = engine.encode([*long[:2], {"role": "user", "content": "Again?"}])
+    others = [engine.encode([*long, {"role": "user", "content": "More?"}]),  # shares 150+
+              engine.encode(long[:2], add_generation_prompt=False)[:-3],  # a cut prefix
+              engine.encode(long[:2])]
+    with engine.slot() as slot:
+        slot.switch(("alpha", ()))
+        slot.forget()
+        slot.switch(("alpha", ()))
+        slot.prefill(prompt)
+        fresh = slot.logits()
+        for other in others:
+            slot.prefill(other)
+            for _ in range(5):  # a reply, decoded one token at a time
+                slot.decode([int(np.argmax(slot.logits()))])
+            slot.prefill(prompt)
+            assert np.array_equal(slot.logits(), fresh)
+        slot.forget()
+
+
 def test_returning_to_a_persona_prefills_only_what_was_added(engine, monkeypatch) -> None:
     from hyperlex.engines.llamacpp.engine import Slot
 
@@ -118,14 +147,16 @@ def test_returning_to_a_persona_prefills_only_what_was_added(engine, monkeypatch
         return original(slot, tokens)
 
     params = GenerationParams(temperature=0, max_new_tokens=1)
-    first = [MESSAGES[0], {"role": "user", "content": "A question for alpha."}]
+    first = [MESSAGES[0], {"role": "user", "content": "A question for alpha. " * 30}]
     engine.generate(first, "alpha", params)
     engine.generate([MESSAGES[0], {"role": "user", "content": "Now beta."}], "beta", params)
     monkeypatch.setattr(Slot, "decode", counting)
     later = [*first, {"role": "assistant", "content": "x"}, {"role": "user", "content": "More."}]
     engine.generate(later, "alpha", params)
-    # alpha's cache came back: only the new tail of the prompt is decoded, not all of it
-    assert 0 < sum(decoded) < engine.count_tokens(later) - engine.count_tokens(first) + 4
+    # alpha's cache came back: only the new tail of the prompt is decoded, from the last
+    # whole block of the cached prefix, not all of it
+    added = engine.count_tokens(later) - engine.count_tokens(first)
+    assert 0 < sum(decoded) < added + PREFILL_BLOCK + 1 < engine.count_tokens(later)
 
 
 def test_streaming_stop_strings_and_lengths(engine, torch_engine) -> None:
@@ -180,14 +211,16 @@ def test_prefill_ahead_leaves_only_the_new_message_to_decode(engine, monkeypatch
 
     decoded: list[int] = []
     original = Slot.decode
-    system = {"role": "system", "content": "You are a test. Scene: a long-prepared prefix."}
+    system = {"role": "system", "content": "You are a test. Scene: a long prefix. " * 8}
     engine.prefill([system], "beta")
     monkeypatch.setattr(Slot, "decode",
                         lambda slot, tokens: decoded.append(len(tokens)) or original(slot, tokens))
     messages = [system, {"role": "user", "content": "Hi"}]
     reply = engine.generate(messages, "beta", GenerationParams(temperature=0, max_new_tokens=1))
     ahead = len(engine.encode([system], add_generation_prompt=False))
-    assert decoded[0] <= engine.count_tokens(messages) - ahead + 1 < engine.count_tokens(messages)
+    reused = ahead - ahead % PREFILL_BLOCK  # the whole blocks of the prefilled prefix
+    assert sum(decoded) == engine.count_tokens(messages) - reused + 1  # and the one reply
+    assert reused > 0
     monkeypatch.undo()
     with engine.slot() as slot:  # the engine's one context
         slot.forget()  # a fresh run must give the same reply

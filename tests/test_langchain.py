@@ -478,7 +478,7 @@ def test_a_stream_abandoned_midway_records_nothing(engine, store) -> None:
     stream = agent.stream("@beta tell me a long story", thread("t"))
     next(stream)
     stream.close()
-    assert store.session("lc-t").turns == []
+    assert not store.has_session("lc-t")  # not even an empty session
     assert agent.invoke("@beta short", thread("t")).content  # the thread's lock was released
     assert len(store.session("lc-t").turns) == 1
 
@@ -512,7 +512,7 @@ async def test_an_async_stream_abandoned_midway_records_nothing(engine, store) -
     stream = agent.astream("@beta tell me a long story", thread("t"))
     assert (await anext(stream)).content
     await stream.aclose()
-    assert store.session("lc-t").turns == []
+    assert not store.has_session("lc-t")  # not even an empty session
     assert (await agent.ainvoke("@beta short", thread("t"))).content
     assert len(store.session("lc-t").turns) == 1
 

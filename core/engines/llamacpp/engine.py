@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install 'hyperlex[llamacpp]'"
 SAVED_STATES = 8  # cache states kept per context for compositions not active right now
+PREFILL_BLOCK = 64
+"""Prompts are decoded in blocks of this many tokens at positions that are multiples of it,
+and a cached prefix is reused only up to a block boundary it was decoded to as a whole block:
+llama.cpp's arithmetic for a token depends on the batch it was decoded in, so this way a
+prompt's logits are bit for bit the same whether its prefix came from the cache or not (a
+greedy reply never depends on what a context served before)."""
 
 Composition = tuple[str | None, tuple[tuple[str, float], ...]]
 
@@ -61,7 +67,10 @@ class Slot:
     """One llama.cpp context of an engine's pool and what its KV cache holds: the tokens
     (``tokens``), the composition they were computed under (``composition``; None: nothing
     that a turn may reuse) and the states kept aside for other compositions (``saved``).
-    Check one out with :meth:`LlamaCppEngine.slot`; only the holder may use it."""
+    Check one out with :meth:`LlamaCppEngine.slot`; only the holder may use it.
+
+    ``reusable`` is how many leading cached tokens were decoded as whole prefill blocks
+    (:data:`PREFILL_BLOCK`): the only ones a later prompt may take from the cache."""
 
     def __init__(self, engine: LlamaCppEngine, ctx: Any):
         # a proxy, not a reference: no cycle, so a dropped engine frees llama.cpp's memory
@@ -69,7 +78,8 @@ class Slot:
         self.ctx = ctx
         self.composition: Composition | None = None
         self.tokens: list[int] = []  # the tokens whose KV is cached
-        self.saved: OrderedDict[Composition, tuple[bytes, list[int]]] = OrderedDict()
+        self.reusable = 0
+        self.saved: OrderedDict[Composition, tuple[bytes, list[int], int]] = OrderedDict()
 
     def _memory(self) -> Any:
         return self._engine._lib.llama_get_memory(self.ctx)
@@ -99,35 +109,36 @@ class Slot:
             size = lib.llama_state_seq_get_size(self.ctx, 0)
             buffer = (ctypes.c_uint8 * size)()
             written = lib.llama_state_seq_get_data(self.ctx, buffer, size, 0)
-            self.saved[self.composition] = (bytes(buffer[:written]), self.tokens)
+            self.saved[self.composition] = (bytes(buffer[:written]), self.tokens,
+                                            self.reusable)
             self.saved.move_to_end(self.composition)
             while len(self.saved) > SAVED_STATES:
                 self.saved.popitem(last=False)
-        lib.llama_memory_clear(self._memory(), True)
-        self.tokens = []
+        self._clear()
         saved = self.saved.pop(composition, None)
         if saved is not None:
-            data, tokens = saved
+            data, tokens, reusable = saved
             buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
             if lib.llama_state_seq_set_data(self.ctx, buffer, len(data), 0):
-                self.tokens = tokens
+                self.tokens, self.reusable = tokens, reusable
             else:
-                lib.llama_memory_clear(self._memory(), True)
+                self._clear()
         self.set_adapters(composition)
         self.composition = composition
 
     def prefill(self, prompt: list[int]) -> None:
-        """Decode what ``prompt`` adds to what the cache holds (at least its last token, whose
-        logits start the reply)."""
+        """Decode what ``prompt`` adds to what the cache holds, from the last block boundary
+        its cached prefix reaches (at least its last token, whose logits start the reply)."""
         keep = 0
-        limit = min(len(self.tokens), len(prompt) - 1) if self._engine.prompt_cache else 0
+        limit = min(self.reusable, len(prompt) - 1) if self._engine.prompt_cache else 0
         while keep < limit and self.tokens[keep] == prompt[keep]:
             keep += 1
+        keep -= keep % PREFILL_BLOCK
         if keep < len(self.tokens):
             self.truncate(keep)
-        batch = self._engine.llama.n_batch
-        for start in range(keep, len(prompt), batch):
-            self.decode(prompt[start:start + batch])
+        for start in range(keep, len(prompt), PREFILL_BLOCK):
+            self.decode(prompt[start:start + PREFILL_BLOCK])
+        self.reusable = len(prompt) - len(prompt) % PREFILL_BLOCK
 
     def decode(self, tokens: list[int]) -> None:
         """Run ``tokens`` through the model after the cached ones, adding them to the cache
@@ -135,8 +146,7 @@ class Slot:
         lib = self._engine._lib
         array = (lib.llama_token * len(tokens))(*tokens)
         if lib.llama_decode(self.ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
-            lib.llama_memory_clear(self._memory(), True)
-            self.tokens = []
+            self._clear()
             raise HyperlexError("llama.cpp failed to decode (is the context full?)")
         self.tokens.extend(tokens)
 
@@ -151,12 +161,17 @@ class Slot:
         """Drop the cached tokens from position ``keep`` on."""
         self._engine._lib.llama_memory_seq_rm(self._memory(), 0, keep, -1)
         self.tokens = self.tokens[:keep]
+        self.reusable = min(self.reusable, keep)
+
+    def _clear(self) -> None:
+        self._engine._lib.llama_memory_clear(self._memory(), True)
+        self.tokens = []
+        self.reusable = 0
 
     def forget(self) -> None:
         """Empty the cache and drop the saved states: the next turn here starts from nothing
         (for a cache filled outside a turn, which no turn may reuse)."""
-        self._engine._lib.llama_memory_clear(self._memory(), True)
-        self.tokens = []
+        self._clear()
         self.composition = None
         self.saved.clear()
 
@@ -178,10 +193,8 @@ class LlamaCppEngine(Engine):
         engine's numbers) instead of the embedded quantized GGUF (faster). ``contexts``: how
         many turns may run at once (each context holds its own KV cache, about 115 MB at
         2,048 tokens). ``prompt_cache``: reuse the cached part of a prompt (its prefix an
-        earlier turn computed); False prefills every prompt whole, so a greedy reply depends
-        on its prompt only. With the cache, the last prompt token is decoded alone where a
-        fresh prompt decodes it in one batch with the rest, and llama.cpp's numbers differ by
-        rounding, enough to turn a greedy near-tie."""
+        earlier turn computed, in whole :data:`PREFILL_BLOCK` blocks, so the reply is the
+        same as without the cache); False prefills every prompt whole."""
         llama_cpp = _llama_cpp()
         from hyperlex.engines.llamacpp.gguf_base import base_gguf
 
