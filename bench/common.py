@@ -16,9 +16,9 @@ from typing import Any
 
 ORDER = ("P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P5", "P5h", "P6f32", "P6bf16",
          "P6nf4", "P7", "P7q", "P7qc", "L1", "L2", "L2t", "L6", "L5", "G1", "G2",
-         "S1", "S2", "S3", "S4", "S5", "S6")
+         "L7", "S1", "S2", "S3", "S4", "S5", "S6", "H1", "H2")
 # what --only accepts
-MEASUREMENTS = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P7", "L", "G", "S")
+MEASUREMENTS = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P7", "L", "G", "S", "H")
 
 
 @dataclass
@@ -129,7 +129,18 @@ def machine() -> dict[str, Any]:
 def run(config: Config, only: Sequence[str] | None = None,
         log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Run the selected measurements; return the report (``rows`` as dicts, in table order)."""
-    from bench import batch, cold, decode, llamacpp, memory, serve, structured, switch, training
+    from bench import (
+        batch,
+        cold,
+        decode,
+        hostile,
+        llamacpp,
+        memory,
+        serve,
+        structured,
+        switch,
+        training,
+    )
     from bench.cast import Cast
 
     known = {m.upper(): m for m in MEASUREMENTS}
@@ -156,6 +167,7 @@ def run(config: Config, only: Sequence[str] | None = None,
             ("L", lambda: llamacpp.llamacpp_rows(config, cast)),
             ("G", lambda: structured.grammar_rows(config, cast)),
             ("S", lambda: serve.serve_load(config, cast)),
+            ("H", lambda: hostile.hostile_rows(config, cast)),
         ]
         for name, step in steps:
             if name in wanted:

@@ -94,7 +94,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def _torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
+def torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
     from hyperlex.engines.torch.engine import TorchEngine
     from hyperlex.host import Host
     from hyperlex.plugins import builtin_encoders
@@ -111,7 +111,7 @@ def _torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
             f"torch engine, batches of up to {PARALLEL}")
 
 
-def _llamacpp_service() -> tuple[Any, Any, str]:
+def llamacpp_service() -> tuple[Any, Any, str]:
     from hyperlex.engines.llamacpp.engine import LlamaCppEngine
     from hyperlex.host import Host
     from hyperlex.serve.server import PersonaService
@@ -130,9 +130,9 @@ def serve_load(config: Config, cast: Cast) -> list[Row]:
 
     count = 12 if config.quick else REQUESTS
     real = config.base is None and not config.bundles
-    llama = _load(_llamacpp_service(), count, config.max_new_tokens) \
+    llama = _load(llamacpp_service(), count, config.max_new_tokens) \
         if real and available() else None
-    torch_run = _load(_torch_service(config, cast), count, config.max_new_tokens)
+    torch_run = _load(torch_service(config, cast), count, config.max_new_tokens)
     rows = []
     if llama is not None:  # the torch engine (float32) judges replies that differ
         rows += _rows("S1", llama, torch_run.engine)

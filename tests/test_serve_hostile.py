@@ -256,6 +256,90 @@ def test_a_streaming_client_that_leaves_cancels_its_turn(host, engine, store) ->
     assert store.sessions(all_tenants=True) == []
 
 
+def test_twenty_clients_leaving_mid_request_leak_nothing(host, engine, store) -> None:
+    gated = Gated(engine)
+    with serving(host, gated, store=store, concurrency=1) as server:
+        threads_before = threading.active_count()
+        for i in range(20):
+            gated.started.clear()
+            gated.cancelled.clear()
+            conn = socket.create_connection(server.server_address, timeout=WAIT_S)
+            body = {**HI, "stream": i % 2 == 0}
+            conn.sendall(request_bytes(body, {"X-Conversation-Id": f"gone-{i % 3}"}))
+            assert gated.started.wait(WAIT_S)
+            conn.close()
+            assert gated.cancelled.wait(WAIT_S)
+        gated.gate.set()
+        for name in ("gone-0", "gone-1", "gone-2"):  # no conversation left locked, and no
+            status, _ = post(server, HI, {"X-Conversation-Id": name})  # request left counted
+            assert status == 200  # against the limit of one at a time
+        assert threading.active_count() < threads_before + 10  # idle workers at most
+    assert sorted((s.name, s.turns) for s in store.sessions()) == [
+        ("gone-0", 1), ("gone-1", 1), ("gone-2", 1)]  # the 20 abandoned turns left nothing
+
+
+KILLED_SERVER = """
+import sys
+from pathlib import Path
+from hyperlex.agent.store import Store
+from hyperlex.engines.torch.engine import TorchEngine
+from hyperlex.host import Host
+from hyperlex.persona.bundle import Persona
+from hyperlex.plugins import builtin_encoders
+from hyperlex.serve.http import Server
+from hyperlex.serve.server import PersonaService
+
+base, bundle, db = sys.argv[1:4]
+engine = TorchEngine([Persona.from_dir(Path(bundle))], base=base, progress=False)
+host = Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
+server = Server(PersonaService(host, engine, store=Store(db)), port=0, log=False)
+print(server.url, flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_server_killed_mid_stream_leaves_the_store_intact(tiny_base, tiny_bundles,
+                                                            tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = tmp_path / "store.db"
+
+    def start() -> tuple[subprocess.Popen, openai.OpenAI]:
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_SERVER, str(tiny_base),
+                                 str(tiny_bundles["alpha"]), str(db)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        return proc, openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+    walk = {"X-Conversation-Id": "walk"}
+    ask = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}],
+           "extra_headers": walk, "temperature": 0}
+    proc, client = start()
+    try:
+        client.chat.completions.create(max_tokens=4, **ask)
+        stream = client.chat.completions.create(max_tokens=400, stream=True, **ask)
+        next(iter(stream))  # the turn is running
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(WAIT_S)
+    finally:
+        proc.kill()
+    with Store(db) as store:
+        assert store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert store.session("walk").info.turns == 1  # the killed turn is not there
+    proc, client = start()
+    try:  # and the conversation goes on after the restart
+        client.chat.completions.create(max_tokens=4, **ask)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(WAIT_S)
+    with Store(db) as store:
+        assert store.session("walk").info.turns == 2
+
+
 def test_a_reply_over_the_generation_limit_is_a_504_and_not_saved(host, engine, store) -> None:
     gated = Gated(engine)
     with serving(host, gated, store=store, generation_s=0.2) as server:

@@ -123,6 +123,7 @@ class Server:
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((host, port))
+            self.socket.listen(self.config.backlog)  # clients queue until uvicorn accepts
         except OSError:
             self.socket.close()
             raise
