@@ -119,6 +119,8 @@ def post(server: Server, body: Any, headers: dict[str, str] | None = None) -> tu
     response = connection.getresponse()
     data = response.read()
     connection.close()
+    if response.getheader("content-type", "").startswith("text/event-stream"):
+        return response.status, data
     return response.status, json.loads(data) if data else None
 
 
@@ -349,10 +351,11 @@ def test_a_reply_over_the_generation_limit_is_a_504_and_not_saved(host, engine, 
     assert store.sessions(all_tenants=True) == []
 
 
-def test_requests_beyond_the_concurrency_limit_get_a_503(host, engine) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_beyond_the_concurrency_limit_get_a_503(host, engine, stream: bool) -> None:
     gated = Gated(engine)
     with serving(host, gated, concurrency=1) as server:
-        first = threading.Thread(target=post, args=(server, HI))
+        first = threading.Thread(target=post, args=(server, {**HI, "stream": stream}))
         first.start()
         assert gated.started.wait(WAIT_S)
         status, body = post(server, HI)

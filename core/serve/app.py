@@ -76,7 +76,6 @@ def create_app(service: PersonaService, keys: Keyring | None = None,
 
     app = Starlette(routes=routes, exception_handlers=handlers,  # type: ignore[arg-type]
                     lifespan=lifespan)
-    app.state.api = api
     return _AnswerWhenCancelled(app)  # type: ignore[return-value]
 
 
@@ -104,10 +103,6 @@ class _AnswerWhenCancelled:
                                      "cancelled and not saved", code="shutting_down")
                     await _error_response(error)(scope, receive, send)
             raise
-
-
-class _ClientGone(Exception):
-    pass
 
 
 class _Api:
@@ -141,15 +136,23 @@ class _Api:
         return JSONResponse(document)
 
     async def chat(self, request: Request) -> Response:
+        """A chat completion; it counts against ``--limit-concurrency`` until its answer has
+        been sent (for a stream: until the stream ends)."""
         tenant = self._tenant(request)
         if self.in_progress >= self.limits.concurrency:
             raise ApiError(503, f"the server is answering {self.in_progress} requests, its "
                            "limit (--limit-concurrency); retry shortly", code="server_busy")
         self.in_progress += 1
+        response: Response | None = None
         try:
-            return await self._chat(request, tenant)
+            response = await self._chat(request, tenant)
+            return response
         finally:
-            self.in_progress -= 1
+            if not isinstance(response, _EventStream):  # a stream releases when it ends
+                self.release()
+
+    def release(self) -> None:
+        self.in_progress -= 1
 
     async def _chat(self, request: Request, tenant: str) -> Response:
         chat = parse_chat_request(parse_json_body(await self._body(request)))
@@ -277,7 +280,6 @@ class _EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reply = self.reply
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
         async def event(data: Any) -> None:
             payload = f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
@@ -302,11 +304,14 @@ class _EventStream(Response):
                 return exc
 
         try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
             await event(chunk_body(self.cid, reply.persona, {"role": "assistant", "content": ""},
                                    extra=reply.extra))
             failure, outcome = await self.api.watched(receive, reply, pieces)
         finally:
             reply.close()
+            self.api.release()
         if outcome == "gone":
             return
         if outcome == "timeout":
