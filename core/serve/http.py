@@ -127,7 +127,6 @@ class Server:
         except OSError:
             self.socket.close()
             raise
-        self.socket.set_inheritable(True)
         self.server = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
 
