@@ -418,6 +418,22 @@ def test_a_tenant_never_reaches_another_tenants_conversation(host, engine, store
     assert store.sessions() == []  # the default tenant (agent chat's) sees neither
 
 
+def test_a_conversation_without_a_store_is_read_from_memory(host, engine) -> None:
+    with serving(host, engine) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        client.chat.completions.create(model="alpha", max_tokens=2, messages=[
+            {"role": "user", "content": "The old lighthouse."}],
+            extra_headers={"X-Conversation-Id": "mem"})
+        held = client.get("/conversations/mem", cast_to=object)
+        assert [t["user"] for t in held["turns"]] == ["The old lighthouse."]
+        assert any(h["label"] == "lighthouse" for h in held["scene"]["hyperlexemes"])
+        with pytest.raises(openai.NotFoundError):
+            client.get("/conversations/other", cast_to=object)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.get("/conversations/no%20spaces", cast_to=object)
+        assert caught.value.body["param"] == "conversation"
+
+
 def _user_id(user: str) -> str:
     from hyperlex.serve.server import conversation_name
 

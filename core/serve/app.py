@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from hyperlex.agent.store import DEFAULT_TENANT
+from hyperlex.agent.store import DEFAULT_TENANT, check_name
 from hyperlex.errors import HyperlexError
 from hyperlex.serve.limits import Limits
 from hyperlex.serve.openai_api import (
@@ -130,8 +130,12 @@ class _Api:
 
     async def conversation(self, request: Request) -> Response:
         tenant = self._tenant(request)
-        name = conversation_name(request.path_params["name"], None)
-        assert name is not None
+        name = request.path_params["name"]
+        try:
+            check_name(name)
+        except HyperlexError:
+            raise bad_request(f"conversation id {name!r}: use 1-64 letters, digits, '-', '_' "
+                              "or '.'", "conversation") from None
         document = await anyio.to_thread.run_sync(self.service.conversation, tenant, name)
         return JSONResponse(document)
 
