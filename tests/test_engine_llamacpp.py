@@ -50,6 +50,16 @@ def engine(tiny_base: Path, bundles: list[Persona]):
     return llama_engine(tiny_base, bundles)
 
 
+def test_models_load_without_ggml_extra_buffer_types(engine) -> None:
+    """ggml's AMX buffer type segfaults on the first prompt on CPUs with AMX (llama-cpp-python
+    0.3.36, the embedded Q4_1 GGUF): the engine loads its model without extra buffer types,
+    and leaves llama-cpp-python's defaults as they were for anyone else."""
+    import llama_cpp
+
+    assert engine.llama.model_params.use_extra_bufts is False
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True
+
+
 def test_prompts_are_the_tokens_transformers_would_feed(engine, torch_engine) -> None:
     history = [*MESSAGES, {"role": "assistant", "content": "It passes."},
                {"role": "user", "content": "And space? ünïcode, 42"}]

@@ -22,6 +22,7 @@ import codecs
 import contextlib
 import ctypes
 import queue
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -61,6 +62,36 @@ def _llama_cpp() -> Any:
         raise LlamaCppUnavailable(
             f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT} ({exc})") from None
     return llama_cpp
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
+    """Load models without ggml's extra CPU buffer types (``use_extra_bufts = False``).
+
+    On a CPU with AMX, llama-cpp-python 0.3.36 puts quantized weights in ggml's AMX buffer
+    and its ``ggml_backend_amx_mul_mat`` segfaults on the first prompt (seen on these
+    machines with the embedded Q4_1 GGUF, adapters or not). The other extra type, CPU weight
+    repacking, has kernels for Q4_0, Q8_0, IQ4_NL and K-quants but none for Q4_1, so the
+    embedded model loses nothing on other CPUs. ``Llama`` takes no such option: it asks
+    ``llama_model_default_params`` while it loads, so that function answers without the
+    extra types for the duration of one load."""
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params() -> Any:
+        model_params = default()
+        model_params.use_extra_bufts = False
+        return model_params
+
+    with _LOAD_LOCK:
+        low.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = default
 
 
 class Slot:
@@ -207,10 +238,11 @@ class LlamaCppEngine(Engine):
         self.model_path = base_gguf(self.base, exact=exact, progress=progress)
         # exact: an F32 KV cache (llama.cpp's F16 default moves the logits by a KL of ~3e-5)
         cache_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-        self.llama = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
-                                     n_threads=threads, n_threads_batch=threads,
-                                     flash_attn=False, verbose=False,
-                                     **(cache_type if exact else {}))
+        with _no_extra_buffer_types(llama_cpp):
+            self.llama = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
+                                         n_threads=threads, n_threads_batch=threads,
+                                         flash_attn=False, verbose=False,
+                                         **(cache_type if exact else {}))
         self._lib = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
         self._n_vocab = self.llama.n_vocab()
