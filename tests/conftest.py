@@ -120,6 +120,25 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> d
             for name, seed in (("alpha", 1), ("beta", 2))}
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
+    """The transformers engine over the tiny bundles, one per test module (a module that
+    needs another engine defines its own ``engine``)."""
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.persona.bundle import Persona
+
+    return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
+
+
+@pytest.fixture(scope="module")
+def host():
+    """A host with the built-in scene encoders and no installed plugins."""
+    from hyperlex.host import Host
+    from hyperlex.plugins import builtin_encoders
+
+    return Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Each test gets its own HYPERLEX_HOME, no third-party plugins unless it installs some,

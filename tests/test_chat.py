@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from hyperlex import hookimpl
 from hyperlex.agent.controller import Controller
 from hyperlex.cli.repl import ChatLoop
 from hyperlex.host import Host
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engines.torch.engine import TorchEngine
-    from hyperlex.persona.bundle import Persona
-
-    return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
 
 
 class Recorder:

@@ -25,21 +25,6 @@ KEY = "sk-test-key"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engines.torch.engine import TorchEngine
-    from hyperlex.persona.bundle import Persona
-
-    return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
-
-
-@pytest.fixture(scope="module")
-def host() -> Host:
-    from hyperlex.plugins import builtin_encoders
-
-    return Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
-
-
-@pytest.fixture(scope="module")
 def server(host: Host, engine, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("serve") / "store.db")
     with Server(PersonaService(host, engine, store=store), port=0, log=False) as running:

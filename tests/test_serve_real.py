@@ -4,10 +4,12 @@ the embedded model, spoken to by the official ``openai`` client and by ``agent c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -33,11 +35,11 @@ def use_real_home(real_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYPERLEX_HOME", str(real_home))
 
 
-@pytest.fixture(scope="module")
-def server(real_home: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    env = {**os.environ, "HYPERLEX_HOME": str(real_home), "HYPERLEX_API_KEY": KEY}
-    proc = subprocess.Popen([*agent_command(), "serve", "--port", "0", "--quiet"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+def start_serving(real_home: Path, *args: str, **env: str
+                  ) -> Iterator[tuple[subprocess.Popen, str]]:
+    env = {**os.environ, "HYPERLEX_HOME": str(real_home), **env}
+    proc = subprocess.Popen([*agent_command(), "serve", "--port", "0", "--quiet", *args],
+                            env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines = []
     for line in proc.stderr:
@@ -51,6 +53,11 @@ def server(real_home: Path) -> Iterator[tuple[subprocess.Popen, str]]:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(real_home: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    yield from start_serving(real_home, HYPERLEX_API_KEY=KEY)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +97,31 @@ def test_a_stream_is_the_same_reply_as_the_completion(client, persona: str) -> N
     chunks = list(ask(client, persona, stream=True))
     assert {c.model for c in chunks} == {persona}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+
+
+def test_greedy_replies_are_the_same_on_every_context_whatever_it_served(client) -> None:
+    """agent serve runs four llama.cpp contexts by default. Concurrent requests spread over
+    them, and between the repeats each context serves other questions, other personas and
+    longer conversations (so its cache holds other prefixes): the same greedy request still
+    gets the same reply, word for word."""
+    baseline = ask(client, "philosopher").choices[0].message.content
+    others = [("poet", [{"role": "user", "content": QUESTION}]),
+              ("philosopher", [{"role": "user", "content": "What is a friend?"}]),
+              ("philosopher", [{"role": "user", "content": QUESTION},
+                               {"role": "assistant", "content": baseline},
+                               {"role": "user", "content": "And what is change?"}])]
+
+    def request(i: int) -> str | None:
+        if i % 2:
+            model, messages = others[i // 2 % len(others)]
+            client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                           max_tokens=24)
+            return None
+        return ask(client, "philosopher").choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = [r for r in pool.map(request, range(24)) if r is not None]
+    assert replies == [baseline] * 12
 
 
 def test_a_wrong_key_is_refused(server) -> None:
@@ -144,6 +176,46 @@ def test_langchains_chat_openai_structured_output_against_agent_serve(server) ->
     as_dict = model.with_structured_output(schema, method="json_schema",
                                            strict=True).invoke(text)
     assert set(as_dict) == {"thing", "near", "sea"}
+
+
+def test_tenants_of_a_real_server_each_see_only_their_own(real_home: Path,
+                                                         tmp_path: Path) -> None:
+    """``agent serve --api-keys FILE``: two tenants use the same conversation id; each gets
+    its own conversation and session, and one's id is a 404 to the other."""
+    import httpx
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-ada-1 ada\nsk-bob-2 bob\n")
+    serving = start_serving(real_home, "--api-keys", str(keys), "--parallel", "1")
+    proc, url = next(serving)
+    try:
+        def say(key: str, question: str, conversation: str) -> None:
+            tenant = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=300)
+            tenant.chat.completions.create(
+                model="philosopher", messages=[{"role": "user", "content": question}],
+                temperature=0, max_tokens=8, extra_headers={"X-Conversation-Id": conversation})
+
+        def read(key: str, conversation: str) -> httpx.Response:
+            return httpx.get(f"{url}/conversations/{conversation}", timeout=30,
+                             headers={"Authorization": f"Bearer {key}"})
+
+        say("sk-ada-1", QUESTION, "plans")
+        say("sk-bob-2", "What is a friend?", "plans")
+        say("sk-ada-1", "What is a secret?", "ada-notes")
+        ada, bob = read("sk-ada-1", "plans").text, read("sk-bob-2", "plans").text
+        assert QUESTION in ada and "friend" not in ada
+        assert "friend" in bob and QUESTION not in bob
+        hidden = read("sk-bob-2", "ada-notes")
+        assert hidden.status_code == 404 and hidden.json()["error"]["param"] == "conversation"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    listed = subprocess.run([*agent_command(), "sessions", "list", "--json"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ,
+                                                         "HYPERLEX_HOME": str(real_home)})
+    assert listed.returncode == 0, listed.stderr
+    plans = sorted(s["tenant"] for s in json.loads(listed.stdout) if s["name"] == "plans")
+    assert plans == ["ada", "bob"]
 
 
 def test_ctrl_c_stops_the_server(server) -> None:

@@ -17,14 +17,6 @@ GREEDY = GenerationParams(temperature=0, max_new_tokens=8)
 QUESTION = [{"role": "user", "content": "What is time?"}]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_base: Path, tiny_bundles: dict[str, Path]):
-    from hyperlex.engines.torch.engine import TorchEngine
-    from hyperlex.persona.bundle import Persona
-
-    return TorchEngine([Persona.from_dir(p) for p in tiny_bundles.values()], base=str(tiny_base))
-
-
 @pytest.fixture
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every batch the scheduler runs (a turn run alone is not recorded)."""

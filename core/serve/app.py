@@ -204,15 +204,15 @@ class _Api:
         headers = request.headers
         limit = self.limits.max_body_bytes
         if "transfer-encoding" in headers and "content-length" in headers:
-            raise _closing(bad_request("the request has both Content-Length and "
-                                       "Transfer-Encoding; send one"))
+            raise ApiError(400, "the request has both Content-Length and Transfer-Encoding; "
+                           "send one", close=True)
         length = headers.get("content-length")
         if length is None and "transfer-encoding" not in headers:
             raise ApiError(411, "send the JSON body with a Content-Length header",
                            code="length_required")
         if length is not None and int(length) > limit:  # h11 has checked it is digits
-            raise _closing(ApiError(413, f"the request body is {length} bytes; the limit is "
-                                    f"{limit} (--max-body-bytes)", code="body_too_large"))
+            raise ApiError(413, f"the request body is {length} bytes; the limit is {limit} "
+                           "(--max-body-bytes)", code="body_too_large", close=True)
         chunks: list[bytes] = []
         size = 0
         try:
@@ -220,13 +220,13 @@ class _Api:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
-                        raise _closing(ApiError(413, f"the request body is over the limit of "
-                                                f"{limit} bytes (--max-body-bytes)",
-                                                code="body_too_large"))
+                        raise ApiError(413, f"the request body is over the limit of {limit} "
+                                       "bytes (--max-body-bytes)", code="body_too_large",
+                                       close=True)
                     chunks.append(chunk)
         except TimeoutError:
-            raise _closing(ApiError(408, f"the request body did not arrive within "
-                                    f"{self.limits.body_s:g} s", code="body_timeout")) from None
+            raise ApiError(408, f"the request body did not arrive within "
+                           f"{self.limits.body_s:g} s", code="body_timeout", close=True) from None
         return b"".join(chunks)
 
     async def watched(self, receive: Receive, reply: Reply,
@@ -339,15 +339,8 @@ def _join(reply: Reply) -> str:
         raise bad_request(str(exc)) from None
 
 
-def _closing(error: ApiError) -> ApiError:
-    """``error``, answered with ``Connection: close``: the rest of what the client sent is
-    not read as another request."""
-    error.close = True  # type: ignore[attr-defined]
-    return error
-
-
 def _error_response(error: ApiError) -> Response:
-    headers = {"connection": "close"} if getattr(error, "close", False) else None
+    headers = {"connection": "close"} if error.close else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 

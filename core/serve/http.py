@@ -119,7 +119,10 @@ class Server:
             timeout_keep_alive=max(1, round(self.limits.keep_alive_s)),
             timeout_graceful_shutdown=max(1, round(self.limits.graceful_s)), backlog=2048)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and without it a response written as head then body waits ~40 ms for the client's
+        # delayed ACK on a reused keep-alive connection (Nagle)
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((host, port))

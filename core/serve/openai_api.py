@@ -38,12 +38,15 @@ class ApiError(Exception):
     TYPES = {500: "server_error", 503: "server_error", 504: "server_error"}  # else client's
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, close: bool = False):
+        """``close``: answer with ``Connection: close``, so that the rest of what the client
+        sent (a body not read, a smuggled request) is never read as another request."""
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.close = close
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message,

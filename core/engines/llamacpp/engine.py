@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install 'hyperlex[llamacpp]'"
 SAVED_STATES = 8  # cache states kept per context for compositions not active right now
-PREFILL_BLOCK = 64
+PREFILL_BLOCK = 32
 """Prompts are decoded in blocks of this many tokens at positions that are multiples of it,
 and a cached prefix is reused only up to a block boundary it was decoded to as a whole block:
 llama.cpp's arithmetic for a token depends on the batch it was decoded in, so this way a
