@@ -46,7 +46,9 @@ PREFILL_BLOCK = 32
 and a cached prefix is reused only up to a block boundary it was decoded to as a whole block:
 llama.cpp's arithmetic for a token depends on the batch it was decoded in, so this way a
 prompt's logits are bit for bit the same whether its prefix came from the cache or not (a
-greedy reply never depends on what a context served before)."""
+greedy reply never depends on what a context served before). Why 32: smaller blocks leave
+less to decode again on a follow-up turn but prefill a new prompt more slowly
+(``python -m bench.prefill_blocks``; the table is in docs/llamacpp.md)."""
 
 Composition = tuple[str | None, tuple[tuple[str, float], ...]]
 
