@@ -4,6 +4,7 @@ the embedded model, spoken to by the official ``openai`` client and by ``agent c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,8 +36,9 @@ def use_real_home(real_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYPERLEX_HOME", str(real_home))
 
 
-def start_serving(real_home: Path, *args: str, **env: str
-                  ) -> Iterator[tuple[subprocess.Popen, str]]:
+@contextlib.contextmanager
+def serving(real_home: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A running ``agent serve ARGS`` process and its URL; killed on exit if still running."""
     env = {**os.environ, "HYPERLEX_HOME": str(real_home), **env}
     proc = subprocess.Popen([*agent_command(), "serve", "--port", "0", "--quiet", *args],
                             env=env, stderr=subprocess.PIPE, text=True)
@@ -49,15 +51,18 @@ def start_serving(real_home: Path, *args: str, **env: str
     else:
         pytest.fail("agent serve exited before serving:\n" + "".join(lines))
     url = line.split(" on ", 1)[1].split(";")[0].split(" ")[0]
-    yield proc, url
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    try:
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def server(real_home: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    yield from start_serving(real_home, HYPERLEX_API_KEY=KEY)
+    with serving(real_home, HYPERLEX_API_KEY=KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +191,7 @@ def test_tenants_of_a_real_server_each_see_only_their_own(real_home: Path,
 
     keys = tmp_path / "keys.txt"
     keys.write_text("sk-ada-1 ada\nsk-bob-2 bob\n")
-    serving = start_serving(real_home, "--api-keys", str(keys), "--parallel", "1")
-    proc, url = next(serving)
-    try:
+    with serving(real_home, "--api-keys", str(keys), "--parallel", "1") as (proc, url):
         def say(key: str, question: str, conversation: str) -> None:
             tenant = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=300)
             tenant.chat.completions.create(
@@ -207,8 +210,7 @@ def test_tenants_of_a_real_server_each_see_only_their_own(real_home: Path,
         assert "friend" in bob and QUESTION not in bob
         hidden = read("sk-bob-2", "ada-notes")
         assert hidden.status_code == 404 and hidden.json()["error"]["param"] == "conversation"
-    finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the sessions are read after a clean stop
         proc.communicate(timeout=60)
     listed = subprocess.run([*agent_command(), "sessions", "list", "--json"], capture_output=True,
                             text=True, timeout=120, env={**os.environ,
