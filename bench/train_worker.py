@@ -1,9 +1,12 @@
 """One training run for P7, in a process of its own so that its peak memory is its own:
 ``python -m bench.train_worker MODE BUNDLE BASE`` prints one JSON line.
 
-MODE ``hyperlex`` runs ``hyperlex.training.train.train`` (what ``agent train`` runs), ``qlora`` the
-same with a 4-bit base, ``lora-gc`` / ``qlora-gc`` those two with gradient checkpointing, and
-``hand`` a minimal hand-written PEFT loop over the same encoded batches in the same order.
+MODE ``hyperlex`` runs ``hyperlex.training.train.train`` (what ``agent train`` runs, with the
+machine's memory as its budget: whole batches), ``qlora`` the same with a 4-bit base,
+``lora-gc`` / ``qlora-gc`` those two with gradient checkpointing, ``lora-3g`` / ``qlora-3g``
+those two within a 3 GiB budget (``agent train --max-memory 3G``), and ``hand`` a minimal
+hand-written PEFT loop (full logits, whole batches) over the same encoded batches in the same
+order.
 Tokens/s counts the non-padding tokens of every step after the first (the first pays one-off
 costs), over the time those steps took.
 """
@@ -17,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+BUDGET = 3 * 2**30  # the issue's target for training a cast persona
 
 
 def rss() -> int:
@@ -80,16 +85,19 @@ def main(argv: list[str]) -> None:
 
     config = load_config(bundle, {"epochs": 1, "qlora": mode.startswith("qlora"),
                                   "gradient_checkpointing": mode.endswith("-gc")})
+    budget = BUDGET if mode.endswith("-3g") else None
     resolved = resolve_base(base)
     source = str(ensure_embedded(False)) if resolved.kind == "embedded" else resolved.source
     batches = encoded_batches(bundle, AutoTokenizer.from_pretrained(source), config)
     baseline = rss()
     stamps: list[float] = []  # when each step ended
+    plan = None
     if mode == "hand":
         hand_loop(base, config, batches, stamps)
     else:
-        train(bundle, config, base=base, progress=False,
-              on_step=lambda step, loss: stamps.append(time.perf_counter()))
+        card = train(bundle, config, base=base, progress=False, max_memory=budget,
+                     on_step=lambda step, loss: stamps.append(time.perf_counter()))
+        plan = card["memory_plan"]
     tokens = [sum(len(ids) for ids, _ in chunk) for chunk in batches]
     # step k's time is stamps[k] - stamps[k - 1]; the first step (one-off costs) is not counted
     seconds = stamps[-1] - stamps[0]
@@ -100,7 +108,7 @@ def main(argv: list[str]) -> None:
         "step_tokens": tokens[:len(stamps)],
         "tokens_per_s": counted / seconds if seconds > 0 else None,
         "baseline_rss": baseline, "peak_rss": peak_rss(),
-        "peak_delta_bytes": peak_rss() - baseline,
+        "peak_delta_bytes": peak_rss() - baseline, "memory_plan": plan,
     }))
 
 

@@ -22,7 +22,7 @@ def test_quick_bench_reports_every_row(tiny_base: Path, tiny_bundles: dict[str, 
     llama = ["L1", "L2", "L2t", "L6", "L7", "L5"]
     grammar = ["G1"] if rows["L2"]["note"] else ["G1", "G2"]
     assert list(rows) == ["P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P6f32",
-                          "P6bf16", "P6nf4", "P7", "P7q", "P7qc", *llama, *grammar]
+                          "P6bf16", "P6nf4", "P7", "P7m", "P7q", "P7qc", "P7q3", *llama, *grammar]
     for pid, row in rows.items():
         if pid in ("L1", "L5") or (pid in llama and row["note"]):
             continue

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from hyperlex.eval.faithful import faithful_records
+from hyperlex.eval.faithful import chat_prompt, chat_records, chat_statements, faithful_records
 from hyperlex.eval.roundtrip import EvalScene
 from hyperlex.persona.bundle import Persona
-from hyperlex.scene.model import Delta, Hyperlexeme, Link, Scene
+from hyperlex.scene.model import USER, Delta, Hyperlexeme, Link, Scene
 from hyperlex.training.data import parse_record
 
 from .conftest import write_bundle
@@ -83,3 +83,68 @@ def test_candidates_that_lose_the_scene_or_the_voice_are_refused(engine) -> None
     other = faithful_records(engine, engine.persona("alpha"), SCENES, [()], reads(SCENE),
                              Voice("writer"), params())
     assert other.refused == {"voice read as writer": 2}
+
+
+# chat turns: the persona answers a user's statement, as in agent chat ----------------------
+
+STATEMENT = EvalScene("t1", SCENE, "The fox does not see the moon.", "test")
+
+
+def test_a_chat_turn_that_keeps_the_negation_in_voice_becomes_an_ordinary_record(engine) -> None:
+    run = chat_records(engine, engine.persona("alpha"), [STATEMENT], [((), params())],
+                       reads(SCENE), Voice("alpha"))
+    assert run.refused == {} and len(run.records) == 1
+    example = parse_record(run.records[0])
+    assert example.human == "The fox does not see the moon." and not example.speaks_scene
+    assert example.scene.render("all") == SCENE.render("all")
+    assert chat_prompt(engine.persona("alpha"), STATEMENT, engine)[-1] == {
+        "role": "user", "content": "The fox does not see the moon."}
+
+
+def test_a_chat_turn_that_drops_or_flips_the_negation_is_refused(engine) -> None:
+    positive = Scene.from_dict(SCENE.to_dict())
+    positive.links[0].polarity = 1
+    only_nodes = Scene(hyperlexemes=dict(SCENE.hyperlexemes))
+    for read, reason in ((positive, "polarity flipped"), (only_nodes, "negation lost")):
+        run = chat_records(engine, engine.persona("alpha"), [STATEMENT], [((), params())],
+                           reads(read), Voice("alpha"))
+        assert run.records == [] and run.refused == {reason: 1}
+
+
+def test_chat_statements_state_a_negated_fact_read_as_the_user_said_it() -> None:
+    statements = chat_statements(3, "train", seed=0)
+    assert len(statements) == 3
+    for item in statements:
+        assert any(link.polarity < 0 for link in item.scene.links)
+        assert all(h.said_by == [USER] for h in item.scene.hyperlexemes.values())
+        assert item.reference.endswith(".") and "Think of" not in item.reference
+
+
+def test_the_negation_eval_counts_kept_flipped_and_voice_per_row(engine) -> None:
+    from hyperlex.eval.negation import negation_eval
+
+    report = negation_eval(engine, {"alpha": engine.persona("alpha")}, [STATEMENT, STATEMENT],
+                           reads(SCENE), Voice("alpha"), layers=(("scribe", 0.5),))
+    assert report.rows == ["alpha", "alpha+scribe:0.5"]
+    assert report.rates("alpha") == {"kept": 1.0, "flipped": 0.0, "own_voice": 1.0,
+                                     "kept_in_voice": 1.0}
+    assert "alpha+scribe:0.5" in report.table()
+
+
+def test_shipped_statements_each_state_a_negation(host) -> None:
+    from hyperlex.eval.negation import load_statements
+
+    statements = load_statements(host.scene_encoders["default"])
+    assert len(statements) >= 48
+    assert statements[0].reference == "The old fisherman does not trust the sea."
+
+
+def test_a_statement_without_a_negation_is_named_by_file_and_line(host, tmp_path: Path) -> None:
+    from hyperlex.errors import HyperlexError
+    from hyperlex.eval.negation import load_statements
+
+    path = tmp_path / "s.txt"
+    path.write_text("# comment\nThe fox does not see the moon.\nThe fox sees the moon.\n")
+    with pytest.raises(HyperlexError, match=r"s\.txt:3: 'The fox sees the moon\.' reads back "
+                                            "with no negated link"):
+        load_statements(host.scene_encoders["default"], path)

@@ -294,3 +294,18 @@ def test_the_scene_reader_reads_a_sentence_into_a_delta_under_its_grammar() -> N
     labels = {h.label for h in delta.hyperlexemes}
     assert {"fisherman", "sea"} <= labels
     assert all(k.src in {h.id for h in delta.hyperlexemes} for k in delta.links)
+
+
+def test_the_negation_eval_answers_held_out_statements_as_agent_chat_does(
+        real_home: Path) -> None:
+    """agent eval negation on the real logician: each held-out statement gets a reply read
+    back and judged (kept, flipped, lost; whose voice), and the rates are those verdicts."""
+    import json
+
+    done = run_agent(real_home, "eval", "negation", "-p", "logician", "--limit", "3", "--json")
+    row = json.loads(done.stdout)["rows"]["logician"]
+    assert [v["statement"] for v in row["replies"]][0] == \
+        "The old fisherman does not trust the sea."
+    assert all(v["negations"] >= 1 and v["reply"] for v in row["replies"])
+    kept = sum(v["negations_kept"] == v["negations"] for v in row["replies"])
+    assert row["kept"] == kept / 3

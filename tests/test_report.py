@@ -12,6 +12,7 @@ import pytest
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.fidelity import FidelityReport
 from hyperlex.eval.mood import MoodReport
+from hyperlex.eval.negation import NegationReport
 from hyperlex.eval.report import (
     GATE_EXIT,
     GATED_METRICS,
@@ -19,6 +20,7 @@ from hyperlex.eval.report import (
     fidelity_section,
     load_thresholds,
     mood_section,
+    negation_section,
     roundtrip_section,
     routing_section,
     write_report,
@@ -74,9 +76,17 @@ def mood_report() -> MoodReport:
                       {n: {"persona": 1.0, "persona+mood": 0.5} for n in table})
 
 
+def negation_report() -> NegationReport:
+    rows = ["alpha", "alpha+scribe:0.5"]
+    return NegationReport(rows, 4, {"alpha": 1, "alpha+scribe:0.5": 3},
+                          {"alpha": 2, "alpha+scribe:0.5": 0}, dict.fromkeys(rows, 4),
+                          {"alpha": 1, "alpha+scribe:0.5": 2}, {r: [] for r in rows})
+
+
 def all_sections():
     return [fidelity_section(fidelity_report()), routing_section(routing_report(), "cases.jsonl"),
-            roundtrip_section(roundtrip_report()), mood_section(mood_report())]
+            roundtrip_section(roundtrip_report()), mood_section(mood_report()),
+            negation_section(negation_report())]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -123,7 +133,8 @@ def test_check_applies_lower_and_upper_bounds_to_every_persona(tmp_path: Path) -
     path = write(tmp_path, "roundtrip: {link_f1: 0.6, logical_loss_max: 0.2}\n"
                            "fidelity: {gain_recovery: 1.0, neutral_ppl_ratio_max: 1.1}\n"
                            "routing: {implicit: 0.85, explicit: 1.0}\n"
-                           "mood: {valence_shift_max: -0.2}\n")
+                           "mood: {valence_shift_max: -0.2}\n"
+                           "negation: {kept: 0.5, flipped_max: 0.25}\n")
     thresholds = load_thresholds(path)
     failures = check(thresholds, all_sections())
     assert [f.text() for f in failures] == [
@@ -131,6 +142,8 @@ def test_check_applies_lower_and_upper_bounds_to_every_persona(tmp_path: Path) -
         "routing.implicit: 0.8 < 0.85",
         "roundtrip.link_f1: alpha 0.5 < 0.6",
         "roundtrip.logical_loss_max: alpha 0.25 > 0.2",
+        "negation.kept: alpha 0.25 < 0.5",
+        "negation.flipped_max: alpha 0.5 > 0.25",
     ]  # both moods shift valence by -0.3, under the -0.2 ceiling
     assert check(thresholds, [routing_section(routing_report())])[0].key == "implicit"
     assert check(None, all_sections()) == []
@@ -153,14 +166,16 @@ def test_report_writes_markdown_json_and_charts(tmp_path: Path) -> None:
         image = imread(out / name)
         assert image.shape[0] > 100 and image.shape[1] > 100
     document = json.loads((out / "report.json").read_text())
-    assert set(document["sections"]) == {"fidelity", "routing", "roundtrip", "mood"}
+    assert set(document["sections"]) == {"fidelity", "routing", "roundtrip", "mood",
+                                         "negation"}
     assert document["base"] == "tiny" and document["hyperlex"]
     assert document["gate"]["passed"] is False
     assert document["gate"]["failures"][0]["key"] == "implicit"
     assert document["sections"]["routing"]["cases"] == "cases.jsonl"
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# hyperlex evaluation report")
-    for title in ("## Fidelity", "## Routing", "## Round trip", "## Mood"):
+    for title in ("## Fidelity", "## Routing", "## Round trip", "## Mood",
+                  "## Negation in a conversation"):
         assert title in markdown
     for name in charts:
         assert f"]({name})" in markdown

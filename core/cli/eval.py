@@ -494,3 +494,63 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
     _finish([mood_section(report)], report_dir, thresholds, engine.base_name)
 
 
+
+
+@eval_group.command("negation")
+@click.option("-p", "--persona", "names", multiple=True,
+              help="Persona to evaluate (repeatable; default: every persona with an adapter "
+                   "and held-out data).")
+@click.option("--statements", "statements_file", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="User messages stating a negated fact, one per line (default: the 48 "
+                   "shipped held-out statements).")
+@click.option("--compose", "compose", multiple=True, metavar="LAYER[:WEIGHT]",
+              help="Also answer with LAYER composed over each persona (repeatable), e.g. "
+                   "--compose writer:0.5.")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed of every reply.")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Use only the first N statements (a quick check).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report with every reply and its verdict as JSON.")
+@_report_options
+@engine_options
+def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose: tuple[str, ...],
+                  seed: int, limit: int | None, batch_size: int, as_json: bool,
+                  report_dir: Path | None, thresholds_file: Path | None,
+                  base: str | None, dtype: str, quantize: str | None) -> None:
+    """Does each persona keep a negated fact the user states? Each statement opens a
+    conversation ("The old fisherman does not trust the sea."), the persona answers as in
+    agent chat (its contract's sampling, seeded), and the default encoder reads the reply
+    back. Per persona: the share of replies that keep every negated fact, that flip one, that
+    the fidelity classifier gives to the persona, and that do both (docs/verification.md)."""
+    from hyperlex.engines.embeddings import minilm_embedder
+    from hyperlex.eval.fidelity import PersonaClassifier, load_sets
+    from hyperlex.eval.negation import load_statements, negation_eval
+    from hyperlex.eval.report import negation_section
+
+    thresholds = _load_gate(thresholds_file)
+    host = get_host()
+    report_problems(host)
+    encoder = host.scene_encoders["default"]
+    statements = load_statements(encoder, statements_file)[:limit]
+    candidates = {n: p for n, p in evaluable_personas(host).items() if not p.is_layer}
+    for name in names:
+        if name not in candidates:
+            raise click.BadParameter(f"{name!r} is not a persona with an adapter and held-out "
+                                     f"data; choose from {', '.join(sorted(candidates))}",
+                                     param_hint="'--persona'")
+    chosen = {n: candidates[n] for n in names} or candidates
+    layers = compositions(host, compose)
+    click.echo("fitting the voice classifier", err=True)
+    classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in candidates.items()},
+                                   minilm_embedder())
+    engine = open_engine(host, base, dtype, quantize,
+                         only=[*chosen, *(layer for layer, _ in layers)])
+    report = negation_eval(engine, chosen, statements, encoder, classifier, seed, tuple(layers),
+                           batch_size, progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        click.echo(report.table())
+    _finish([negation_section(report)], report_dir, thresholds, engine.base_name)

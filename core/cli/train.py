@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,24 +43,38 @@ from hyperlex.errors import HyperlexError
               help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations during the backward pass: much less memory, about "
-              "a third more time per step (default: from train.yaml).")
+              "a third more time per step (default: from train.yaml; when it is off there, "
+              "agent train turns it on only if that is what fits --max-memory).")
+@click.option("--micro-batch-size", type=int, default=None,
+              help="Rows per forward/backward pass, gradients accumulated up to --batch-size "
+                   "(default: the most that fit --max-memory).")
+@click.option("--loss-chunk", type=int, default=None,
+              help="Reply tokens whose logits are computed at a time (default: as many as "
+                   "fit 128 MiB).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory the run may use, e.g. 3G: micro-batches and gradient "
+                   "checkpointing are chosen to fit, or training is refused before it starts "
+                   "(default: what the machine has available, less 1 GiB).")
 @click.option("--base", default=None, metavar="MODEL", help="Base model (default: embedded).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint Ctrl-C saved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training card as JSON.")
-def train(bundle: Path, base: str | None, resume: bool, as_json: bool, **options: Any) -> None:
+def train(bundle: Path, base: str | None, resume: bool, as_json: bool, max_memory: str | None,
+          **options: Any) -> None:
     """Train the LoRA adapter of the persona bundle BUNDLE.
 
     Options come from BUNDLE/train.yaml, then these overrides. Ctrl-C saves a checkpoint;
     --resume continues from it.
     """
+    from hyperlex.training.memory import parse_size
     from hyperlex.training.train import TrainingInterrupted, load_config
     from hyperlex.training.train import train as run_training
 
     config = load_config(bundle, options)
+    budget = parse_size(max_memory) if max_memory is not None else None
     click.echo(f"Training {bundle} ({'QLoRA' if config.qlora else 'LoRA'} r={config.r} "
                f"alpha={config.alpha}, {config.epochs} epochs)", err=True)
     try:
-        card = run_training(bundle, config, base=base, resume=resume)
+        card = run_training(bundle, config, base=base, resume=resume, max_memory=budget)
     except TrainingInterrupted as exc:
         click.echo(str(exc), err=True)
         sys.exit(130)
@@ -251,8 +266,16 @@ def data_read(out: Path, count: int, voice: int, seed: int) -> None:
               help="Hyperlexeme recall a candidate must reach.")
 @click.option("--min-link-recall", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Relaxed link recall a candidate must reach.")
-@click.option("--out", default="data/faithful.jsonl", show_default=True, metavar="FILE",
-              help="Where the records go, relative to each persona's bundle (overwritten).")
+@click.option("--chat", is_flag=True,
+              help="Chat turns instead of spoken scenes: each persona answers a user's "
+                   "statement of a negated fact (cut from the corpus's train split) as in agent "
+                   "chat, and the replies that keep every negated fact in its voice are kept.")
+@click.option("--samples", type=click.IntRange(1), default=2, show_default=True,
+              help="With --chat: sampled replies per proposal and statement (seeds 1..N, the "
+                   "persona's own sampling settings).")
+@click.option("--out", default=None, metavar="FILE",
+              help="Where the records go, relative to each persona's bundle (overwritten; "
+                   "default data/faithful.jsonl, with --chat data/faithful-chat.jsonl).")
 @click.option("--encoder", default="default", show_default=True,
               help="Scene encoder that reads the candidates back.")
 @click.option("--seed", default=1, show_default=True, help="Which training scenes.")
@@ -261,22 +284,28 @@ def data_read(out: Path, count: int, voice: int, seed: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print each persona's counts as JSON.")
 @engine_options
 def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
-                  min_recall: float, min_link_recall: float, out: str, encoder: str, seed: int,
+                  min_recall: float, min_link_recall: float, chat: bool, samples: int,
+                  out: str | None, encoder: str, seed: int,
                   max_new_tokens: int, batch_size: int, as_json: bool, base: str | None,
                   dtype: str, quantize: str | None) -> None:
     """Self-distillation data: each persona speaks training scenes alone and with the
     scene-writer composed over it; the replies that read back to their scene and that the
     fidelity classifier gives to the persona become its speak_scene records (docs/data.md).
-    Train on them with agent train BUNDLE --init-adapter adapter/ --extra-data FILE."""
+    Train on them with agent train BUNDLE --init-adapter adapter/ --extra-data FILE.
+
+    --chat builds chat-turn records instead (docs/verification.md, "Negation in a
+    conversation").
+    """
     from hyperlex.cli.common import compositions, open_engine, report_problems
     from hyperlex.engines.embeddings import minilm_embedder
-    from hyperlex.eval.faithful import faithful_records
+    from hyperlex.eval.faithful import chat_records, chat_statements, faithful_records
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
     from hyperlex.eval.roundtrip import EvalScene, speaking_params
     from hyperlex.training.data import write_records
     from hyperlex.training.synth import scene_records
     from hyperlex.training.train import load_config
 
+    out = out or ("data/faithful-chat.jsonl" if chat else "data/faithful.jsonl")
     host = get_host()
     report_problems(host)
     speakers = {n: p for n, p in host.personas.items() if not p.is_mood
@@ -295,8 +324,11 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     if encoder not in host.scene_encoders:
         raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
     reader = host.scene_encoders[encoder]
-    scenes = [EvalScene(item["id"], item["scene"], item["reference"], "synth")
-              for item in scene_records(count, "train", seed)]
+    if chat:
+        scenes = chat_statements(count, "train", seed, reader)
+    else:
+        scenes = [EvalScene(item["id"], item["scene"], item["reference"], "synth")
+                  for item in scene_records(count, "train", seed)]
     click.echo("fitting the voice classifier", err=True)
     classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in speakers.items()
                                     if not p.is_layer}, minilm_embedder())
@@ -304,10 +336,17 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
                          only=[*chosen, *(s[0][0] for s in proposals if s)])
     summary = []
     for name, persona in chosen.items():
-        run = faithful_records(engine, persona, scenes, proposals, reader, classifier,
-                               speaking_params(max_new_tokens), batch_size,
-                               min_recall, min_link_recall,
-                               progress=lambda m: click.echo(m, err=True))
+        if chat:
+            own = persona.contract.params()
+            sampled = [(stack, dataclasses.replace(own, seed=s))
+                       for stack in proposals for s in range(1, samples + 1)]
+            run = chat_records(engine, persona, scenes, sampled, reader, classifier,
+                               batch_size, progress=lambda m: click.echo(m, err=True))
+        else:
+            run = faithful_records(engine, persona, scenes, proposals, reader, classifier,
+                                   speaking_params(max_new_tokens), batch_size,
+                                   min_recall, min_link_recall,
+                                   progress=lambda m: click.echo(m, err=True))
         target = persona.root / out
         write_records(target, run.records)
         summary.append({**run.as_dict(), "file": str(target)})

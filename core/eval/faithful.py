@@ -23,6 +23,7 @@ adapter (``--init-adapter``), and the loop repeats while it still gains. This is
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +38,10 @@ from hyperlex.eval.roundtrip import (
     read_back,
     score_roundtrip,
 )
-from hyperlex.generation import GenerationParams, Layers
+from hyperlex.generation import GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
-from hyperlex.persona.prompt import scene_prompt
-from hyperlex.scene.model import Delta
+from hyperlex.persona.prompt import build_prompt, scene_prompt
+from hyperlex.scene.model import USER, Delta, Scene
 
 MIN_HYPERLEXEME_RECALL = 0.75
 MIN_LINK_RECALL = 0.5
@@ -144,5 +145,133 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
                          "proposal": chosen.proposal,
                          "hyperlexeme_recall": chosen.score.hyperlexemes["recall"],
                          "link_recall_relaxed": chosen.score.links_relaxed["recall"],
+                         "voice_probability": round(chosen.voice_probability, 3)}})
+    return run
+
+
+# chat turns ---------------------------------------------------------------------------------
+#
+# The records above teach a persona to speak a scene when asked to. In a conversation nobody
+# asks: the user states a fact ("The old fisherman does not trust the sea.") and the persona
+# answers in its voice with that fact in its scene. A chat round samples such turns, built by
+# the same prompt builder as chat, and keeps the replies that keep every negated fact of the
+# message (read back, matched, polarity intact) in the persona's voice.
+
+_SENTENCE_END = re.compile(r"(?<=[.;])\s+")
+
+
+def chat_statements(count: int, split: str = "train", seed: int = 0,
+                    encoder: Callable[[str], Delta] | None = None) -> list[EvalScene]:
+    """``count`` user messages that state at least one negated fact: the first negated
+    sentence of a synthetic corpus scene of ``split`` (and the sentence after it), each with
+    the scene a conversation holds once the user has said it (``encoder``'s reading, said by
+    the user on turn 0). ``reference`` is the message."""
+    from hyperlex.scene.encoders import DefaultEncoder
+    from hyperlex.training.synth import scene_records
+
+    encoder = encoder or DefaultEncoder()
+    statements: list[EvalScene] = []
+    pool = scene_records(50 * count + 100, split, seed, encoder=encoder)
+    for record in pool:
+        if len(statements) == count:
+            break
+        if not record["negated"]:
+            continue
+        sentences = [_sentence(s) for s in _SENTENCE_END.split(record["reference"])
+                     if not s.startswith("Think of")]
+        first = next((i for i, s in enumerate(sentences) if _negated(encoder(s))), None)
+        if first is None:
+            continue
+        text = " ".join(sentences[first:first + 2])
+        delta = encoder(text)
+        if not _negated(delta):
+            continue
+        scene = Scene().apply(delta, turn=0, speaker=USER)
+        statements.append(EvalScene(f"chat-{record['id']}", scene, text, "synth"))
+    if len(statements) < count:
+        raise RuntimeError(f"only {len(statements)} of {count} negated statements found")
+    return statements
+
+
+def _sentence(text: str) -> str:
+    text = text.strip().rstrip(";").rstrip(".") + "."
+    for opener in ("Meanwhile, ", "Then, ", "Later, ", "After that, ", "Soon, "):
+        text = text.removeprefix(opener)
+    return text[:1].upper() + text[1:]
+
+
+def _negated(delta: Delta) -> bool:
+    return any(link.polarity < 0 for link in delta.links)
+
+
+def chat_prompt(persona: Persona, statement: EvalScene, counter: Any) -> list[Message]:
+    """What ``persona`` answers to when a conversation opens with ``statement``: the
+    statement's scene in the system message, then the statement (as ``agent chat`` builds it,
+    and as training rebuilds it from the record)."""
+    return build_prompt(persona, statement.reference, scene=statement.scene, counter=counter)
+
+
+def chat_refusal(candidate: Candidate, persona: str) -> str | None:
+    """Why a chat-turn ``candidate`` is not kept (None: it is): it must keep every negated
+    fact of the message and be in the persona's voice."""
+    score = candidate.score
+    if score.logical_loss:
+        return "polarity flipped"
+    if score.negations_kept < score.negations:
+        return "negation lost"
+    if candidate.voice != persona:
+        return f"voice read as {candidate.voice}"
+    return None
+
+
+def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
+                 proposals: Sequence[tuple[Layers, GenerationParams]],
+                 encoder: Callable[[str], Delta], classifier: Any, batch_size: int = 16,
+                 progress: Callable[[str], None] | None = None) -> FaithfulRun:
+    """One persona's chat round: each proposal (a layer stack and the parameters to sample
+    with) answers every statement; the best kept reply per statement becomes an ordinary
+    ``human``/``scene``/``text`` record."""
+    say = progress or (lambda message: None)
+    name = persona.name
+    candidates: list[Candidate] = []
+    for number, (stack, params) in enumerate(proposals):
+        label = ",".join(str(mood_label(layer)) for layer in stack) or "alone"
+        label += f"#{number}"
+        requests = [(chat_prompt(persona, item, engine), name) for item in statements]
+        replies = generate_replies(
+            engine, requests, params, batch_size,
+            lambda done, total, label=label: say(f"{name} ({label}): {done}/{total}"),
+            layers=stack)
+        deltas = encode_all(encoder, replies)
+        voices = classifier.predict(replies)
+        mine = classifier.probability(replies, name)
+        for item, reply, delta, voice, probability in zip(statements, replies, deltas, voices,
+                                                          mine, strict=True):
+            score = score_roundtrip(item.scene, read_back(delta), reply)
+            candidates.append(Candidate(item, label, reply, score, voice, probability))
+
+    run = FaithfulRun(name, [], len(candidates))
+    best: dict[str, Candidate] = {}
+    for candidate in candidates:
+        reason = chat_refusal(candidate, name)
+        run.verdicts.append({
+            "statement": candidate.scene.reference, "proposal": candidate.proposal,
+            "negations": candidate.score.negations,
+            "negations_kept": candidate.score.negations_kept, "voice": candidate.voice,
+            "voice_probability": round(candidate.voice_probability, 3),
+            "refused": reason, "reply": candidate.reply})
+        if reason is not None:
+            run.refused[reason] += 1
+            continue
+        run.accepted[candidate.proposal] += 1
+        kept = best.get(candidate.scene.id)
+        if kept is None or candidate.rank() > kept.rank():
+            best[candidate.scene.id] = candidate
+    for item in statements:
+        if (chosen := best.get(item.id)) is not None:
+            run.records.append({
+                "human": item.reference, "scene": item.scene.to_dict(), "text": chosen.reply,
+                "meta": {"self_distilled": True, "chat_turn": True, "statement_id": item.id,
+                         "proposal": chosen.proposal,
                          "voice_probability": round(chosen.voice_probability, 3)}})
     return run

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from hyperlex.eval.fidelity import FidelityReport
     from hyperlex.eval.mood import MoodReport
+    from hyperlex.eval.negation import NegationReport
     from hyperlex.eval.roundtrip import RoundtripReport
     from hyperlex.eval.routing import RoutingReport
 
@@ -53,10 +54,11 @@ GATED_METRICS: dict[str, tuple[str, ...]] = {
     "routing": ("explicit", "words", "implicit", "all"),
     "roundtrip": ROUNDTRIP_METRICS,
     "mood": ("valence_shift", "tone", "identity"),
+    "negation": ("kept", "flipped", "own_voice", "kept_in_voice"),
 }
 """Per section, the metrics a thresholds file can gate (``NAME`` or ``NAME_max``)."""
 SECTION_TITLES = {"fidelity": "Fidelity", "routing": "Routing", "roundtrip": "Round trip",
-                  "mood": "Mood"}
+                  "mood": "Mood", "negation": "Negation in a conversation"}
 
 Scoped = list[tuple[str, float]]  # (persona or "all", value)
 
@@ -415,6 +417,26 @@ def mood_section(report: MoodReport) -> Section:
         "identity": [(n, report.identity[n][mixed]) for n in names],
     }
     return Section("mood", report.as_dict(), markdown, charts, metrics)
+
+
+def negation_section(report: NegationReport) -> Section:
+    keys = GATED_METRICS["negation"]
+    rates = {row: report.rates(row) for row in report.rows}
+    rows = [(row, *(rates[row][k] for k in keys)) for row in report.rows]
+    markdown = "\n\n".join([
+        f"{report.statements} statements of a negated fact, each answered as in agent chat.",
+        _md_table(("speaker", "kept", "flipped", "in its voice", "kept, in its voice"), rows),
+        "![negation](negation.png)",
+    ])
+
+    def draw(fig: Figure) -> None:
+        _bars(fig.subplots(), report.rows, {k: [rates[r][k] for r in report.rows]
+                                            for k in keys}, "negated facts", limit=(0, 1.05))
+
+    charts = [Chart("negation.png", "negation kept", draw,
+                    (max(7.0, 1.2 * len(report.rows)), 4.0))]
+    metrics = {k: [(row, rates[row][k]) for row in report.rows] for k in keys}
+    return Section("negation", report.as_dict(), markdown, charts, metrics)
 
 
 # drawing ------------------------------------------------------------------------------------

@@ -266,6 +266,8 @@ class RoundtripScore:
     details: int
     impoverished: list[dict[str, Any]]
     logical_loss: list[dict[str, Any]]
+    negations: int = 0  # negated source links
+    negations_kept: int = 0  # of those, matched by a negated reply link
 
     @property
     def failures(self) -> int:
@@ -392,7 +394,10 @@ def score_roundtrip(source: Scene, reply_scene: Scene, reply_text: str = "") -> 
         missing_hyperlexemes=sorted(source_labels - reply_labels),
         extra_hyperlexemes=sorted(invented),
         source_links=len(source_triples), matched_links=len(pairs), split_links=split,
-        details=details, impoverished=impoverished, logical_loss=flips)
+        details=details, impoverished=impoverished, logical_loss=flips,
+        negations=sum(1 for polarity in source_triples.values() if polarity < 0),
+        negations_kept=sum(1 for source_triple, reply_triple in pairs
+                           if source_triples[source_triple] < 0 > reply_triples[reply_triple]))
 
 
 def _found(value: str, vocabulary: set[str]) -> bool:

@@ -31,6 +31,8 @@ from hyperlex.errors import HyperlexError
 from hyperlex.persona.bundle import BUNDLE_FILE, Persona, read_bundle_yaml, read_yaml
 from hyperlex.persona.prompt import ChatTemplateCounter, example_prompt
 from hyperlex.training.data import Example, read_dataset
+from hyperlex.training.loss import reply_loss
+from hyperlex.training.memory import default_budget, plan_memory, resident_memory
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_FILE = "train.yaml"
@@ -58,6 +60,12 @@ class TrainConfig:
     extra_data: tuple[str, ...] = ()
     # start from this adapter's weights instead of a fresh LoRA (a further round over "adapter/")
     init_adapter: str = ""
+    # reply positions whose logits are computed at a time (0: as many as fit 128 MiB;
+    # hyperlex.training.loss)
+    loss_chunk: int = 0
+    # rows per forward/backward pass, their gradients accumulated up to batch_size (0: the
+    # most that fit the memory budget; hyperlex.training.memory)
+    micro_batch_size: int = 0
 
     def updated(self, values: dict[str, Any], where: str) -> TrainConfig:
         """A copy with ``values`` applied, each checked and converted; errors name ``where``."""
@@ -93,6 +101,8 @@ def _convert(key: str, value: Any, kind: type, where: str) -> Any:
     positive = ("r", "alpha", "epochs", "batch_size", "max_length", "learning_rate")
     if key in positive and not converted > 0:
         raise HyperlexError(f"{where}: {key} must be > 0, got {value!r}")
+    if key in ("loss_chunk", "micro_batch_size") and converted < 0:
+        raise HyperlexError(f"{where}: {key} must be >= 0 (0: automatic), got {value!r}")
     if key == "dropout" and not 0 <= converted < 1:
         raise HyperlexError(f"{where}: dropout must be in [0, 1), got {value!r}")
     if key == "save_dtype" and converted not in SAVE_DTYPES:
@@ -143,7 +153,31 @@ def batches(examples: list[tuple[list[int], list[int]]], size: int,
         yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def mean_loss(model: Any, examples: list, batch_size: int, pad_id: int) -> float:
+def _groups(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def accumulate(model: Any, examples: list[tuple[list[int], list[int]]], micro_batch: int,
+               pad_id: int, chunk: int | None = None) -> float:
+    """Forward and backward ``examples`` (one optimiser batch) in micro-batches of
+    ``micro_batch`` rows, each loss weighted by its share of the batch's reply tokens, so the
+    gradients add up to the whole batch's mean-loss gradient; return that mean loss."""
+    parts = list(batches(examples, micro_batch, pad_id))
+    counts = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
+    total = sum(counts)
+    mean = 0.0
+    for part, count in zip(parts, counts, strict=True):
+        if count == 0:
+            continue
+        loss = reply_loss(model, part, chunk) * (count / total)
+        loss.backward()
+        mean += loss.item()
+    return mean
+
+
+def mean_loss(model: Any, examples: list, batch_size: int, pad_id: int,
+              chunk: int | None = None) -> float:
     """Token-weighted mean loss over reply tokens."""
     import torch
 
@@ -153,7 +187,7 @@ def mean_loss(model: Any, examples: list, batch_size: int, pad_id: int) -> float
     with torch.no_grad():
         for batch in batches(examples, batch_size, pad_id):
             n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * n
+            total += float(reply_loss(model, batch, chunk)) * n
             count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -234,10 +268,12 @@ class _StopAfterStep:
 
 
 def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bool = False,
-          progress: bool = True, on_step: Callable[[int, float], None] | None = None
-          ) -> dict[str, Any]:
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+          max_memory: int | None = None) -> dict[str, Any]:
     """Train the bundle's adapter; return the training card. Raises TrainingInterrupted after
-    saving a checkpoint when interrupted (Ctrl-C)."""
+    saving a checkpoint when interrupted (Ctrl-C). The micro-batch size and gradient
+    checkpointing are chosen to fit ``max_memory`` bytes (default: what the machine has
+    available, less a margin; :mod:`hyperlex.training.memory`)."""
     from hyperlex.engines.models import load_base, quiet_libraries, resolve_base
 
     quiet_libraries()
@@ -284,9 +320,16 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
 
     examples = [item for _, path, part in mix for item in encode(part, path)]
     held = encode(heldout, heldout_path)
+    resident = resident_memory()
+    memory = plan_memory(config.batch_size, max(len(ids) for ids, _ in examples + held),
+                         model.config, resident,
+                         max_memory or default_budget(resident), config.micro_batch_size,
+                         True if config.gradient_checkpointing else None)
+    if progress:
+        print(f"memory: {memory.describe()}", file=sys.stderr)
     if config.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if config.gradient_checkpointing:  # recompute activations in backward: less memory
+    if memory.gradient_checkpointing:  # recompute activations in backward: less memory
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), bias="none",
@@ -318,17 +361,17 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         for epoch in range(step // per_epoch, config.epochs):
             order = examples[:]
             random.Random(config.seed + epoch).shuffle(order)  # same order after a resume
-            for index, batch in enumerate(batches(order, config.batch_size, pad_id)):
+            for index, batch in enumerate(_groups(order, config.batch_size)):
                 if epoch * per_epoch + index < step:
                     continue
-                loss = model(**batch).loss
-                loss.backward()
+                loss = accumulate(model, batch, memory.micro_batch, pad_id,
+                                  config.loss_chunk or None)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
-                losses.append(loss.detach().item())
+                losses.append(loss)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
                 bar.update()
                 if on_step is not None:
@@ -368,9 +411,11 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         "steps": steps,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
-        "heldout_loss": mean_loss(model, held, config.batch_size, pad_id) if held else None,
+        "heldout_loss": (mean_loss(model, held, config.batch_size, pad_id,
+                                   config.loss_chunk or None) if held else None),
         "wall_seconds": round(time.time() - start, 1),
         "peak_memory_mb": round(_peak_rss_mb(), 1),
+        "memory_plan": memory.as_dict(),
         "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
         "torch": torch.__version__,
     }
