@@ -1,5 +1,6 @@
 """One training run for P7, in a process of its own so that its peak memory is its own:
-``python -m bench.train_worker MODE BUNDLE BASE`` prints one JSON line.
+``python -m bench.train_worker MODE BUNDLE BASE [OPTIONS_JSON]`` prints one JSON line
+(OPTIONS_JSON: more training options, e.g. ``{"micro_batch_size": 2}``).
 
 MODE ``hyperlex`` runs ``hyperlex.training.train.train`` (what ``agent train`` runs, with the
 machine's memory as its budget: whole batches), ``qlora`` the same with a 4-bit base,
@@ -74,6 +75,7 @@ def hand_loop(base: str | None, config: Any, batches: list[list[tuple]],
 
 def main(argv: list[str]) -> None:
     mode, bundle, base = argv[0], Path(argv[1]), (argv[2] if argv[2] != "-" else None)
+    extra = json.loads(argv[3]) if len(argv) > 3 else {}  # more training options
     # every mode pays the same imports before the memory baseline
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
@@ -84,7 +86,7 @@ def main(argv: list[str]) -> None:
     from hyperlex.training.train import load_config, train
 
     config = load_config(bundle, {"epochs": 1, "qlora": mode.startswith("qlora"),
-                                  "gradient_checkpointing": mode.endswith("-gc")})
+                                  "gradient_checkpointing": mode.endswith("-gc"), **extra})
     budget = BUDGET if mode.endswith("-3g") else None
     resolved = resolve_base(base)
     source = str(ensure_embedded(False)) if resolved.kind == "embedded" else resolved.source

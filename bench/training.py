@@ -47,9 +47,11 @@ def training_bundle(config: Config, workdir: Path, steps: int) -> Path:
     return target
 
 
-def run_worker(mode: str, bundle: Path, base: str | None) -> dict[str, Any]:
+def run_worker(mode: str, bundle: Path, base: str | None,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.train_worker", mode, str(bundle), base or "-"],
+        [sys.executable, "-m", "bench.train_worker", mode, str(bundle), base or "-",
+         json.dumps(options or {})],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
         raise RuntimeError(f"training worker {mode!r} failed:\n{done.stderr[-3000:]}")

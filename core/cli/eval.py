@@ -207,6 +207,16 @@ def evaluable_personas(host: Host) -> dict[str, Any]:
             and (p.root / load_config(p.root).heldout).is_file()}
 
 
+def _chosen(candidates: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The ``-p`` personas among ``candidates`` (all of them without ``-p``)."""
+    for name in names:
+        if name not in candidates:
+            raise click.BadParameter(f"{name!r} is not a persona with an adapter and held-out "
+                                     f"data; choose from {', '.join(sorted(candidates))}",
+                                     param_hint="'--persona'")
+    return {n: candidates[n] for n in names} or candidates
+
+
 def _shipped_routing_cases() -> Path:
     from importlib import resources
 
@@ -473,12 +483,7 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
         raise HyperlexError(f"mood {mood!r} has no adapter to measure; train it with "
                             f"agent train {installed[mood].root}")
     candidates = evaluable_personas(host)
-    for name in names:
-        if name not in candidates:
-            raise click.BadParameter(f"{name!r} is not a persona with an adapter and held-out "
-                                     f"data; choose from {', '.join(sorted(candidates))}",
-                                     param_hint="'--persona'")
-    chosen = {n: candidates[n] for n in names} or candidates
+    chosen = _chosen(candidates, names)
     sets = {name: load_sets(persona) for name, persona in candidates.items()}
     engine = open_engine(host, base, dtype, quantize, only=[*candidates, mood])
     report = mood_shift(
@@ -492,8 +497,6 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
     else:
         click.echo(report.table())
     _finish([mood_section(report)], report_dir, thresholds, engine.base_name)
-
-
 
 
 @eval_group.command("negation")
@@ -535,12 +538,7 @@ def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose:
     encoder = host.scene_encoders["default"]
     statements = load_statements(encoder, statements_file)[:limit]
     candidates = {n: p for n, p in evaluable_personas(host).items() if not p.is_layer}
-    for name in names:
-        if name not in candidates:
-            raise click.BadParameter(f"{name!r} is not a persona with an adapter and held-out "
-                                     f"data; choose from {', '.join(sorted(candidates))}",
-                                     param_hint="'--persona'")
-    chosen = {n: candidates[n] for n in names} or candidates
+    chosen = _chosen(candidates, names)
     layers = compositions(host, compose)
     click.echo("fitting the voice classifier", err=True)
     classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in candidates.items()},

@@ -101,12 +101,44 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
                      progress: Callable[[str], None] | None = None) -> FaithfulRun:
     """One persona's round (see the module docstring); ``proposals``: the layer stacks to
     sample under (``()``: the persona alone)."""
+    candidates = _sample(engine, persona, scenes, [(stack, params) for stack in proposals],
+                         lambda item: scene_prompt(persona, item.scene, engine), encoder,
+                         classifier, batch_size, progress, numbered=False)
+
+    def verdict(candidate: Candidate) -> dict[str, Any]:
+        return {"scene": candidate.scene.id,
+                "hyperlexeme_recall": candidate.score.hyperlexemes["recall"],
+                "link_recall_relaxed": candidate.score.links_relaxed["recall"],
+                "polarity_flips": len(candidate.score.logical_loss)}
+
+    def record(item: EvalScene, chosen: Candidate) -> dict[str, Any]:
+        return {"speak_scene": True, "scene": item.scene.to_dict(), "text": chosen.reply,
+                "meta": {"self_distilled": True, "scene_id": item.id,
+                         "proposal": chosen.proposal,
+                         "hyperlexeme_recall": chosen.score.hyperlexemes["recall"],
+                         "link_recall_relaxed": chosen.score.links_relaxed["recall"],
+                         "voice_probability": round(chosen.voice_probability, 3)}}
+
+    return _select(persona.name, scenes, candidates,
+                   lambda c: refusal(c, persona.name, min_recall, min_link_recall),
+                   verdict, record)
+
+
+def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
+            proposals: Sequence[tuple[Layers, GenerationParams]],
+            prompt: Callable[[EvalScene], list[Message]], encoder: Callable[[str], Delta],
+            classifier: Any, batch_size: int, progress: Callable[[str], None] | None,
+            numbered: bool = True) -> list[Candidate]:
+    """Every proposal's reply to every item, read back, scored against the item's scene and
+    attributed to a voice. A proposal's label is its layers (``alone``), and with
+    ``numbered`` its place in ``proposals`` (``writer:0.5#1``), which tells samples apart."""
     say = progress or (lambda message: None)
     name = persona.name
+    requests = [(prompt(item), name) for item in items]
     candidates: list[Candidate] = []
-    for stack in proposals:
+    for number, (stack, params) in enumerate(proposals):
         label = ",".join(str(mood_label(layer)) for layer in stack) or "alone"
-        requests = [(scene_prompt(persona, item.scene, engine), name) for item in scenes]
+        label += f"#{number}" if numbered else ""
         replies = generate_replies(
             engine, requests, params, batch_size,
             lambda done, total, label=label: say(f"{name} ({label}): {done}/{total}"),
@@ -114,20 +146,24 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
         deltas = encode_all(encoder, replies)
         voices = classifier.predict(replies)
         mine = classifier.probability(replies, name)
-        for item, reply, delta, voice, probability in zip(scenes, replies, deltas, voices, mine,
+        for item, reply, delta, voice, probability in zip(items, replies, deltas, voices, mine,
                                                           strict=True):
             score = score_roundtrip(item.scene, read_back(delta), reply)
             candidates.append(Candidate(item, label, reply, score, voice, probability))
+    return candidates
 
+
+def _select(name: str, items: Sequence[EvalScene], candidates: list[Candidate],
+            refuse: Callable[[Candidate], str | None],
+            verdict: Callable[[Candidate], dict[str, Any]],
+            record: Callable[[EvalScene, Candidate], dict[str, Any]]) -> FaithfulRun:
+    """The run: a verdict per candidate, and a record of the best accepted one per item."""
     run = FaithfulRun(name, [], len(candidates))
     best: dict[str, Candidate] = {}
     for candidate in candidates:
-        reason = refusal(candidate, name, min_recall, min_link_recall)
+        reason = refuse(candidate)
         run.verdicts.append({
-            "scene": candidate.scene.id, "proposal": candidate.proposal,
-            "hyperlexeme_recall": candidate.score.hyperlexemes["recall"],
-            "link_recall_relaxed": candidate.score.links_relaxed["recall"],
-            "polarity_flips": len(candidate.score.logical_loss), "voice": candidate.voice,
+            **verdict(candidate), "proposal": candidate.proposal, "voice": candidate.voice,
             "voice_probability": round(candidate.voice_probability, 3),
             "refused": reason, "reply": candidate.reply})
         if reason is not None:
@@ -137,15 +173,8 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
         kept = best.get(candidate.scene.id)
         if kept is None or candidate.rank() > kept.rank():
             best[candidate.scene.id] = candidate
-    for item in scenes:
-        if (chosen := best.get(item.id)) is not None:
-            run.records.append({
-                "speak_scene": True, "scene": item.scene.to_dict(), "text": chosen.reply,
-                "meta": {"self_distilled": True, "scene_id": item.id,
-                         "proposal": chosen.proposal,
-                         "hyperlexeme_recall": chosen.score.hyperlexemes["recall"],
-                         "link_recall_relaxed": chosen.score.links_relaxed["recall"],
-                         "voice_probability": round(chosen.voice_probability, 3)}})
+    run.records = [record(item, chosen) for item in items
+                   if (chosen := best.get(item.id)) is not None]
     return run
 
 
@@ -231,47 +260,20 @@ def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
     """One persona's chat round: each proposal (a layer stack and the parameters to sample
     with) answers every statement; the best kept reply per statement becomes an ordinary
     ``human``/``scene``/``text`` record."""
-    say = progress or (lambda message: None)
-    name = persona.name
-    candidates: list[Candidate] = []
-    for number, (stack, params) in enumerate(proposals):
-        label = ",".join(str(mood_label(layer)) for layer in stack) or "alone"
-        label += f"#{number}"
-        requests = [(chat_prompt(persona, item, engine), name) for item in statements]
-        replies = generate_replies(
-            engine, requests, params, batch_size,
-            lambda done, total, label=label: say(f"{name} ({label}): {done}/{total}"),
-            layers=stack)
-        deltas = encode_all(encoder, replies)
-        voices = classifier.predict(replies)
-        mine = classifier.probability(replies, name)
-        for item, reply, delta, voice, probability in zip(statements, replies, deltas, voices,
-                                                          mine, strict=True):
-            score = score_roundtrip(item.scene, read_back(delta), reply)
-            candidates.append(Candidate(item, label, reply, score, voice, probability))
+    candidates = _sample(engine, persona, statements, proposals,
+                         lambda item: chat_prompt(persona, item, engine), encoder, classifier,
+                         batch_size, progress)
 
-    run = FaithfulRun(name, [], len(candidates))
-    best: dict[str, Candidate] = {}
-    for candidate in candidates:
-        reason = chat_refusal(candidate, name)
-        run.verdicts.append({
-            "statement": candidate.scene.reference, "proposal": candidate.proposal,
-            "negations": candidate.score.negations,
-            "negations_kept": candidate.score.negations_kept, "voice": candidate.voice,
-            "voice_probability": round(candidate.voice_probability, 3),
-            "refused": reason, "reply": candidate.reply})
-        if reason is not None:
-            run.refused[reason] += 1
-            continue
-        run.accepted[candidate.proposal] += 1
-        kept = best.get(candidate.scene.id)
-        if kept is None or candidate.rank() > kept.rank():
-            best[candidate.scene.id] = candidate
-    for item in statements:
-        if (chosen := best.get(item.id)) is not None:
-            run.records.append({
-                "human": item.reference, "scene": item.scene.to_dict(), "text": chosen.reply,
+    def verdict(candidate: Candidate) -> dict[str, Any]:
+        return {"statement": candidate.scene.reference,
+                "negations": candidate.score.negations,
+                "negations_kept": candidate.score.negations_kept}
+
+    def record(item: EvalScene, chosen: Candidate) -> dict[str, Any]:
+        return {"human": item.reference, "scene": item.scene.to_dict(), "text": chosen.reply,
                 "meta": {"self_distilled": True, "chat_turn": True, "statement_id": item.id,
                          "proposal": chosen.proposal,
-                         "voice_probability": round(chosen.voice_probability, 3)}})
-    return run
+                         "voice_probability": round(chosen.voice_probability, 3)}}
+
+    return _select(persona.name, statements, candidates,
+                   lambda c: chat_refusal(c, persona.name), verdict, record)
