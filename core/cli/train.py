@@ -325,7 +325,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
         raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
     reader = host.scene_encoders[encoder]
     if chat:
-        scenes = chat_statements(count, "train", seed, reader)
+        scenes = chat_statements(count, "train", seed, host.scene_encoders["default"])
     else:
         scenes = [EvalScene(item["id"], item["scene"], item["reference"], "synth")
                   for item in scene_records(count, "train", seed)]

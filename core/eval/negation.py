@@ -7,8 +7,8 @@ message, then the statement, as ``agent chat`` builds it), the persona answers w
 contract's sampling settings under a fixed seed, and the default encoder reads the reply
 back. A reply **keeps** the statement when every negated link of the statement is matched
 (strictly or relaxed, as the round trip matches links) by a negated link of the reply; it
-**flips** it when a matched link lost its negation; the fidelity classifier says whose
-**voice** it is in.
+**flips** it when a matched link's polarity changed (a negation lost, or one invented on
+the statement's other facts); the fidelity classifier says whose **voice** it is in.
 
 The reading is strict: "he does not trust it" keeps the fact for a person and loses it for
 the encoder, which does not resolve pronouns. The rates are a lower bound.
