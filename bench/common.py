@@ -75,9 +75,9 @@ def collect() -> None:
 
 
 def rss_bytes() -> int:
-    import psutil
+    from hyperlex.training.memory import resident_memory
 
-    return int(psutil.Process().memory_info().rss)
+    return resident_memory()
 
 
 def fmt(value: float | None, unit: str) -> str:

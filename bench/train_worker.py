@@ -25,11 +25,6 @@ from typing import Any
 BUDGET = 3 * 2**30  # the target for training a cast persona
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -83,6 +78,7 @@ def main(argv: list[str]) -> None:
     from transformers import AutoTokenizer
 
     from hyperlex.engines.models import ensure_embedded, resolve_base
+    from hyperlex.training.memory import resident_memory
     from hyperlex.training.train import load_config, train
 
     config = load_config(bundle, {"epochs": 1, "qlora": mode.startswith("qlora"),
@@ -91,7 +87,7 @@ def main(argv: list[str]) -> None:
     resolved = resolve_base(base)
     source = str(ensure_embedded(False)) if resolved.kind == "embedded" else resolved.source
     batches = encoded_batches(bundle, AutoTokenizer.from_pretrained(source), config)
-    baseline = rss()
+    baseline = resident_memory()
     stamps: list[float] = []  # when each step ended
     plan = None
     if mode == "hand":

@@ -77,10 +77,16 @@ def mood_report() -> MoodReport:
 
 
 def negation_report() -> NegationReport:
-    rows = ["alpha", "alpha+scribe:0.5"]
-    return NegationReport(rows, 4, {"alpha": 1, "alpha+scribe:0.5": 3},
-                          {"alpha": 2, "alpha+scribe:0.5": 0}, dict.fromkeys(rows, 4),
-                          {"alpha": 1, "alpha+scribe:0.5": 2}, {r: [] for r in rows})
+    def verdict(kept: bool, refused: str | None, voice: str = "alpha") -> dict:
+        return {"negations": 1, "negations_kept": int(kept), "voice": voice,
+                "refused": refused}
+
+    flipped, lost = "polarity flipped", "negation lost"
+    return NegationReport(4, {
+        "alpha": [verdict(True, None), verdict(False, flipped), verdict(False, flipped),
+                  verdict(False, lost)],
+        "alpha+scribe:0.5": [verdict(True, None), verdict(True, None),
+                             verdict(True, "voice read as beta", "beta"), verdict(False, lost)]})
 
 
 def all_sections():

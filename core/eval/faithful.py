@@ -208,15 +208,14 @@ def chat_statements(count: int, split: str = "train", seed: int = 0,
             continue
         sentences = [_sentence(s) for s in _SENTENCE_END.split(record["reference"])
                      if not s.startswith("Think of")]
-        first = next((i for i, s in enumerate(sentences) if _negated(encoder(s))), None)
+        first = next((i for i, s in enumerate(sentences) if states_negation(encoder(s))), None)
         if first is None:
             continue
         text = " ".join(sentences[first:first + 2])
         delta = encoder(text)
-        if not _negated(delta):
+        if not states_negation(delta):
             continue
-        scene = Scene().apply(delta, turn=0, speaker=USER)
-        statements.append(EvalScene(f"chat-{record['id']}", scene, text, "synth"))
+        statements.append(EvalScene(f"chat-{record['id']}", opening_scene(delta), text, "synth"))
     if len(statements) < count:
         raise RuntimeError(f"only {len(statements)} of {count} negated statements found")
     return statements
@@ -229,8 +228,14 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _negated(delta: Delta) -> bool:
+def states_negation(delta: Delta) -> bool:
+    """Whether ``delta`` holds a negated link."""
     return any(link.polarity < 0 for link in delta.links)
+
+
+def opening_scene(delta: Delta) -> Scene:
+    """The scene of a conversation whose first message, the user's, read as ``delta``."""
+    return Scene().apply(delta, turn=0, speaker=USER)
 
 
 def chat_prompt(persona: Persona, statement: EvalScene, counter: Any) -> list[Message]:

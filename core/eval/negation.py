@@ -23,13 +23,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hyperlex.agent.moods import mood_label
 from hyperlex.errors import HyperlexError
-from hyperlex.eval.faithful import chat_records
-from hyperlex.eval.roundtrip import EvalScene
+from hyperlex.eval.faithful import chat_records, opening_scene, states_negation
+from hyperlex.eval.roundtrip import EvalScene, composed_row
 from hyperlex.generation import Layers
 from hyperlex.persona.bundle import Persona
-from hyperlex.scene.model import USER, Delta, Scene
+from hyperlex.scene.model import Delta
 
 STATEMENTS = "negated_statements.txt"
 
@@ -54,11 +53,10 @@ def load_statements(encoder: Callable[[str], Delta], path: Path | None = None
         if not line or line.startswith("#"):
             continue
         delta = encoder(line)
-        if not any(link.polarity < 0 for link in delta.links):
+        if not states_negation(delta):
             problems.append(f"{where}:{number}: {line!r} reads back with no negated link")
             continue
-        scene = Scene().apply(delta, turn=0, speaker=USER)
-        statements.append(EvalScene(f"{where}:{number}", scene, line, where))
+        statements.append(EvalScene(f"{where}:{number}", opening_scene(delta), line, where))
     if problems:
         raise HyperlexError("statements without a negation:\n" + "\n".join(problems))
     if not statements:
@@ -68,19 +66,26 @@ def load_statements(encoder: Callable[[str], Delta], path: Path | None = None
 
 @dataclass
 class NegationReport:
-    rows: list[str]  # persona, or persona+layer:weight
+    """Per row (a persona, or ``PERSONA+LAYER:WEIGHT``), the verdict on each statement's
+    reply (:func:`hyperlex.eval.faithful.chat_records`' verdicts); the rates come from them."""
+
     statements: int
-    kept: dict[str, int]
-    flipped: dict[str, int]
-    own_voice: dict[str, int]
-    kept_in_voice: dict[str, int]
     replies: dict[str, list[dict[str, Any]]]
 
+    @property
+    def rows(self) -> list[str]:
+        return list(self.replies)
+
     def rates(self, row: str) -> dict[str, float]:
-        n = self.statements
-        return {"kept": self.kept[row] / n, "flipped": self.flipped[row] / n,
-                "own_voice": self.own_voice[row] / n,
-                "kept_in_voice": self.kept_in_voice[row] / n}
+        persona = row.partition("+")[0]
+        verdicts = self.replies[row]
+        counts = {
+            "kept": sum(v["negations_kept"] == v["negations"] for v in verdicts),
+            "flipped": sum(v["refused"] == "polarity flipped" for v in verdicts),
+            "own_voice": sum(v["voice"] == persona for v in verdicts),
+            "kept_in_voice": sum(v["refused"] is None for v in verdicts),
+        }
+        return {key: count / self.statements for key, count in counts.items()}
 
     def as_dict(self) -> dict[str, Any]:
         return {"statements": self.statements,
@@ -102,21 +107,15 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
                   progress: Callable[[str], None] | None = None) -> NegationReport:
     """Every persona answers every statement alone, and with each ``(layer, weight)`` of
     ``layers`` composed over it; see the module docstring."""
-    report = NegationReport([], len(statements), {}, {}, {}, {}, {})
+    report = NegationReport(len(statements), {})
     for name in sorted(personas):
         persona = personas[name]
         params = dataclasses.replace(persona.contract.params(), seed=seed)
-        stacks: list[Layers] = [(), *(((layer, weight),) for layer, weight in layers
-                                     if layer != name)]
-        for stack in stacks:
-            row = name + "".join(f"+{mood_label(layer)}" for layer in stack)
+        stacks: list[tuple[str, Layers]] = [(name, ()), *(
+            (composed_row(name, layer, weight), ((layer, weight),))
+            for layer, weight in layers if layer != name)]
+        for row, stack in stacks:
             run = chat_records(engine, persona, statements, [(stack, params)], encoder,
                                classifier, batch_size, progress)
-            verdicts = run.verdicts
-            report.rows.append(row)
-            report.kept[row] = sum(v["negations_kept"] == v["negations"] for v in verdicts)
-            report.flipped[row] = sum(v["refused"] == "polarity flipped" for v in verdicts)
-            report.own_voice[row] = sum(v["voice"] == name for v in verdicts)
-            report.kept_in_voice[row] = sum(v["refused"] is None for v in verdicts)
-            report.replies[row] = verdicts
+            report.replies[row] = run.verdicts
     return report

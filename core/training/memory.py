@@ -17,7 +17,6 @@ and are scaled to other bases by layers x (hidden + intermediate size).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,24 +69,17 @@ def parse_size(text: str) -> int:
 
 
 def available_memory() -> int:
-    """Bytes the machine can give without swapping (``MemAvailable``), or 8 GiB unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * GIB
+    """Bytes the machine can give without swapping."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def resident_memory() -> int:
     """This process's resident memory now, in bytes."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def default_budget(resident: int) -> int:
