@@ -25,24 +25,25 @@ def token_exact_prefill(slot: Any, prompt: list[int]) -> None:
 
 
 def main() -> None:
+    from hyperlex.engines.llamacpp import contexts
     from hyperlex.engines.llamacpp import engine as llama
     from hyperlex.host import Host
 
     philosopher = Host().personas["philosopher"]
     engine = llama.LlamaCppEngine([philosopher], progress=False, threads=llama_threads())
-    default, block_prefill = llama.PREFILL_BLOCK, llama.Slot.prefill
+    default, block_prefill = contexts.PREFILL_BLOCK, contexts.Slot.prefill
     print("rule              | cached s | whole s | whole / cached")
     try:
-        llama.Slot.prefill = token_exact_prefill  # type: ignore[method-assign]
+        contexts.Slot.prefill = token_exact_prefill  # type: ignore[method-assign]
         cached, whole, _ = follow_up_prefill_seconds(engine, "philosopher", REPEATS)
         print(f"token-exact       | {cached:8.3f} | {whole:7.3f} | {whole / cached:.1f}x")
-        llama.Slot.prefill = block_prefill  # type: ignore[method-assign]
+        contexts.Slot.prefill = block_prefill  # type: ignore[method-assign]
         for size in SIZES:
-            llama.PREFILL_BLOCK = size
+            contexts.PREFILL_BLOCK = size
             cached, whole, _ = follow_up_prefill_seconds(engine, "philosopher", REPEATS)
             print(f"blocks of {size:<7} | {cached:8.3f} | {whole:7.3f} | {whole / cached:.1f}x")
     finally:
-        llama.PREFILL_BLOCK, llama.Slot.prefill = default, block_prefill
+        contexts.PREFILL_BLOCK, contexts.Slot.prefill = default, block_prefill
         engine.close()
 
 

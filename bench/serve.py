@@ -5,11 +5,15 @@ and latency percentiles are measured against the same requests sent one after an
 that differs is judged by likelihood under every persona's adapter on the torch engine: a
 near-tie that went the other way is still its own persona's, a mix is not.
 
-On the embedded model, S1-S3 run the installed personas on llama.cpp with a pool of
-contexts (what ``agent serve`` does by default) and S4-S6 the same on the torch engine, whose
-waiting turns are batched (``hyperlex.engines.torch.batching``); with ``--base DIR`` (or the tests'
-bundles), or without llama-cpp-python, S1-S3 are the torch engine's. ``--quick`` sends 12
-requests instead of 50.
+On the embedded model, S1-S3 run the installed personas on llama.cpp as ``agent serve`` does
+by default (4 contexts, each decoding up to 8 turns of one persona together); the same burst
+also runs with batching off (one turn per context), and S2b/S3b are the ratios side by side.
+S4-S6 are the same on the torch engine, whose waiting turns are batched
+(``hyperlex.engines.torch.batching``). S7 is the best case for batching (50 streams of one
+persona) and S8 the worst (50 streams over 32 resident personas, more than the contexts can
+hold at once). With ``--base DIR`` (or the tests' bundles), or without llama-cpp-python,
+S1-S3 are the torch engine's and there are no others. ``--quick`` sends 12 requests instead of
+50.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,8 @@ from bench.common import Config, Row
 
 REQUESTS = 50
 PARALLEL = 4  # llama.cpp contexts: agent serve's default
+SEQUENCES = 8  # turns of one persona each context decodes together: agent serve's default
+MANY = 32  # resident personas for S8
 PROMPTS = ("What is time?", "Why do we dream?", "Is a promise binding?", "Describe the sea.",
            "What is a proof?", "How do plants grow?", "What makes a good question?",
            "Can machines think?", "What is courage?", "Why is the sky blue?")
@@ -111,32 +118,51 @@ def torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
             f"torch engine, batches of up to {PARALLEL}")
 
 
-def llamacpp_service() -> tuple[Any, Any, str]:
+def llamacpp_service(sequences: int = SEQUENCES, personas: list[Any] | None = None
+                     ) -> tuple[Any, Any, str]:
+    """``agent serve``'s llama.cpp engine on the installed cast, or on ``personas``."""
     from hyperlex.engines.llamacpp.engine import LlamaCppEngine
     from hyperlex.host import Host
+    from hyperlex.plugins import builtin_encoders
     from hyperlex.serve.server import PersonaService
 
-    host = Host()
-    engine = LlamaCppEngine(list(host.personas.values()), contexts=PARALLEL, progress=False)
-    return PersonaService(host, engine, router=None), engine, f"llama.cpp, {PARALLEL} contexts"
+    if personas is None:
+        host = Host()
+        personas = list(host.personas.values())
+    else:
+        host = Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
+    engine = LlamaCppEngine(personas, contexts=PARALLEL, sequences=sequences, progress=False)
+    batching = f"{sequences} turns each" if sequences > 1 else "batching off"
+    return (PersonaService(host, engine, router=None), engine,
+            f"llama.cpp, {PARALLEL} contexts, {batching}")
 
 
 def serve_load(config: Config, cast: Cast) -> list[Row]:
     """S1-S3 on what ``agent serve`` runs by default here (llama.cpp on the embedded model,
-    when installed); S4-S6 the same on the torch engine, whose waiting turns are batched."""
+    when installed) with the batching-off burst beside it (S2b, S3b); S4-S6 the same on the
+    torch engine, whose waiting turns are batched; S7 and S8 one persona and 32."""
     from hyperlex.engines.registry import engine_entry
-
-    available = engine_entry("llamacpp").available
 
     count = 12 if config.quick else REQUESTS
     real = config.base is None and not config.bundles
-    llama = _load(llamacpp_service(), count, config.max_new_tokens) \
-        if real and available() else None
     torch_run = _load(torch_service(config, cast), count, config.max_new_tokens)
-    rows = []
-    if llama is not None:  # the torch engine (float32) judges replies that differ
-        rows += _rows("S1", llama, torch_run.engine)
-    return rows + _rows("S4" if rows else "S1", torch_run, torch_run.engine)
+    if not (real and engine_entry("llamacpp").available()):
+        return _rows("S1", torch_run, lambda: torch_run.engine)
+
+    def judge() -> Any:
+        return torch_run.engine
+
+    on = _load(llamacpp_service(), count, config.max_new_tokens)
+    off = _load(llamacpp_service(sequences=1), count, config.max_new_tokens, alone=on)
+    rows = _rows("S1", on, judge)
+    rows += _versus_off(on, off, judge)
+    rows += _rows("S4", torch_run, judge)
+    one = _load(llamacpp_service(), count, config.max_new_tokens, only=on.jobs[0][0])
+    rows.append(_best_or_worst("S7", one, judge, "one persona"))
+    many = _load(llamacpp_service(personas=cast.personas(MANY)), count, config.max_new_tokens)
+    rows.append(_best_or_worst("S8", many, lambda: cast.engine(MANY),
+                               f"{MANY} resident personas"))
+    return rows
 
 
 @dataclass
@@ -152,14 +178,17 @@ class LoadRun:
     engine: Any
 
 
-def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int) -> LoadRun:
-    """The same ``count`` requests one after another, then all at once."""
+def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int,
+          alone: LoadRun | None = None, only: str | None = None) -> LoadRun:
+    """The same ``count`` requests one after another, then all at once; with ``alone``,
+    the one-after-another replies are that run's (same requests, another server); with
+    ``only``, every request goes to that persona."""
     import openai
 
     from hyperlex.serve.http import Server
 
     service, engine, what = service_engine_what
-    personas = service.speakers
+    personas = [only] if only else service.speakers
     jobs = [(personas[i % len(personas)], PROMPTS[i % len(PROMPTS)]) for i in range(count)]
     prompts: dict[tuple[str, str], list[Any]] = {}
     stream = engine.stream
@@ -174,9 +203,12 @@ def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int
             client = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0,
                                    timeout=1200)
             _ask(client, personas[0], PROMPTS[0], 2)  # warm-up: graphs, encoders
-            start = time.perf_counter()
-            alone = [_ask(client, persona, prompt, max_tokens) for persona, prompt in jobs]
-            sequential_s = time.perf_counter() - start
+            if alone is None:
+                start = time.perf_counter()
+                replies = [_ask(client, persona, prompt, max_tokens) for persona, prompt in jobs]
+                sequential_s = time.perf_counter() - start
+            else:
+                replies, sequential_s = alone.alone, alone.sequential_s
             start = time.perf_counter()
             together = _concurrently(client, jobs, max_tokens)
             concurrent_s = time.perf_counter() - start
@@ -184,11 +216,12 @@ def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int
         del engine.stream
         if hasattr(engine, "close"):
             engine.close()
-    return LoadRun(jobs, alone, together, sequential_s, concurrent_s, what, max_tokens,
+    return LoadRun(jobs, replies, together, sequential_s, concurrent_s, what, max_tokens,
                    prompts, engine)
 
 
-def _judge(run: LoadRun, scorer: Any, reply: Reply, expected: str) -> dict[str, Any]:
+def _judge(run: LoadRun, scorer: Callable[[], Any], reply: Reply, expected: str
+           ) -> dict[str, Any]:
     """A reply that differs from its persona's reply alone: which persona's adapter makes it
     most likely (mean log-likelihood per token, on the torch engine, given the prompt the
     server built)? Its own, when it is a near-tie decided otherwise (llama.cpp's numbers
@@ -196,7 +229,7 @@ def _judge(run: LoadRun, scorer: Any, reply: Reply, expected: str) -> dict[str, 
     messages = run.prompts[(reply.persona, reply.prompt)]
     scores = {}
     for persona in sorted({p for p, _ in run.jobs}):
-        nll, tokens = scorer.reply_nll(messages, reply.text, persona)
+        nll, tokens = scorer().reply_nll(messages, reply.text, persona)
         scores[persona] = nll / max(tokens, 1)
     shared = next((i for i, (a, b) in enumerate(zip(reply.text, expected, strict=False))
                    if a != b), min(len(reply.text), len(expected)))
@@ -206,9 +239,22 @@ def _judge(run: LoadRun, scorer: Any, reply: Reply, expected: str) -> dict[str, 
             "nll_per_token": {p: round(v, 4) for p, v in scores.items()}}
 
 
-def _rows(first: str, run: LoadRun, scorer: Any) -> list[Row]:
-    ids = [f"S{int(first[1:]) + i}" for i in range(3)]
-    engine = run.what.split(",")[0]
+@dataclass
+class Outcome:
+    """A burst's replies checked against the same requests alone, and its numbers."""
+
+    matched: int
+    exact: int
+    own: list[dict[str, Any]]
+    mixed: list[dict[str, Any]]
+    throughput: float
+    seq_throughput: float
+    ttft_p95: float
+    alone_ttft: float
+    details: dict[str, Any]
+
+
+def _outcome(run: LoadRun, scorer: Callable[[], Any]) -> Outcome:
     jobs, alone, together = run.jobs, run.alone, run.together
     expected = {(r.persona, r.prompt): r.text for r in alone}
     by_prompt: dict[str, dict[str, str]] = {}
@@ -221,36 +267,74 @@ def _rows(first: str, run: LoadRun, scorer: Any) -> list[Row]:
     own = [d for d in differing if d["most_likely_under"] == d["persona"]
            and d["got"] not in by_prompt[d["prompt"]].values()]
     mixed = [d for d in differing if d not in own]
-    matched = len(exact) + len(own)
     distinct = sum(len(set(texts.values())) == len(texts) for texts in by_prompt.values())
     errors = [r.error for r in (*alone, *together) if r.error]
     tokens = sum(r.tokens for r in together)
-    seq_tokens = sum(r.tokens for r in alone)
-    concurrent_s, sequential_s = run.concurrent_s, run.sequential_s
-    throughput, seq_throughput = tokens / concurrent_s, seq_tokens / sequential_s
     ttft = [r.ttft for r in together]
     latency = [r.latency for r in together]
     alone_ttft = statistics.median(r.ttft for r in alone)
     details = {
         "server": run.what, "requests": len(jobs), "personas": sorted({p for p, _ in jobs}),
-        "max_tokens": run.max_tokens, "matched": matched, "identical": len(exact),
-        "differing_but_own_persona": own, "mixed": mixed, "errors": errors[:5],
+        "max_tokens": run.max_tokens, "matched": len(exact) + len(own),
+        "identical": len(exact), "differing_but_own_persona": own, "mixed": mixed,
+        "errors": errors[:5],
         "prompts_where_every_persona_differs": f"{distinct}/{len(by_prompt)}",
-        "concurrent_s": round(concurrent_s, 3), "sequential_s": round(sequential_s, 3),
+        "concurrent_s": round(run.concurrent_s, 3), "sequential_s": round(run.sequential_s, 3),
         "completion_tokens": tokens,
         "ttft_s": {f"p{q}": round(_percentile(ttft, q), 3) for q in (50, 90, 95, 99)},
         "latency_s": {f"p{q}": round(_percentile(latency, q), 3) for q in (50, 90, 95, 99)},
         "alone_ttft_p50_s": round(alone_ttft, 3),
     }
+    return Outcome(len(exact) + len(own), len(exact), own, mixed, tokens / run.concurrent_s,
+                   sum(r.tokens for r in alone) / run.sequential_s, _percentile(ttft, 95),
+                   alone_ttft, details)
+
+
+def _rows(first: str, run: LoadRun, scorer: Callable[[], Any]) -> list[Row]:
+    ids = [f"S{int(first[1:]) + i}" for i in range(3)]
+    engine = run.what.split(",")[0]
+    out = _outcome(run, scorer)
+    requests = out.details["requests"]
+    ratio = out.ttft_p95 / out.alone_ttft
+    batched = "turns each" in run.what
     return [
-        Row(ids[0], f"{engine}: {len(jobs)} concurrent streams answered by their persona",
-            float(matched), float(len(jobs)), "", "requests", matched / len(jobs), "= 1",
-            matched == len(jobs) and not mixed,
-            f"{len(exact)} identical, {len(own)} near-tie, {len(mixed)} mixed", details),
-        Row(ids[1], f"{engine}: served tokens/s, concurrent vs one at a time", throughput,
-            seq_throughput, "tok/s", "sequential", throughput / seq_throughput, ">= 1",
-            throughput >= seq_throughput, details=details),
+        Row(ids[0], f"{engine}: {requests} concurrent streams answered by their persona",
+            float(out.matched), float(requests), "", "requests", out.matched / requests, "= 1",
+            out.matched == requests and not out.mixed,
+            f"{out.exact} identical, {len(out.own)} near-tie, {len(out.mixed)} mixed",
+            out.details),
+        Row(ids[1], f"{engine}: served tokens/s, concurrent vs one at a time", out.throughput,
+            out.seq_throughput, "tok/s", "sequential", out.throughput / out.seq_throughput,
+            ">= 3x" if batched else ">= 1", out.throughput / out.seq_throughput
+            >= (3 if batched else 1), details=out.details),
         Row(ids[2], f"{engine}: time to first token p95 under load vs alone (p50)",
-            _percentile(ttft, 95), alone_ttft, "s", "alone", _percentile(ttft, 95) / alone_ttft,
-            "", None, details=details),
+            out.ttft_p95, out.alone_ttft, "s", "alone", ratio, "<= 25x" if batched else "",
+            ratio <= 25 if batched else None, details=out.details),
     ]
+
+
+def _versus_off(on: LoadRun, off: LoadRun, scorer: Callable[[], Any]) -> list[Row]:
+    """S2b, S3b: the burst with batching on against the same burst with batching off."""
+    batched, single = _outcome(on, scorer), _outcome(off, scorer)
+    details = {"batching_off": single.details}
+    note = (f"off: {single.exact} identical, {len(single.own)} near-tie, "
+            f"{len(single.mixed)} mixed")
+    return [
+        Row("S2b", "llama.cpp: served tokens/s under the burst, batching on vs off",
+            batched.throughput, single.throughput, "tok/s", "batching off",
+            batched.throughput / single.throughput, "", None, note, details),
+        Row("S3b", "llama.cpp: time to first token p95 under the burst, batching on vs off",
+            batched.ttft_p95, single.ttft_p95, "s", "batching off",
+            batched.ttft_p95 / single.ttft_p95, "<= 0.4x",
+            batched.ttft_p95 / single.ttft_p95 <= 0.4, note, details),
+    ]
+
+
+def _best_or_worst(row: str, run: LoadRun, scorer: Callable[[], Any], what: str) -> Row:
+    out = _outcome(run, scorer)
+    return Row(row, f"llama.cpp: served tokens/s, {out.details['requests']} streams over "
+               f"{what} (vs one at a time)", out.throughput, out.seq_throughput, "tok/s",
+               "sequential", out.throughput / out.seq_throughput, "", None,
+               f"{out.matched}/{out.details['requests']} answered by their persona "
+               f"({len(out.mixed)} mixed); p95 first token {out.ttft_p95:.2f} s "
+               f"(alone {out.alone_ttft:.2f} s)", out.details)

@@ -4,13 +4,15 @@ persona's KV cache, moods as adapter scales, concurrent turns on a pool of conte
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from hyperlex.engines.llamacpp.engine import PREFILL_BLOCK
+from hyperlex.engines.llamacpp.contexts import PREFILL_BLOCK
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
@@ -105,7 +107,7 @@ def test_a_conversation_switching_personas_equals_fresh_runs(tiny_base: Path, bu
 
 def test_without_the_prompt_cache_every_prompt_is_prefilled_whole(tiny_base: Path, bundles,
                                                                   monkeypatch) -> None:
-    from hyperlex.engines.llamacpp.engine import Slot
+    from hyperlex.engines.llamacpp.contexts import Slot
 
     fresh = llama_engine(tiny_base, bundles, prompt_cache=False)
     params = GenerationParams(temperature=0, max_new_tokens=1)
@@ -115,7 +117,8 @@ def test_without_the_prompt_cache_every_prompt_is_prefilled_whole(tiny_base: Pat
     monkeypatch.setattr(Slot, "decode", lambda slot, tokens: (decoded.append(len(tokens)),
                                                               original(slot, tokens))[1])
     fresh.generate(MESSAGES, "alpha", params)
-    assert sum(decoded) == fresh.count_tokens(MESSAGES) + 1  # the prompt's, and the one reply
+    # the prompt, whole; the one reply token is sampled and never decoded (nothing follows)
+    assert sum(decoded) == fresh.count_tokens(MESSAGES)
 
 
 def test_a_prompt_gets_the_same_logits_whatever_the_cache_held(engine) -> None:
@@ -147,7 +150,7 @@ def test_a_prompt_gets_the_same_logits_whatever_the_cache_held(engine) -> None:
 
 
 def test_returning_to_a_persona_prefills_only_what_was_added(engine, monkeypatch) -> None:
-    from hyperlex.engines.llamacpp.engine import Slot
+    from hyperlex.engines.llamacpp.contexts import Slot
 
     decoded: list[int] = []
     original = Slot.decode
@@ -217,7 +220,7 @@ def test_unknown_persona_and_missing_library_are_clear_errors(engine, monkeypatc
 
 
 def test_prefill_ahead_leaves_only_the_new_message_to_decode(engine, monkeypatch) -> None:
-    from hyperlex.engines.llamacpp.engine import Slot
+    from hyperlex.engines.llamacpp.contexts import Slot
 
     decoded: list[int] = []
     original = Slot.decode
@@ -229,10 +232,192 @@ def test_prefill_ahead_leaves_only_the_new_message_to_decode(engine, monkeypatch
     reply = engine.generate(messages, "beta", GenerationParams(temperature=0, max_new_tokens=1))
     ahead = len(engine.encode([system], add_generation_prompt=False))
     reused = ahead - ahead % PREFILL_BLOCK  # the whole blocks of the prefilled prefix
-    assert sum(decoded) == engine.count_tokens(messages) - reused + 1  # and the one reply
+    assert sum(decoded) == engine.count_tokens(messages) - reused
     assert reused > 0
     monkeypatch.undo()
     with engine.slot() as slot:  # the engine's one context
         slot.forget()  # a fresh run must give the same reply
     assert reply.text == engine.generate(messages, "beta", GenerationParams(
         temperature=0, max_new_tokens=1)).text
+
+
+# batched decoding: several turns of one composition in one context ----------------------------
+
+QUESTIONS = ["What is time?", "Why do we dream?", "Describe the sea.", "Can machines think?"]
+
+
+def ask(question: str) -> list[dict[str, str]]:
+    return [MESSAGES[0], {"role": "user", "content": question}]
+
+
+@pytest.fixture(scope="module")
+def alone(engine) -> dict[tuple[str, str], str]:
+    """Every (persona, question)'s greedy reply with one turn per context."""
+    return {(p, q): engine.generate(ask(q), p, GREEDY).text
+            for p in ("alpha", "beta") for q in QUESTIONS}
+
+
+@pytest.fixture
+def steps(monkeypatch) -> list[int]:
+    """The number of turns in each decode step any context runs."""
+    from hyperlex.engines.llamacpp.contexts import Context
+
+    sizes: list[int] = []
+    original = Context.step
+    monkeypatch.setattr(Context, "step", lambda context, slots, tokens: (
+        sizes.append(len(slots)), original(context, slots, tokens))[1])
+    return sizes
+
+
+def run_together(pool, jobs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """``jobs`` as concurrent turns, queued while the pool's contexts are held so that they
+    start together."""
+    results: dict[tuple[str, str], str] = {}
+
+    def worker(persona: str, question: str) -> None:
+        results[(persona, question)] = pool.generate(ask(question), persona, GREEDY).text
+
+    threads = [threading.Thread(target=worker, args=job) for job in jobs]
+    with contextlib.ExitStack() as held:
+        for _ in range(pool.contexts):
+            held.enter_context(pool.slot())
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: pool.turns()["waiting"] == len(jobs))
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def wait_until(condition) -> None:
+    """Wait for a state the test itself brings about (no timing is asserted)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "the state was never reached"
+        time.sleep(0.01)
+
+
+def test_turns_of_one_persona_decode_together_and_reply_as_alone(tiny_base, bundles, alone,
+                                                                 steps) -> None:
+    pool = llama_engine(tiny_base, bundles, sequences=4)
+    together = run_together(pool, [("alpha", q) for q in QUESTIONS])
+    pool.close()
+    assert together == {k: v for k, v in alone.items() if k[0] == "alpha"}
+    assert max(steps) == 4  # one llama_decode per step for the four turns
+
+
+def test_two_personas_on_one_context_take_turns_and_never_mix(tiny_base, bundles, alone,
+                                                              steps) -> None:
+    pool = llama_engine(tiny_base, bundles, sequences=4)
+    jobs = [(p, q) for q in QUESTIONS for p in ("alpha", "beta")]
+    together = run_together(pool, jobs)
+    pool.close()
+    assert together == alone
+    assert max(steps) == 4  # each persona's four turns together, one persona at a time
+
+
+def test_contexts_are_given_to_personas_by_demand(tiny_base, bundles, alone, steps) -> None:
+    pool = llama_engine(tiny_base, bundles, contexts=2, sequences=2)
+    jobs = [(p, q) for q in QUESTIONS for p in ("alpha", "beta")]
+    together = run_together(pool, jobs)
+    pool.close()
+    assert together == alone
+    assert max(steps) == 2
+
+
+@pytest.fixture
+def gated_steps(monkeypatch) -> tuple[list[int], threading.Event]:
+    """Like ``steps``, but the decoder waits inside its first step until the event is set."""
+    from hyperlex.engines.llamacpp.contexts import Context
+
+    sizes: list[int] = []
+    gate = threading.Event()
+    original = Context.step
+
+    def gated(context, slots, tokens):
+        sizes.append(len(slots))
+        if len(sizes) == 1:
+            assert gate.wait(60), "the test never opened the gate"
+        return original(context, slots, tokens)
+
+    monkeypatch.setattr(Context, "step", gated)
+    return sizes, gate
+
+
+def test_a_turn_joins_a_running_batch_between_steps(tiny_base, bundles, alone,
+                                                    gated_steps) -> None:
+    """Continuous batching: a turn that arrives while another runs is admitted beside it
+    and decoded in the same steps from its next one on; both reply as alone."""
+    sizes, gate = gated_steps
+    pool = llama_engine(tiny_base, bundles, sequences=4)
+    results: dict[str, str] = {}
+
+    def worker(question: str) -> None:
+        results[question] = pool.generate(ask(question), "alpha", GREEDY).text
+
+    first = threading.Thread(target=worker, args=(QUESTIONS[0],))
+    first.start()
+    wait_until(lambda: len(sizes) == 1)  # the first turn's first step is under way
+    second = threading.Thread(target=worker, args=(QUESTIONS[1],))
+    second.start()
+    wait_until(lambda: pool.turns()["running"] == 2)
+    gate.set()
+    first.join()
+    second.join()
+    pool.close()
+    assert sizes[0] == 1 and 2 in sizes
+    assert results == {q: alone[("alpha", q)] for q in QUESTIONS[:2]}
+
+
+def test_cancelling_one_turn_of_a_batch_leaves_the_others_as_alone(tiny_base, bundles, alone,
+                                                                   gated_steps) -> None:
+    sizes, gate = gated_steps
+    pool = llama_engine(tiny_base, bundles, sequences=4)
+    results: dict[str, str] = {}
+    long = GenerationParams(temperature=0, max_new_tokens=400)
+    cancelled = pool.stream(ask(QUESTIONS[1]), "alpha", long)
+
+    def keep() -> None:
+        results["kept"] = pool.generate(ask(QUESTIONS[0]), "alpha", GREEDY).text
+
+    def cancel() -> None:
+        for _ in cancelled:  # the first pieces: then cancel, and let the decoder go on
+            cancelled.cancel()
+            gate.set()
+
+    threads = [threading.Thread(target=keep), threading.Thread(target=cancel)]
+    with pool.slot():  # both queue, then start together
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: pool.turns()["waiting"] == 2)
+    for thread in threads:
+        thread.join()
+    pool.close()
+    assert cancelled.finish_reason == "cancelled" and cancelled.usage.completion_tokens < 400
+    assert results["kept"] == alone[("alpha", QUESTIONS[0])] and sizes[0] == 2
+
+
+def test_a_new_turn_copies_the_prompt_prefix_a_sibling_sequence_holds(tiny_base, bundles,
+                                                                      monkeypatch) -> None:
+    from hyperlex.engines.llamacpp.contexts import Slot
+
+    pool = llama_engine(tiny_base, bundles, sequences=2)
+    system = {"role": "system", "content": "You are a test. Scene: a long prefix. " * 8}
+    params = GenerationParams(temperature=0, max_new_tokens=4)
+    first = pool.stream([system, {"role": "user", "content": "Hi"}], "beta", params)
+    pieces = iter(first)
+    next(pieces)  # the first turn holds sequence 0 while the second starts
+    decoded: list[int] = []
+    original = Slot.decode
+    monkeypatch.setattr(Slot, "decode",
+                        lambda slot, tokens: decoded.append(len(tokens)) or original(slot, tokens))
+    messages = [system, {"role": "user", "content": "Hello there"}]
+    reply = pool.generate(messages, "beta", params).text
+    shared = len(pool.encode([system], add_generation_prompt=False))
+    assert sum(decoded) == pool.count_tokens(messages) - (shared - shared % PREFILL_BLOCK)
+    list(pieces)
+    monkeypatch.undo()
+    fresh = llama_engine(tiny_base, bundles)
+    assert reply == fresh.generate(messages, "beta", params).text
+    fresh.close()
+    pool.close()

@@ -203,6 +203,43 @@ def test_every_shipped_persona_answers_through_llama_cpp_as_through_torch(engine
     fast.close()
 
 
+def test_the_cast_decoded_together_on_llama_cpp_replies_as_alone(engine) -> None:
+    """agent serve's default engine (the embedded quantized GGUF) with batching on: each
+    persona's turns run together in a context, the personas share two contexts by demand, and
+    every greedy reply is the one that persona gives alone."""
+    pytest.importorskip("llama_cpp")
+    import threading
+
+    from hyperlex.engines.llamacpp.engine import LlamaCppEngine
+    from hyperlex.generation import GenerationParams
+
+    personas = [*engine.personas.values(), *engine.moods.values()]
+    alone = LlamaCppEngine(personas, progress=False)
+    batched = LlamaCppEngine(personas, contexts=2, sequences=4, progress=False)
+    greedy = GenerationParams(temperature=0, max_new_tokens=24)
+    jobs = [(name, question) for question in ("What do you make of the rain?", "Is a promise "
+            "binding?") for name in engine.personas]
+
+    def messages(name: str, question: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": engine.personas[name].system_message()},
+                {"role": "user", "content": question}]
+
+    expected = {job: alone.generate(messages(*job), job[0], greedy).text for job in jobs}
+    alone.close()
+    got: dict[tuple[str, str], str] = {}
+
+    def ask(job: tuple[str, str]) -> None:
+        got[job] = batched.generate(messages(*job), job[0], greedy).text
+
+    threads = [threading.Thread(target=ask, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batched.close()
+    assert got == expected
+
+
 def test_agent_chat_runs_on_llama_cpp_when_it_is_installed(real_home: Path) -> None:
     pytest.importorskip("llama_cpp")
     agent = Path(sys.executable).with_name("agent")

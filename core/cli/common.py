@@ -98,14 +98,16 @@ def report_problems(host: Host) -> None:
 
 def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
                 only: list[str] | None = None, merge: bool = False,
-                backend: str = "torch", parallel: int = 1, base_url: str | None = None,
-                api_key: str | None = None, exact: bool = False) -> Any:
+                backend: str = "torch", parallel: int = 1, sequences: int = 1,
+                base_url: str | None = None, api_key: str | None = None,
+                exact: bool = False) -> Any:
     """Load the base once and attach every installed persona's adapter (or ``only`` these);
     ``exact``: llama.cpp runs an F32 GGUF of the base's weights, whose greedy replies are
     the torch engine's token for token (for evaluations);
     ``backend`` "torch", "llamacpp" or "openai" (the server at ``base_url`` generates; see
-    :func:`choose_backend`). ``parallel``: turns run at once (llama.cpp contexts, or rows of
-    one torch batch)."""
+    :func:`choose_backend`). ``parallel``: llama.cpp contexts (a composition each), or rows
+    of one torch batch; ``sequences``: turns of one composition each llama.cpp context
+    decodes together."""
     from hyperlex.engines import registry
     from hyperlex.engines.models import resolve_base
 
@@ -122,7 +124,7 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
                f"{where}...", err=True)
     options: dict[str, Any] = {
         "torch": {"dtype": dtype, "quantize": quantize, "merge": merge, "max_batch": parallel},
-        "llamacpp": {"contexts": parallel, "exact": exact},
+        "llamacpp": {"contexts": parallel, "sequences": sequences, "exact": exact},
         "openai": {"base_url": base_url, "api_key": api_key},
     }[backend]
     engine = registry.open_engine(personas, backend, resolved, **options)

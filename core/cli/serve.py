@@ -50,8 +50,11 @@ from hyperlex.serve.limits import Limits
               show_default=True,
               help="Inference engine; auto: llama.cpp when installed, else transformers + PEFT.")
 @click.option("--parallel", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Turns generated at once: llama.cpp contexts (~115 MB each), or on the "
-              "torch engine the rows of one batch that waiting turns share.")
+              help="llama.cpp: contexts, each running one persona (and mood) at a time; on "
+              "the torch engine, the rows of one batch that waiting turns share.")
+@click.option("--sequences", default=8, show_default=True, type=click.IntRange(1, 64),
+              metavar="N", help="llama.cpp: turns of one persona each context decodes "
+              "together (1: batching off; each takes a KV cache of ~47 MB).")
 @click.option("--router", default="embedding", show_default=True,
               help="Automatic router for the 'auto' model ('none': keep the current persona).")
 @click.option("--no-store", is_flag=True,
@@ -64,7 +67,7 @@ from hyperlex.serve.limits import Limits
 def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
           timeout_keep_alive: float, timeout_headers: float, timeout_body: float,
           timeout_generation: float, max_body_bytes: int, limit_concurrency: int,
-          timeout_graceful: float, backend: str, parallel: int, router: str,
+          timeout_graceful: float, backend: str, parallel: int, sequences: int, router: str,
           no_store: bool, options: tuple[tuple[str, str], ...], quiet: bool, base: str | None,
           dtype: str, quantize: str | None) -> None:
     """Serve the personas over an OpenAI-compatible API.
@@ -106,7 +109,8 @@ def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
              "the personas")
     chosen = choose_backend(backend, dtype, quantize, merge=False)
     warm_up_encoders(app)
-    engine = open_engine(app, base, dtype, quantize, backend=chosen, parallel=parallel)
+    engine = open_engine(app, base, dtype, quantize, backend=chosen, parallel=parallel,
+                         sequences=sequences)
     if not engine.personas:
         raise HyperlexError("no personas could be loaded (agent personas shows why)")
     store = None if no_store else Store()

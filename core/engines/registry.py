@@ -54,8 +54,8 @@ def open_engine(personas: Iterable[Persona], engine: str = "torch", base: str | 
                 **options: Any) -> Engine:
     """Load ``base`` (default: the embedded model) once on ``engine`` and attach every
     persona's adapter. ``options`` are the engine's own: ``dtype``, ``quantize``, ``merge``
-    and ``max_batch`` (torch), ``contexts`` (llamacpp), ``base_url`` and ``api_key``
-    (openai). A persona that cannot be attached is left out, with the reason in
+    and ``max_batch`` (torch), ``contexts`` and ``sequences`` (llamacpp), ``base_url`` and
+    ``api_key`` (openai). A persona that cannot be attached is left out, with the reason in
     ``skipped``."""
     entry = engine_entry(engine)
     if not entry.available():

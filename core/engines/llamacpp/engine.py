@@ -2,34 +2,30 @@
 
 Each persona's PEFT adapter is converted to a GGUF LoRA adapter (``gguf_lora``,
 cached by content hash) and loaded into the one model; switching persona is
-``llama_set_adapters_lora`` on the context (microseconds; the first decode after a switch
+``llama_set_adapters_lora`` on a context (microseconds; the first decode after a switch
 rebuilds the graph). Moods are further adapters at a scale, as in PEFT's weighted sum.
 
-llama.cpp keeps its KV cache across an adapter change, so a cache computed under one persona
-would silently answer for another. Each context therefore remembers under which composition
-(persona and moods) its cache was computed. Before a turn under another composition it saves
-the cache's state (``llama_state_seq_get_data``) under the old composition, clears it, and
-restores what the new composition last left (if anything); then only the tokens that differ
-from what is cached are prefilled. A small pool of contexts serves concurrent turns; one
-context never runs two turns at once. :meth:`LlamaCppEngine.slot` checks a context out of the
-pool as a :class:`Slot`, whose steps (switch, prefill, decode, logits) are the ones a turn
-takes; benchmarks and tests drive them directly.
+A pool of ``contexts`` llama.cpp contexts serves concurrent turns, each context running one
+composition (persona and moods) with up to ``sequences`` turns of it decoded together
+(``contexts``: the sequences, their caches and composition switches; ``batching``: which turn
+runs where, and the decode steps). :meth:`LlamaCppEngine.slot` checks an idle context out as
+the :class:`Slot` of its first sequence, whose steps (switch, prefill, decode, logits) are the
+ones a turn takes; benchmarks and tests drive them directly.
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
-import ctypes
-import queue
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hyperlex.engines.base import Engine
+from hyperlex.engines.llamacpp.batching import Scheduler, Turn
+from hyperlex.engines.llamacpp.contexts import Composition, Context, Slot
 from hyperlex.engines.models import ResolvedBase, resolve_base
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Layers, Message, finish_reason
@@ -40,18 +36,6 @@ if TYPE_CHECKING:
     from hyperlex.structured import ResponseFormat
 
 INSTALL_HINT = "pip install 'hyperlex[llamacpp]'"
-SAVED_STATES = 8  # cache states kept per context for compositions not active right now
-PREFILL_BLOCK = 32
-"""Prompts are decoded in blocks of this many tokens at positions that are multiples of it,
-and a cached prefix is reused only up to a block boundary it was decoded to as a whole block:
-llama.cpp's arithmetic for a token depends on the batch it was decoded in, so this way a
-prompt's logits are bit for bit the same whether its prefix came from the cache or not (a
-greedy reply never depends on what a context served before). Why 32: smaller blocks leave
-less to decode again on a follow-up turn but prefill a new prompt more slowly
-(``python -m bench.prefill_blocks``; the table is in docs/llamacpp.md)."""
-
-Composition = tuple[str | None, tuple[tuple[str, float], ...]]
-
 
 class LlamaCppUnavailable(HyperlexError):
     """llama-cpp-python is not installed."""
@@ -96,119 +80,6 @@ def _no_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
             low.llama_model_default_params = default
 
 
-class Slot:
-    """One llama.cpp context of an engine's pool and what its KV cache holds: the tokens
-    (``tokens``), the composition they were computed under (``composition``; None: nothing
-    that a turn may reuse) and the states kept aside for other compositions (``saved``).
-    Check one out with :meth:`LlamaCppEngine.slot`; only the holder may use it.
-
-    ``reusable`` is how many leading cached tokens were decoded as whole prefill blocks
-    (:data:`PREFILL_BLOCK`): the only ones a later prompt may take from the cache."""
-
-    def __init__(self, engine: LlamaCppEngine, ctx: Any):
-        # a proxy, not a reference: no cycle, so a dropped engine frees llama.cpp's memory
-        self._engine = weakref.proxy(engine)
-        self.ctx = ctx
-        self.composition: Composition | None = None
-        self.tokens: list[int] = []  # the tokens whose KV is cached
-        self.reusable = 0
-        self.saved: OrderedDict[Composition, tuple[bytes, list[int], int]] = OrderedDict()
-
-    def _memory(self) -> Any:
-        return self._engine._lib.llama_get_memory(self.ctx)
-
-    def set_adapters(self, composition: Composition) -> None:
-        """Set the adapters of ``composition`` ((persona, ((mood, weight), ...))) on the
-        context at their scales, and nothing else: the cache is left as it is (a turn calls
-        :meth:`switch`, which keeps cache and composition together)."""
-        engine = self._engine
-        persona, moods = composition
-        names = ([persona] if persona in engine._adapters else []) + [m for m, _ in moods]
-        scales = ([engine.scales[persona]] if persona in engine._adapters else []) + [
-            engine.scales[m] * weight for m, weight in moods]
-        adapters = (engine._lib.llama_adapter_lora_p_ctypes * len(names))(
-            *[engine._adapters[n] for n in names])
-        values = (ctypes.c_float * len(names))(*scales)
-        if engine._lib.llama_set_adapters_lora(self.ctx, adapters, len(names), values) != 0:
-            raise HyperlexError(f"llama.cpp refused the adapters {names}")
-
-    def switch(self, composition: Composition) -> None:
-        """Make the cache belong to ``composition``: keep the old composition's cache aside,
-        restore the new one's (or start empty) and set its adapters."""
-        if self.composition == composition:
-            return
-        lib = self._engine._lib
-        if self.composition is not None and self.tokens:
-            size = lib.llama_state_seq_get_size(self.ctx, 0)
-            buffer = (ctypes.c_uint8 * size)()
-            written = lib.llama_state_seq_get_data(self.ctx, buffer, size, 0)
-            self.saved[self.composition] = (bytes(buffer[:written]), self.tokens,
-                                            self.reusable)
-            self.saved.move_to_end(self.composition)
-            while len(self.saved) > SAVED_STATES:
-                self.saved.popitem(last=False)
-        self._clear()
-        saved = self.saved.pop(composition, None)
-        if saved is not None:
-            data, tokens, reusable = saved
-            buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            if lib.llama_state_seq_set_data(self.ctx, buffer, len(data), 0):
-                self.tokens, self.reusable = tokens, reusable
-            else:
-                self._clear()
-        self.set_adapters(composition)
-        self.composition = composition
-
-    def prefill(self, prompt: list[int]) -> None:
-        """Decode what ``prompt`` adds to what the cache holds, from the last block boundary
-        its cached prefix reaches (at least its last token, whose logits start the reply)."""
-        keep = 0
-        limit = min(self.reusable, len(prompt) - 1) if self._engine.prompt_cache else 0
-        while keep < limit and self.tokens[keep] == prompt[keep]:
-            keep += 1
-        keep -= keep % PREFILL_BLOCK
-        if keep < len(self.tokens):
-            self.truncate(keep)
-        for start in range(keep, len(prompt), PREFILL_BLOCK):
-            self.decode(prompt[start:start + PREFILL_BLOCK])
-        self.reusable = len(prompt) - len(prompt) % PREFILL_BLOCK
-
-    def decode(self, tokens: list[int]) -> None:
-        """Run ``tokens`` through the model after the cached ones, adding them to the cache
-        (on failure the cache is emptied)."""
-        lib = self._engine._lib
-        array = (lib.llama_token * len(tokens))(*tokens)
-        if lib.llama_decode(self.ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
-            self._clear()
-            raise HyperlexError("llama.cpp failed to decode (is the context full?)")
-        self.tokens.extend(tokens)
-
-    def logits(self) -> Any:
-        """The next-token logits after the last decoded token (a float64 numpy copy)."""
-        import numpy as np
-
-        pointer = self._engine._lib.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self._engine._n_vocab,)).astype(np.float64)
-
-    def truncate(self, keep: int) -> None:
-        """Drop the cached tokens from position ``keep`` on."""
-        self._engine._lib.llama_memory_seq_rm(self._memory(), 0, keep, -1)
-        self.tokens = self.tokens[:keep]
-        self.reusable = min(self.reusable, keep)
-
-    def _clear(self) -> None:
-        self._engine._lib.llama_memory_clear(self._memory(), True)
-        self.tokens = []
-        self.reusable = 0
-
-    def forget(self) -> None:
-        """Empty the cache and drop the saved states: the next turn here starts from nothing
-        (for a cache filled outside a turn, which no turn may reuse)."""
-        self._clear()
-        self.composition = None
-        self.saved.clear()
-
-
 class LlamaCppEngine(Engine):
     def __init__(
         self,
@@ -218,33 +89,46 @@ class LlamaCppEngine(Engine):
         n_ctx: int = 2048,
         threads: int | None = None,
         contexts: int = 1,
+        sequences: int = 1,
         progress: bool = True,
         check_base: bool = True,
         prompt_cache: bool = True,
     ):
         """``exact``: run an F32 GGUF written from the base's weights (the transformers
         engine's numbers) instead of the embedded quantized GGUF (faster). ``contexts``: how
-        many turns may run at once (each context holds its own KV cache, about 115 MB at
-        2,048 tokens). ``prompt_cache``: reuse the cached part of a prompt (its prefix an
-        earlier turn computed, in whole :data:`PREFILL_BLOCK` blocks, so the reply is the
-        same as without the cache); False prefills every prompt whole."""
+        many compositions (persona and moods) may run at once; ``sequences``: how many turns
+        of one composition each context decodes together (1: one turn per context). Each
+        sequence holds its own KV cache of ``n_ctx`` tokens (about 47 MB at 2,048 tokens,
+        twice that with ``exact``). ``prompt_cache``: reuse the cached part of a prompt (its
+        prefix an earlier turn computed, in whole :data:`PREFILL_BLOCK` blocks, so the reply
+        is the same as without the cache); False prefills every prompt whole."""
         llama_cpp = _llama_cpp()
         from hyperlex.engines.llamacpp.gguf_base import base_gguf
 
         if contexts < 1:
             raise HyperlexError(f"contexts must be >= 1, got {contexts}")
+        if sequences < 1:
+            raise HyperlexError(f"sequences must be >= 1, got {sequences}")
         self.base = base if isinstance(base, ResolvedBase) else resolve_base(base)
         self.base_name = self.base.name
         self.exact = exact
         self.prompt_cache = prompt_cache
+        self.contexts = contexts
+        self.sequences = sequences
         self.model_path = base_gguf(self.base, exact=exact, progress=progress)
         # exact: an F32 KV cache (llama.cpp's F16 default moves the logits by a KL of ~3e-5)
         cache_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+        self._n_ctx = n_ctx
+        self.batch_tokens = min(n_ctx, 512)  # the most tokens one llama_decode takes
+        # with one sequence per context, the Llama object's own context is the first one;
+        # otherwise every context is made here, and the Llama object's stays small
+        own = sequences == 1
         with _no_extra_buffer_types(llama_cpp):
-            self.llama = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx,
-                                         n_threads=threads, n_threads_batch=threads,
-                                         flash_attn=False, verbose=False,
-                                         **(cache_type if exact else {}))
+            self.llama = llama_cpp.Llama(model_path=str(self.model_path),
+                                         n_ctx=n_ctx if own else min(n_ctx, 256),
+                                         n_batch=self.batch_tokens, n_threads=threads,
+                                         n_threads_batch=threads, flash_attn=False,
+                                         verbose=False, **(cache_type if exact else {}))
         self._lib = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
         self._n_vocab = self.llama.n_vocab()
@@ -260,15 +144,18 @@ class LlamaCppEngine(Engine):
         self._adapters: dict[str, Any] = {}
         for persona in personas:
             self._attach(persona, check_base)
-        self._slots: queue.Queue[Slot] = queue.Queue()
-        self._slots.put(Slot(self, self.llama.ctx))
-        self._extra_contexts = []
-        for _ in range(contexts - 1):
-            ctx = llama_cpp.llama_init_from_model(self.llama.model, self.llama.context_params)
+        self._contexts: list[Context] = []
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llama.context_params)
+        params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx * sequences, sequences, False
+        params.n_batch = params.n_ubatch = self.batch_tokens
+        for i in range(contexts):
+            ctx = self.llama.ctx if own and i == 0 else \
+                llama_cpp.llama_init_from_model(self.llama.model, params)
             if ctx is None:
                 raise HyperlexError("llama.cpp could not create another context")
-            self._extra_contexts.append(ctx)
-            self._slots.put(Slot(self, ctx))
+            self._contexts.append(Context(self, ctx, sequences, owned=not (own and i == 0)))
+        self._scheduler = Scheduler(self._contexts)
+        weakref.finalize(self, self._scheduler.stop)
 
     # adapters ------------------------------------------------------------------------------
 
@@ -303,10 +190,11 @@ class LlamaCppEngine(Engine):
         return self._grammar_tokenizer
 
     def close(self) -> None:
-        """Free the extra contexts and the adapters (the model frees the rest)."""
-        for ctx in self._extra_contexts:
-            self._lib.llama_free(ctx)
-        self._extra_contexts = []
+        """Stop the decoder threads, free the contexts made here and the adapters (the model
+        frees the rest)."""
+        self._scheduler.stop()
+        for context in self._contexts:
+            context.close()
         for adapter in self._adapters.values():
             self._lib.llama_adapter_lora_free(adapter)
         self._adapters = {}
@@ -315,13 +203,20 @@ class LlamaCppEngine(Engine):
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[Slot]:
-        """Check a context out of the pool (waiting while each one runs a turn) for the block;
-        no turn runs on it meanwhile. Turns and :meth:`prefill` take theirs this way."""
-        slot = self._slots.get()
+        """Check an idle context out of the pool (waiting while each one runs turns) for the
+        block, as the :class:`Slot` of its first sequence; no turn runs on it meanwhile."""
+        context = self._scheduler.hold()
         try:
-            yield slot
+            yield context.slots[0]
         finally:
-            self._slots.put(slot)
+            self._scheduler.release(context)
+
+    def turns(self) -> dict[str, int]:
+        """How many turns wait for a context and how many run, now."""
+        return self._scheduler.counts()
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
     # prompts --------------------------------------------------------------------------------
 
@@ -340,7 +235,7 @@ class LlamaCppEngine(Engine):
 
     @property
     def context_length(self) -> int:
-        return int(self.llama.n_ctx())
+        return self._n_ctx
 
     # generation -----------------------------------------------------------------------------
 
@@ -355,9 +250,8 @@ class LlamaCppEngine(Engine):
         ``persona``, so the turn that starts with them decodes only the rest."""
         composition = self._composition(persona, layers)
         tokens = self.encode(messages, add_generation_prompt=False)
-        with self.slot() as slot:
-            slot.switch(composition)
-            slot.prefill(tokens)
+        for _ in self._scheduler.run(Turn(composition, tokens, limit=0, sampler=None)):
+            pass
 
     def stream(self, messages: Sequence[Message], persona: str | None,
                params: GenerationParams | None = None, stop: Sequence[str] = (),
@@ -386,31 +280,20 @@ class _LlamaGeneration(Generation):
         if room < 1:
             raise HyperlexError(f"the prompt takes {len(self._prompt)} tokens; the context holds "
                                 f"{engine.context_length}")
-        with engine.slot() as slot:
-            start = time.perf_counter()
-            slot.switch(self._composition)
-            slot.prefill(self._prompt)
-            sampler = Sampler(params, self._prompt)
-            grammar = None if self._format is None else GrammarState(
-                engine.grammar_tokenizer(), self._format)
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            produced, limit, ended = 0, min(params.max_new_tokens, room), False
-            while not self.cancelled and produced < limit:
-                allowed = None if grammar is None else grammar.allowed()
-                token = sampler.next(slot.logits(), allowed)
-                produced += 1
-                if engine._lib.llama_vocab_is_eog(engine._vocab, token):
-                    ended = True
-                    break
-                if grammar is not None:
-                    grammar.consume(token)
-                slot.decode([token])
-                piece = decoder.decode(engine.llama.detokenize([token], special=False))
-                if piece:
-                    yield piece
-            self.finish_reason = finish_reason(produced, limit, ended, self.cancelled)
-            self.usage.completion_tokens = produced
-            self.seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        grammar = None if self._format is None else GrammarState(
+            engine.grammar_tokenizer(), self._format)
+        turn = Turn(self._composition, self._prompt, min(params.max_new_tokens, room),
+                    Sampler(params, self._prompt), grammar, cancelled=lambda: self.cancelled,
+                    is_end=engine.is_end_of_generation)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in engine._scheduler.run(turn):
+            piece = decoder.decode(engine.llama.detokenize([token], special=False))
+            if piece:
+                yield piece
+        self.finish_reason = finish_reason(turn.produced, turn.limit, turn.ended, self.cancelled)
+        self.usage.completion_tokens = turn.produced
+        self.seconds = time.perf_counter() - start
 
 
 class Sampler:
