@@ -31,7 +31,6 @@ from bench.common import Config, Row
 REQUESTS = 50
 PARALLEL = 4  # llama.cpp contexts: agent serve's default
 SEQUENCES = 8  # turns of one persona each context decodes together: agent serve's default
-MANY = 32  # resident personas for S8
 PROMPTS = ("What is time?", "Why do we dream?", "Is a promise binding?", "Describe the sea.",
            "What is a proof?", "How do plants grow?", "What makes a good question?",
            "Can machines think?", "What is courage?", "Why is the sky blue?")
@@ -159,9 +158,10 @@ def serve_load(config: Config, cast: Cast) -> list[Row]:
     rows += _rows("S4", torch_run, judge)
     one = _load(llamacpp_service(), count, config.max_new_tokens, only=on.jobs[0][0])
     rows.append(_best_or_worst("S7", one, judge, "one persona"))
-    many = _load(llamacpp_service(personas=cast.personas(MANY)), count, config.max_new_tokens)
-    rows.append(_best_or_worst("S8", many, lambda: cast.engine(MANY),
-                               f"{MANY} resident personas"))
+    many = _load(llamacpp_service(personas=cast.personas(config.personas)), count,
+                 config.max_new_tokens)
+    rows.append(_best_or_worst("S8", many, lambda: cast.engine(config.personas),
+                               f"{config.personas} resident personas"))
     return rows
 
 
