@@ -224,7 +224,7 @@ class Scheduler:
                 if turn.abandoned or turn.cancelled():
                     turn.pending, turn.done = None, True
             turns = [t for t in turns if not t.done]
-            if turns and context.composition != context.target:
+            if turns and context.target is not None and context.composition != context.target:
                 context.switch(context.target)
             starting = [t for t in turns if not t.started]
             for turn in starting:

@@ -64,6 +64,7 @@ class Context:
         self.ctx = ctx
         self.owned = owned  # freed by close(); the Llama object frees its own context
         self.composition: Composition | None = None
+        self.target: Composition | None = None  # what the scheduler runs here next
         self.slots = [Slot(self, seq) for seq in range(sequences)]
         self.saved: list[SavedState] = []  # oldest first
         self._batch = self._lib.llama_batch_init(engine.batch_tokens, 0, 1)
