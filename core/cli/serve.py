@@ -75,6 +75,8 @@ def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
     GET /v1/models lists 'auto' and every persona; POST /v1/chat/completions answers with
     the persona named by 'model' (or routes, for 'auto'), streaming with "stream": true. Send
     an X-Conversation-Id header (or the 'user' field) to keep the scene across requests.
+    GET / is a web page with the chat, the routing, the scene graph and the field
+    (docs/ui.md; --no-ui turns it off).
     Ctrl-C (or SIGTERM) stops the server: running turns get --timeout-graceful to finish.
     """
     from hyperlex.agent.router import check_router

@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const KIND_SHAPE = {entity: "ellipse", concept: "round-rectangle", action: "diamond", quality: "triangle"};
 const KIND_COLOR = {entity: "#2b5fd9", concept: "#1b8a5a", action: "#9c3fb8", quality: "#c26a00"};
-const SALIENCE_CAP = 5;
+const SALIENCE_SHOWN = 2.5;  // salience at and above this gets the largest node
 
 const state = {
   key: sessionStorage.getItem("hyperlex-key") || "",
@@ -124,6 +124,7 @@ async function openSession(name) {
     const reply = addReply(turn.persona, turn.route);
     reply.querySelector(".text").textContent = turn.reply;
   }
+  $("messages").scrollTop = $("messages").scrollHeight;
   const last = turns[turns.length - 1];
   showRoute(last ? last.persona : null, last ? last.route : null);
   showVersions(null);
@@ -175,7 +176,7 @@ function addReply(persona, route) {
   if (route) {
     const why = document.createElement("span");
     why.className = "why";
-    why.textContent = `${route.source}: ${route.reason}`;
+    why.textContent = route.reason;  // it names the source: "pinned to poet", "router: ..."
     li.append(why);
   }
   $("messages").append(li);
@@ -270,6 +271,8 @@ function showRoute(persona, route) {
     li.textContent = `${name}: ${scores[name].toFixed(3)}`;
     return li;
   }));
+  $("scores-note").hidden = names.length > 0;
+  $("scores-chart").parentElement.hidden = names.length === 0;
   const chart = state.scoresChart;
   chart.data.labels = names;
   chart.data.datasets[0].data = names.map((n) => scores[n]);
@@ -303,9 +306,9 @@ function makeGraph() {
     wheelSensitivity: 0.3,
     style: [
       {selector: "node", style: {
-        label: "data(label)", "font-size": 11, "text-valign": "bottom", "text-margin-y": 3,
-        width: `mapData(salience, 0, ${SALIENCE_CAP}, 14, 60)`,
-        height: `mapData(salience, 0, ${SALIENCE_CAP}, 14, 60)`,
+        label: "data(label)", "font-size": 13, "text-valign": "bottom", "text-margin-y": 3,
+        width: `mapData(salience, 0, ${SALIENCE_SHOWN}, 12, 48)`,
+        height: `mapData(salience, 0, ${SALIENCE_SHOWN}, 12, 48)`,
         "background-color": "#888", "border-width": 1, "border-color": "#fff",
         "text-background-color": "#fff", "text-background-opacity": 0.7, "text-background-padding": 1,
       }},
@@ -314,7 +317,7 @@ function makeGraph() {
       {selector: "node.focus", style: {"border-width": 4, "border-color": "#e0a100"}},
       {selector: "node.new", style: {"overlay-color": "#e0a100", "overlay-opacity": 0.35, "overlay-padding": 6}},
       {selector: "edge", style: {
-        label: "data(label)", "font-size": 10, "curve-style": "bezier", "target-arrow-shape": "triangle",
+        label: "data(label)", "font-size": 12, "curve-style": "bezier", "target-arrow-shape": "triangle",
         width: 2, "line-color": "#7a7f8c", "target-arrow-color": "#7a7f8c", color: "#333",
         "text-rotation": "autorotate", "text-background-color": "#fff", "text-background-opacity": 0.8,
       }},
@@ -363,8 +366,8 @@ function drawScene(index, diff) {
   const added = new Set(diff ? [...diff.added, ...diff.changed] : []);
   const linksAdded = new Set(diff ? diff.links_added.map((l) => `${l.src}|${l.rel}|${l.dst}|${l.polarity}`) : []);
   cy.nodes().forEach((n) => { if (old.has(n.id())) n.position(old.get(n.id())); });
-  const layout = cy.layout({name: "cose", animate: false, randomize: old.size === 0, nodeRepulsion: () => 9000,
-    idealEdgeLength: () => 90, fit: true, padding: 20});
+  const layout = cy.layout({name: "cose", animate: false, randomize: old.size === 0, nodeRepulsion: () => 12000,
+    idealEdgeLength: () => 80, componentSpacing: 60, nodeOverlap: 20, fit: true, padding: 24});
   layout.run();
   if (diff) {
     const fresh = cy.nodes().filter((n) => added.has(n.id()))
@@ -437,7 +440,8 @@ function makeCharts() {
   state.scoresChart = new Chart($("scores-chart"), {
     type: "bar",
     data: {labels: [], datasets: [{label: "router score", data: [], backgroundColor: []}]},
-    options: Object.assign({}, small, {indexAxis: "y", plugins: {legend: {display: false}}}),
+    options: Object.assign({}, small, {indexAxis: "y", plugins: {legend: {display: false}},
+      scales: {y: {ticks: {autoSkip: false, font: {size: 11}}}}}),
   });
   state.fieldChart = new Chart($("field-chart"), {
     type: "line",
