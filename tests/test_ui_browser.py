@@ -162,3 +162,21 @@ def test_a_session_resumes_after_a_server_restart(page, host, engine, tmp_path) 
         expect(page.locator("#session-list li[data-session=kept]")).to_contain_text("2 turns")
     with Store(path) as store:
         assert [t["persona"] for t in store.session("kept").turns] == ["beta", "alpha"]
+
+
+def test_every_control_is_labelled_and_the_page_fits_a_phone(page, base) -> None:
+    from playwright.sync_api import expect
+
+    open_page(page, base, "labelled")
+    for label in ("Persona", "Mood", "Weight", "Message", "Scene version"):
+        expect(page.get_by_label(label, exact=True)).to_be_attached()
+    unnamed = page.evaluate("""() => [...document.querySelectorAll(
+        'button, select, input, textarea')].filter(el => el.offsetParent !== null && !(
+        el.labels && el.labels.length || el.getAttribute('aria-label')
+        || el.textContent.trim())).map(el => el.outerHTML)""")
+    assert unnamed == []
+    page.keyboard.press("Tab")  # the first stop skips to the message box
+    expect(page.locator(":focus")).to_have_text("Skip to the message box")
+    for width, height in ((1280, 800), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
