@@ -179,4 +179,7 @@ def test_every_control_is_labelled_and_the_page_fits_a_phone(page, base) -> None
     expect(page.locator(":focus")).to_have_text("Skip to the message box")
     for width, height in ((1280, 800), (390, 844)):
         page.set_viewport_size({"width": width, "height": height})
-        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        wide = page.evaluate("""(w) => [...document.querySelectorAll('*')].filter(
+            el => el.getBoundingClientRect().right > w + 1).map(el => el.tagName + '#' + el.id
+            + '.' + el.className + ' ' + el.getBoundingClientRect().right)""", width)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, wide

@@ -339,6 +339,7 @@ function makeGraph() {
   };
   cy.on("mouseover tap", "node, edge", show);
   cy.on("mouseout", "node, edge", () => { info.hidden = true; });
+  new ResizeObserver(() => { cy.resize(); cy.fit(undefined, 24); }).observe($("graph"));
   return cy;
 }
 
