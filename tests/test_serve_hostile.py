@@ -473,16 +473,20 @@ def test_a_yaml_keys_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(host, engine) -> Iterator[Server]:
-    with Server(PersonaService(host, engine), port=0, log=False,
-                limits=Limits(generation_s=60)) as server:
+def fuzzed_server(host, engine, tmp_path_factory) -> Iterator[Server]:
+    with Store(tmp_path_factory.mktemp("fuzz") / "store.db") as store, \
+            Server(PersonaService(host, engine, store=store), port=0, log=False,
+                   limits=Limits(generation_s=60)) as server:
         yield server
 
 
 # (operation, mode): a request breaking the schema needs an input to break
 FUZZED = [("health", "positive"), ("listModels", "positive"), ("listModels", "negative"),
+          ("pageInfo", "positive"), ("listSessions", "positive"),
           *((operation, mode) for operation in ("retrieveModel", "createChatCompletion",
-                                                "retrieveConversation")
+                                                "retrieveConversation", "getSession",
+                                                "listSceneVersions", "exportSession",
+                                                "deleteSession", "createTurn")
             for mode in ("positive", "negative"))]
 
 

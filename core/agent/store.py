@@ -426,6 +426,17 @@ class Store:
             scene_version=None if scene is None else int(scene[1]),
         )
 
+    def scenes(self, name: str) -> list[dict[str, Any]]:
+        """Every scene version of the session, oldest first: ``version``, ``turn`` (the index
+        of the turn that left it), ``scene`` (the scene's dict) and ``created_at``."""
+        with self.transaction(write=False) as conn:
+            session_id = self._session_id(conn, name)
+            rows = conn.execute(
+                "SELECT version, turn_idx, scene, created_at FROM scenes WHERE session_id = ? "
+                "ORDER BY version", (session_id,)).fetchall()
+        return [{"version": int(version), "turn": turn, "scene": json.loads(scene),
+                 "created_at": created} for version, turn, scene, created in rows]
+
     def delete_session(self, name: str) -> None:
         """Delete a session with its turns and scenes."""
         with self.transaction() as conn:

@@ -62,19 +62,24 @@ from hyperlex.serve.limits import Limits
               "sessions of that name by default).")
 @click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
               help="Default generation option for every request, e.g. -o max_new_tokens 128.")
+@click.option("--no-ui", is_flag=True,
+              help="Do not serve the web page at / (the JSON API under /api stays).")
 @click.option("--quiet", is_flag=True, help="Do not log each request to stderr.")
 @engine_options
 def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
           timeout_keep_alive: float, timeout_headers: float, timeout_body: float,
           timeout_generation: float, max_body_bytes: int, limit_concurrency: int,
           timeout_graceful: float, backend: str, parallel: int, sequences: int, router: str,
-          no_store: bool, options: tuple[tuple[str, str], ...], quiet: bool, base: str | None,
+          no_store: bool, options: tuple[tuple[str, str], ...], no_ui: bool, quiet: bool,
+          base: str | None,
           dtype: str, quantize: str | None) -> None:
     """Serve the personas over an OpenAI-compatible API.
 
     GET /v1/models lists 'auto' and every persona; POST /v1/chat/completions answers with
     the persona named by 'model' (or routes, for 'auto'), streaming with "stream": true. Send
     an X-Conversation-Id header (or the 'user' field) to keep the scene across requests.
+    GET / is a web page with the chat, the routing, the scene graph and the field
+    (docs/ui.md; --no-ui turns it off).
     Ctrl-C (or SIGTERM) stops the server: running turns get --timeout-graceful to finish.
     """
     from hyperlex.agent.router import check_router
@@ -118,7 +123,8 @@ def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
                              store=store, overrides=overrides)
     service.warm_up()
     try:
-        server = Server(service, host, port, keys=keys, limits=limits, log=not quiet)
+        server = Server(service, host, port, keys=keys, limits=limits, log=not quiet,
+                        ui=not no_ui)
     except OSError as exc:
         raise HyperlexError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     names = ", ".join(service.speakers)
@@ -127,6 +133,8 @@ def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
         not api_keys else f" ({tenants} tenants)"
     click.echo(f"Serving auto and {len(service.speakers)} personas ({names}) on {server.url}"
                f"{secured}; Ctrl-C stops", err=True)
+    if not no_ui:
+        click.echo(f"The web page: {server.url.removesuffix('/v1')}/", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -10,7 +10,6 @@ not saved. Streaming is Server-Sent Events, one ``chat.completion.chunk`` per pi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -26,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from hyperlex.agent.store import DEFAULT_TENANT, check_name
 from hyperlex.errors import HyperlexError
+from hyperlex.serve.events import EventStream
 from hyperlex.serve.limits import Limits
 from hyperlex.serve.openai_api import (
     ApiError,
@@ -38,6 +38,7 @@ from hyperlex.serve.openai_api import (
     parse_json_body,
 )
 from hyperlex.serve.openapi import openapi_document
+from hyperlex.serve.page import page_routes
 from hyperlex.serve.server import (
     CONVERSATION_HEADER,
     MODE_HEADER,
@@ -54,9 +55,10 @@ SERVED = "hyperlex serves GET /v1/models and POST /v1/chat/completions"
 
 
 def create_app(service: PersonaService, keys: Keyring | None = None,
-               limits: Limits | None = None) -> Any:
-    """The ASGI app: the routes, their error handlers, and the answer on shutdown."""
-    api = _Api(service, keys or Keyring(), limits or Limits())
+               limits: Limits | None = None, ui: bool = True) -> Any:
+    """The ASGI app: the routes (the page's JSON API, and with ``ui`` the page at ``/``),
+    their error handlers, and the answer on shutdown."""
+    api = Api(service, keys or Keyring(), limits or Limits())
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
@@ -64,6 +66,7 @@ def create_app(service: PersonaService, keys: Keyring | None = None,
         Route("/v1/models/{name:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/conversations/{name}", api.conversation, methods=["GET"]),
+        *page_routes(api, ui),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
 
@@ -105,7 +108,7 @@ class _AnswerWhenCancelled:
             raise
 
 
-class _Api:
+class Api:
     def __init__(self, service: PersonaService, keys: Keyring, limits: Limits):
         self.service = service
         self.keys = keys
@@ -121,15 +124,15 @@ class _Api:
         return JSONResponse(openapi_document())
 
     async def models(self, request: Request) -> Response:
-        self._tenant(request)
+        self.tenant(request)
         return JSONResponse({"object": "list", "data": self.service.models()})
 
     async def model(self, request: Request) -> Response:
-        self._tenant(request)
+        self.tenant(request)
         return JSONResponse(self.service.model(request.path_params["name"]))
 
     async def conversation(self, request: Request) -> Response:
-        tenant = self._tenant(request)
+        tenant = self.tenant(request)
         name = request.path_params["name"]
         try:
             check_name(name)
@@ -142,24 +145,29 @@ class _Api:
     async def chat(self, request: Request) -> Response:
         """A chat completion; it counts against ``--limit-concurrency`` until its answer has
         been sent (for a stream: until the stream ends)."""
-        tenant = self._tenant(request)
+        tenant = self.tenant(request)
+        return await self.admitted(partial(self._chat, request, tenant))
+
+    async def admitted(self, answer: Callable[[], Awaitable[Response]]) -> Response:
+        """``answer()`` within ``--limit-concurrency``: its slot is held until the answer
+        has been sent (for a stream: until the stream ends)."""
         if self.in_progress >= self.limits.concurrency:
             raise ApiError(503, f"the server is answering {self.in_progress} requests, its "
                            "limit (--limit-concurrency); retry shortly", code="server_busy")
         self.in_progress += 1
         response: Response | None = None
         try:
-            response = await self._chat(request, tenant)
+            response = await answer()
             return response
         finally:
-            if not isinstance(response, _EventStream):  # a stream releases when it ends
+            if not isinstance(response, EventStream):  # a stream releases when it ends
                 self.release()
 
     def release(self) -> None:
         self.in_progress -= 1
 
     async def _chat(self, request: Request, tenant: str) -> Response:
-        chat = parse_chat_request(parse_json_body(await self._body(request)))
+        chat = parse_chat_request(parse_json_body(await self.body(request)))
         conversation = conversation_name(request.headers.get(CONVERSATION_HEADER), chat.user)
         mode = (request.headers.get(MODE_HEADER) or "agent").lower()
         if mode not in ("agent", "engine"):
@@ -169,7 +177,7 @@ class _Api:
                         tenant=tenant)
         reply = await anyio.to_thread.run_sync(start)
         if chat.stream:
-            return _EventStream(self, chat, reply)
+            return _chunk_stream(self, chat, reply)
         try:
             text, outcome = await self.watched(request.receive, reply,
                                                partial(anyio.to_thread.run_sync,
@@ -179,14 +187,14 @@ class _Api:
         if outcome == "gone":
             return Response(status_code=499)  # nobody reads it: the client has left
         if outcome == "timeout":
-            raise self._timeout()
+            raise self.timeout_error()
         return JSONResponse(completion_body(completion_id(), reply.persona, text,
                                             reply.finish_reason, reply.usage, reply.extra),
                             headers={PERSONA_HEADER: reply.persona})
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _tenant(self, request: Request) -> str:
+    def tenant(self, request: Request) -> str:
         if not self.keys.required:
             return DEFAULT_TENANT
         given = request.headers.get("authorization", "")
@@ -198,7 +206,7 @@ class _Api:
                            "with a key the server was started with", code="invalid_api_key")
         return tenant
 
-    async def _body(self, request: Request) -> bytes:
+    async def body(self, request: Request) -> bytes:
         """The body, within the size and time limits; a body framed two ways (the shape of
         request smuggling) is refused and the connection closed."""
         headers = request.headers
@@ -263,73 +271,28 @@ class _Api:
         cancelled = reply.generation.finish_reason not in ("stop", "length")
         return result, outcomes[0] if outcomes and cancelled else None
 
-    def _timeout(self) -> ApiError:
+    def timeout_error(self) -> ApiError:
         return ApiError(504, f"the reply took longer than {self.limits.generation_s:g} s "
                         "(--timeout-generation); it was stopped and not saved",
                         code="generation_timeout")
 
 
-class _EventStream(Response):
-    """A streamed reply: the role chunk, one chunk per piece, the finish chunk, [DONE]."""
+def _chunk_stream(api: Api, chat: ChatRequest, reply: Reply) -> EventStream:
+    """A streamed completion: the role chunk, one chunk per piece, the finish chunk (and the
+    usage chunk when asked for), then ``[DONE]``."""
+    cid = completion_id()
 
-    def __init__(self, api: _Api, chat: ChatRequest, reply: Reply):
-        self.api = api
-        self.chat = chat
-        self.reply = reply
-        self.cid = completion_id()
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"content-type": "text/event-stream; charset=utf-8",
-                           "cache-control": "no-cache", PERSONA_HEADER: reply.persona})
+    def closing() -> list[Any]:
+        events = [chunk_body(cid, reply.persona, {}, reply.finish_reason)]
+        if chat.include_usage:
+            events.append(chunk_body(cid, reply.persona, {}, usage=reply.usage))
+        return events
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        reply = self.reply
-
-        async def event(data: Any) -> None:
-            payload = f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-            await send({"type": "http.response.body", "body": payload, "more_body": True})
-
-        async def pieces() -> Exception | None:
-            pieces = iter(reply)
-            started = False
-            try:
-                while True:
-                    piece = await anyio.to_thread.run_sync(next, pieces, None)
-                    if piece is None:
-                        return None
-                    if not started:  # the reply starts at its first visible character
-                        piece = piece.lstrip()
-                        started = bool(piece)
-                    if piece:
-                        await event(chunk_body(self.cid, reply.persona, {"content": piece}))
-            except OSError:  # the client has gone; the watcher cancels the turn
-                return None
-            except Exception as exc:  # the headers are sent: report it inside the stream
-                return exc
-
-        try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": self.raw_headers})
-            await event(chunk_body(self.cid, reply.persona, {"role": "assistant", "content": ""},
-                                   extra=reply.extra))
-            failure, outcome = await self.api.watched(receive, reply, pieces)
-        finally:
-            reply.close()
-            self.api.release()
-        if outcome == "gone":
-            return
-        if outcome == "timeout":
-            await event(self.api._timeout().body())
-        elif failure is not None:
-            if not isinstance(failure, HyperlexError):
-                log.error("generation failed", exc_info=failure)
-            await event(ApiError(500, f"generation failed: {failure}").body())
-        else:
-            await event(chunk_body(self.cid, reply.persona, {}, reply.finish_reason))
-            if self.chat.include_usage:
-                await event(chunk_body(self.cid, reply.persona, {}, usage=reply.usage))
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                    "more_body": False})
+    return EventStream(api, reply,
+                       [chunk_body(cid, reply.persona, {"role": "assistant", "content": ""},
+                                   extra=reply.extra)],
+                       lambda piece: chunk_body(cid, reply.persona, {"content": piece}),
+                       closing)
 
 
 def _join(reply: Reply) -> str:

@@ -107,11 +107,11 @@ class Server:
 
     def __init__(self, service: PersonaService, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, log: bool = True, keys: Keyring | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, ui: bool = True):
         self.service = service
         self.limits = limits or Limits()
         self.keys = keys if keys is not None else Keyring.single(api_key)
-        self.app = create_app(service, self.keys, self.limits)
+        self.app = create_app(service, self.keys, self.limits, ui)
         protocol = type("Protocol", (_Protocol,), {"head_timeout_s": self.limits.header_s})
         self.config = uvicorn.Config(
             self.app, http=protocol, lifespan="on", log_config=_logging(log),

@@ -79,6 +79,70 @@ _HEADERS = [
 ]
 
 
+_NAME = {"name": "name", "in": "path", "required": True,
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+         "description": "The session (the page's conversation; X-Conversation-Id on /v1)"}
+_TURN_REQUEST = {
+    "type": "object",
+    "required": ["message"],
+    "additionalProperties": False,
+    "properties": {
+        "message": {"type": "string", "minLength": 1, "description": "The user's turn"},
+        "persona": {"type": "string", "minLength": 1,
+                    "description": "'auto' (route; the default) or a persona for this turn"},
+        "mood": {"type": ["string", "null"], "description": "A mood layer's name"},
+        "mood_weight": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 2},
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    },
+}
+
+
+def _page_paths(json_body: dict[str, Any]) -> dict[str, Any]:
+    """The page's JSON API (hyperlex.serve.page, docs/ui.md)."""
+    def read(operation: str, description: str) -> dict[str, Any]:
+        return {"get": {"operationId": operation, "description": description,
+                        "parameters": [_NAME], "responses": {
+                            "200": {"description": description, "content": json_body},
+                            **_ERRORS}}}
+
+    session = read("getSession", "The session: its turns (each with its routing record: "
+                   "source, reason, scores) and its latest scene")
+    session["delete"] = {"operationId": "deleteSession", "parameters": [_NAME],
+                         "description": "Delete the session with its turns and scenes",
+                         "responses": {"200": {"description": "{'deleted': name}",
+                                               "content": json_body}, **_ERRORS}}
+    return {
+        "/api/info": {"get": {"operationId": "pageInfo", "responses": {
+            "200": {"description": "The personas, moods, router and whether sessions are "
+                    "saved", "content": json_body}, **_ERRORS}}},
+        "/api/sessions": {"get": {"operationId": "listSessions", "responses": {
+            "200": {"description": "{'data': [session info]}, most recently updated first",
+                    "content": json_body}, **_ERRORS}}},
+        "/api/sessions/{name}": session,
+        "/api/sessions/{name}/scenes": read(
+            "listSceneVersions", "{'data': [{version, turn, scene, created_at}]}, every "
+            "scene version of the session, oldest first"),
+        "/api/sessions/{name}/export": {"get": {
+            "operationId": "exportSession",
+            "parameters": [_NAME, {"name": "format", "in": "query", "required": False,
+                                   "schema": {"enum": ["json", "markdown"]}}],
+            "responses": {"200": {"description": "The session as agent sessions export "
+                                  "writes it", "content": {**json_body, "text/markdown": {
+                                      "schema": {"type": "string"}}}}, **_ERRORS}}},
+        "/api/sessions/{name}/turns": {"post": {
+            "operationId": "createTurn",
+            "description": "A turn in the session, streamed as events: route (persona, "
+            "source, reason, scores), delta (a piece of the reply), done (the turn, the "
+            "scene after it, its diff), then [DONE]; closing the stream cancels the turn",
+            "parameters": [_NAME],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/TurnRequest"}}}},
+            "responses": {"200": {"description": "Server-Sent Events", "content": {
+                "text/event-stream": {"schema": {"type": "string"}}}},
+                **_ERRORS, "503": _error("Over --limit-concurrency requests in progress")}}},
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     json_body = {"application/json": {"schema": {"type": "object"}}}
     return {
@@ -94,6 +158,7 @@ def openapi_document() -> dict[str, Any]:
                                    "param": {"type": ["string", "null"]},
                                    "code": {"type": ["string", "null"]}}}}},
                 "ChatCompletionRequest": _CHAT_REQUEST,
+                "TurnRequest": _TURN_REQUEST,
             },
         },
         "security": [{"bearer": []}],
@@ -132,5 +197,6 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "The session document",
                                       "content": json_body}, **_ERRORS}}},
+            **_page_paths(json_body),
         },
     }

@@ -65,6 +65,7 @@ class Reply:
         self._pieces = pieces
         self.generation = generation
         self._release = release
+        self.outcome: dict[str, Any] = {}  # a turn that ended on its own: turn, scene, diff
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -142,9 +143,11 @@ class PersonaService:
         raise model_not_found(name, [AUTO, *self.speakers])
 
     def start(self, request: ChatRequest, conversation: str | None = None,
-              engine_mode: bool = False, tenant: str = DEFAULT_TENANT) -> Reply:
+              engine_mode: bool = False, tenant: str = DEFAULT_TENANT,
+              own_history: bool = False) -> Reply:
         """Begin answering ``request`` in ``tenant``'s ``conversation``; errors before the
-        first token are :class:`ApiError`."""
+        first token are :class:`ApiError`. With ``own_history`` (the page's turns) the
+        conversation keeps the history it has instead of taking the request's."""
         if request.model != AUTO:
             try:
                 self.engine.persona(request.model)
@@ -162,7 +165,7 @@ class PersonaService:
         entry.lock.acquire()
         try:
             return self._start_turn(entry.controller, request, entry.lock.release,
-                                    conversation)
+                                    conversation, own_history)
         except BaseException:
             entry.lock.release()
             raise
@@ -182,8 +185,10 @@ class PersonaService:
         return Reply(request.model, iter(generation), generation, {"persona": request.model})
 
     def _start_turn(self, controller: Controller, request: ChatRequest, release: Any,
-                    conversation: str | None = None) -> Reply:
-        controller.history = list(request.history)  # the client's history is the truth
+                    conversation: str | None = None, own_history: bool = False) -> Reply:
+        if not own_history:
+            controller.history = list(request.history)  # the client's history is the truth
+        before = controller.scene
         turn: TurnStream = self._engine_call(lambda: controller.send(
             request.message, persona=request.model, mood=request.mood, options=request.options,
             stop=request.stop, instructions=request.instructions,
@@ -192,7 +197,17 @@ class PersonaService:
         extra = {"persona": turn.turn.persona, "conversation": conversation,
                  "route": {"source": decision.source, "reason": decision.reason}
                  if decision else None}
-        return Reply(turn.turn.persona, iter(turn), turn.generation, extra, release)
+        outcome: dict[str, Any] = {"route": decision.as_dict() if decision else None}
+
+        def pieces() -> Iterator[str]:
+            yield from turn
+            if turn.turn.scene_version is not None:  # recorded: read it before the release
+                outcome.update(turn=turn.turn.as_dict(), scene=controller.scene.to_dict(),
+                               diff=before.diff(controller.scene).to_dict())
+
+        reply = Reply(turn.turn.persona, pieces(), turn.generation, extra, release)
+        reply.outcome = outcome
+        return reply
 
     def _engine_call(self, call: Any) -> Any:
         try:
