@@ -153,7 +153,8 @@ class Generation(ABC):
         pending = ""
         try:
             for piece in self._pieces():
-                if self.cancelled:  # nothing reaches the caller after cancel() returned
+                if self.cancelled:  # nothing reaches the caller after cancel() returned,
+                    self.finish_reason = "cancelled"  # even if the backend had finished
                     break
                 pending += piece
                 cut = _first_stop(pending, self.stop)

@@ -60,3 +60,19 @@ def test_nothing_is_yielded_after_cancel_returns() -> None:
         generation.cancel()
     assert seen == ["a"] and generation.text == "a"
     assert generation.finish_reason == "cancelled"
+
+
+def test_a_reply_cancelled_before_it_was_read_whole_is_cancelled() -> None:
+    """A backend that finished its reply (and said why) before the caller read it all: the
+    caller's cancel wins, so a stopped turn is never recorded as a whole one."""
+    from hyperlex.generation import Generation
+
+    class Finished(Generation):
+        def _pieces(self):
+            self.finish_reason = "length"  # the whole reply was generated ahead
+            yield from ("a", "b", "c")
+
+    generation = Finished("p")
+    for _ in generation:
+        generation.cancel()
+    assert generation.text == "a" and generation.finish_reason == "cancelled"

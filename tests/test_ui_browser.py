@@ -124,11 +124,29 @@ def test_switching_persona_and_the_routing_panel(page, base) -> None:
     expect(page.locator("#scene-version-label")).to_contain_text("after turn 0")
 
 
-def test_stop_cancels_the_reply_and_saves_nothing(browser, host, engine, tmp_path) -> None:
+def test_stop_cancels_the_reply_and_saves_nothing(browser, host, engine, tmp_path,
+                                                   monkeypatch) -> None:
     from playwright.sync_api import expect
 
-    # a long reply (the whole context) so that there is time to press Stop mid-stream
-    with serving(host, engine, tmp_path / "store.db", max_new_tokens=4096) as base:
+    stream = engine.stream
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        """The reply's first piece, then nothing until it is cancelled: Stop always lands
+        mid-stream, however fast the model is."""
+        generation = stream(*args, **kwargs)
+        pieces = generation._pieces
+
+        def first_then_wait() -> Iterator[str]:
+            for i, piece in enumerate(pieces()):
+                yield piece
+                if i == 0:
+                    generation._cancelled.wait(WAIT_MS / 1000)
+
+        generation._pieces = first_then_wait
+        return generation
+
+    monkeypatch.setattr(engine, "stream", held)
+    with serving(host, engine, tmp_path / "store.db") as base:
         context = browser.new_context(viewport={"width": 390, "height": 844})  # a phone
         page = context.new_page()
         open_page(page, base, "stopped")
@@ -142,7 +160,7 @@ def test_stop_cancels_the_reply_and_saves_nothing(browser, host, engine, tmp_pat
         expect(page.locator("#status")).to_contain_text("Stopped")
         context.close()
         with Store(tmp_path / "store.db") as store:
-            assert not store.has_session("stopped")
+            assert not store.has_session("stopped"), store.session("stopped")
 
 
 def test_a_session_resumes_after_a_server_restart(page, host, engine, tmp_path) -> None:
