@@ -151,16 +151,16 @@ class Generation(ABC):
     def __iter__(self) -> Iterator[str]:
         hold = max((len(s) for s in self.stop), default=1) - 1
         pending = ""
+        whole = False  # the caller got the reply to its end (or to a stop string)
         try:
             for piece in self._pieces():
-                if self.cancelled:  # nothing reaches the caller after cancel() returned,
-                    self.finish_reason = "cancelled"  # even if the backend had finished
+                if self.cancelled:  # nothing reaches the caller after cancel() returned
                     break
                 pending += piece
                 cut = _first_stop(pending, self.stop)
                 if cut is not None:
                     yield from self._emit(pending[:cut])
-                    self.finish_reason = "stop"
+                    self.finish_reason, whole = "stop", True
                     self.cancel()
                     return
                 if len(pending) > hold:
@@ -168,8 +168,11 @@ class Generation(ABC):
                     yield from self._emit(ready)
             if not self.cancelled:
                 yield from self._emit(pending)
+                whole = True
         finally:
-            if self.finish_reason is None and self.cancelled:
+            # cancelled before the caller had it all: cancelled, even when the backend had
+            # finished generating (a stopped turn is never recorded as a whole one)
+            if self.cancelled and not whole:
                 self.finish_reason = "cancelled"
             self.cancel()
             self._finish()

@@ -76,3 +76,18 @@ def test_a_reply_cancelled_before_it_was_read_whole_is_cancelled() -> None:
     for _ in generation:
         generation.cancel()
     assert generation.text == "a" and generation.finish_reason == "cancelled"
+
+
+def test_cancel_during_the_last_piece_still_cancels() -> None:
+    from hyperlex.generation import Generation
+
+    class Two(Generation):
+        def _pieces(self):
+            self.finish_reason = "stop"
+            yield from ("a", "b")
+
+    generation = Two("p")
+    for piece in generation:
+        if piece == "b":
+            generation.cancel()
+    assert generation.text == "ab" and generation.finish_reason == "cancelled"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from hyperlex.agent.store import Store
+from hyperlex.generation import Generation
 from hyperlex.serve.http import Server
 from hyperlex.serve.server import PersonaService
 
@@ -130,20 +131,27 @@ def test_stop_cancels_the_reply_and_saves_nothing(browser, host, engine, tmp_pat
 
     stream = engine.stream
 
-    def held(*args: Any, **kwargs: Any) -> Any:
-        """The reply's first piece, then nothing until it is cancelled: Stop always lands
-        mid-stream, however fast the model is."""
-        generation = stream(*args, **kwargs)
-        pieces = generation._pieces
+    class HeldOpen(Generation):
+        """The engine's reply: its first piece, then nothing until it is cancelled, so that
+        Stop always lands mid-stream, however fast the model is."""
 
-        def first_then_wait() -> Iterator[str]:
-            for i, piece in enumerate(pieces()):
-                yield piece
-                if i == 0:
-                    generation._cancelled.wait(WAIT_MS / 1000)
+        def __init__(self, inner: Generation):
+            super().__init__(inner.persona)
+            self.inner = inner
 
-        generation._pieces = first_then_wait
-        return generation
+        def _pieces(self) -> Iterator[str]:
+            pieces = iter(self.inner)
+            yield next(pieces, "")
+            self._cancelled.wait(WAIT_MS / 1000)
+            yield from pieces
+            self.usage, self.finish_reason = self.inner.usage, self.inner.finish_reason
+
+        def cancel(self) -> None:
+            super().cancel()
+            self.inner.cancel()
+
+    def held(*args: Any, **kwargs: Any) -> Generation:
+        return HeldOpen(stream(*args, **kwargs))
 
     monkeypatch.setattr(engine, "stream", held)
     with serving(host, engine, tmp_path / "store.db") as base:
