@@ -120,15 +120,17 @@ class Scheduler:
                         turn.done = True
                         self._assign()
 
-    def stop(self) -> None:
-        """End the decoder threads (the engine is closing); waiting turns fail."""
+    def stop(self, join: bool = True) -> None:
+        """End the decoder threads (the engine is closing); waiting turns fail. ``join``:
+        wait for the threads to end (not from a finalizer, which may run on one of them
+        while it holds the lock the others need to return)."""
         with self._cond:
             self._stopped = True
             for turn in self._waiting:
                 turn.error, turn.done = HyperlexError("the llama.cpp engine is closed"), True
             self._waiting.clear()
             self._cond.notify_all()
-        for worker in self._workers:
+        for worker in self._workers if join else ():
             if worker is not threading.current_thread():
                 worker.join()
 

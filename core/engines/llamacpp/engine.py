@@ -155,7 +155,7 @@ class LlamaCppEngine(Engine):
                 raise HyperlexError("llama.cpp could not create another context")
             self._contexts.append(Context(self, ctx, sequences, owned=not (own and i == 0)))
         self._scheduler = Scheduler(self._contexts)
-        weakref.finalize(self, self._scheduler.stop)
+        weakref.finalize(self, self._scheduler.stop, False)
 
     # adapters ------------------------------------------------------------------------------
 
