@@ -252,6 +252,74 @@ def data_read(out: Path, count: int, voice: int, seed: int) -> None:
                "sentences read; those the reader's schema cannot hold are left out)", err=True)
 
 
+@data.command("hindsight")
+@click.option("-p", "--persona", "names", multiple=True,
+              help="Persona to build records for (repeatable; default: every persona with "
+              "training data that is not a layer or a mood).")
+@click.option("--count", type=click.IntRange(1), default=160, show_default=True,
+              help="Records per persona at most (windows with a negated link first).")
+@click.option("--max-hyperlexemes", type=click.IntRange(2), default=8, show_default=True,
+              help="The most things a window's scene may hold.")
+@click.option("--encoder", default="default", show_default=True,
+              help="Scene encoder that reads the windows.")
+@click.option("--out", default="data/hindsight.jsonl", show_default=True, metavar="FILE",
+              help="Where the records go, relative to each persona's bundle (overwritten).")
+@click.option("--seed", default=0, show_default=True, help="Which windows, beyond the negated.")
+@click.option("--json", "as_json", is_flag=True, help="Print each persona's counts as JSON.")
+def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, encoder: str,
+                   out: str, seed: int, as_json: bool) -> None:
+    """Hindsight scene records: windows of each persona's own training replies, each with
+    the scene the encoder reads in it, as speak_scene records (faithful and in voice by
+    construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE."""
+    from hyperlex.cli.common import report_problems
+    from hyperlex.scene.model import Scene
+    from hyperlex.training.data import read_dataset, write_records
+    from hyperlex.training.hindsight import hindsight_records, negated
+    from hyperlex.training.train import load_config
+
+    host = get_host()
+    report_problems(host)
+    if encoder not in host.scene_encoders:
+        raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
+    read = host.scene_encoders[encoder]
+    chosen = {n: host.persona(n) for n in names} or {
+        n: p for n, p in host.personas.items() if not (p.is_layer or p.is_mood)}
+
+    def fits_training(persona: Any) -> Any:
+        """Whether a record's prompt and whole reply fit the persona's max_length, in the
+        tokens of its base (a record cut short would teach half a window)."""
+        from hyperlex.engines.models import load_tokenizer, resolve_base
+        from hyperlex.training.data import parse_record
+        from hyperlex.training.train import encode_example
+
+        tokenizer = load_tokenizer(resolve_base(None))
+        limit = load_config(persona.root).max_length
+        return lambda record: len(encode_example(tokenizer, persona, parse_record(record),
+                                                 limit + 1)[0]) <= limit
+    summary = []
+    for name, persona in chosen.items():
+        source = persona.root / load_config(persona.root).data if persona.root else None
+        if source is None or not source.is_file():
+            if names:
+                raise HyperlexError(f"persona {name!r} has no training data to read")
+            continue
+        target = persona.root / out
+        if not target.resolve().is_relative_to(persona.root.resolve()):
+            raise click.BadParameter(f"{out!r} points outside the bundle {persona.root}",
+                                     param_hint="'--out'")
+        replies = [(e.line, e.text) for e in read_dataset(source) if not e.speaks_scene]
+        records = hindsight_records(replies, read, count, seed, max_hyperlexemes,
+                                    fits=fits_training(persona))
+        write_records(target, records)
+        with_negation = sum(negated(Scene.from_dict(r["scene"])) for r in records)
+        summary.append({"persona": name, "replies": len(replies), "records": len(records),
+                        "negated": with_negation, "file": str(target)})
+        click.echo(f"{name}: {len(records)} records from {len(replies)} replies "
+                   f"({with_negation} with a negated link) -> {target}", err=True)
+    if as_json:
+        emit_json(summary)
+
+
 @data.command("faithful")
 @click.option("-p", "--persona", "names", multiple=True,
               help="Persona to build data for (repeatable; default: every persona with an "

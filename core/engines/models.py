@@ -146,6 +146,14 @@ def base_source(base: ResolvedBase, progress: bool = True) -> str:
     return str(ensure_embedded(progress)) if base.kind == "embedded" else base.source
 
 
+def load_tokenizer(base: ResolvedBase) -> Any:
+    """The tokenizer of ``base`` alone (no weights). Never runs remote code."""
+    quiet_libraries()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_source(base), trust_remote_code=False)
+
+
 def load_base(
     base: ResolvedBase, dtype: str = "float32", quantize: str | None = None, progress: bool = True
 ) -> tuple[Any, Any]:

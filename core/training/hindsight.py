@@ -1,0 +1,111 @@
+"""Hindsight scene records (``agent data hindsight``): a persona's own words, relabelled
+with the scene they say.
+
+Self-distillation (:mod:`hyperlex.eval.faithful`) asks a persona to speak a scene and keeps
+the replies that kept it in the persona's voice; on the cast that is one reply in ten or
+fewer, so a round yields a handful of records. Hindsight relabelling (after hindsight
+experience replay and hindsight instruction relabelling) turns the question round: take
+text that is already in the persona's voice (its training replies), read a window of it
+with the scene encoder, and make the reading the scene the window was "asked" to say. Every
+record is faithful by construction (the text reads back to exactly its scene, negations
+included) and in the persona's voice by construction, and there are hundreds per persona.
+
+A window is a run of whole sentences (or verse lines) of one reply, grown from its first
+sentence while the reading stays within ``max_hyperlexemes`` things; it is kept when it
+reads as at least two things and one link. The persona's ``speaker``/``listener`` (its "I"
+and "you") are dropped from the scene, as the round trip ignores them. The records are
+``speak_scene`` records, so they train the one scene prompt chat and the round trip use.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from hyperlex.scene.model import Delta, Scene
+
+VOICE_LABELS = frozenset({"speaker", "listener"})
+MAX_HYPERLEXEMES = 8
+MIN_HYPERLEXEMES = 2
+# a sentence ends at . ! ? or ; followed by space, or at a line break (verse)
+_BOUNDARY = re.compile(r"(?<=[.!?;])[ \t]+|\n+")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence or line of ``text``, in order, without the breaks."""
+    spans, start = [], 0
+    for match in _BOUNDARY.finditer(text):
+        if text[start:match.start()].strip():
+            spans.append((start, match.start()))
+        start = match.end()
+    if text[start:].strip():
+        spans.append((start, len(text)))
+    return spans
+
+
+def content_scene(delta: Delta) -> Scene:
+    """The scene ``delta`` says, without the speaker's "I" and "you" and their links."""
+    scene = Scene().apply(delta, turn=0)
+    voice = {h.id for h in scene.hyperlexemes.values() if h.label in VOICE_LABELS}
+    for hid in voice:
+        del scene.hyperlexemes[hid]
+    scene.links = [k for k in scene.links if k.src not in voice and k.dst not in voice]
+    scene.focus = [hid for hid in scene.focus if hid not in voice]
+    return scene
+
+
+def _says_enough(scene: Scene, max_hyperlexemes: int) -> bool:
+    return (MIN_HYPERLEXEMES <= len(scene.hyperlexemes) <= max_hyperlexemes
+            and bool(scene.links))
+
+
+def windows(text: str, encoder: Callable[[str], Delta],
+            max_hyperlexemes: int = MAX_HYPERLEXEMES) -> Iterator[tuple[str, Scene]]:
+    """The windows of ``text`` worth a record, each with the scene it reads as: from each
+    sentence not yet used, the longest run of whole sentences whose reading says enough."""
+    spans = sentence_spans(text)
+    i = 0
+    while i < len(spans):
+        best: tuple[int, str, Scene] | None = None
+        for j in range(i, len(spans)):
+            window = text[spans[i][0]:spans[j][1]]
+            scene = content_scene(encoder(window))
+            if len(scene.hyperlexemes) > max_hyperlexemes:
+                break
+            if _says_enough(scene, max_hyperlexemes):
+                best = (j, window, scene)
+        if best is None:
+            i += 1
+            continue
+        yield best[1], best[2]
+        i = best[0] + 1
+
+
+def negated(scene: Scene) -> bool:
+    return any(link.polarity < 0 for link in scene.links)
+
+
+def hindsight_records(texts: Iterable[tuple[int, str]], encoder: Callable[[str], Delta],
+                      count: int | None = None, seed: int = 0,
+                      max_hyperlexemes: int = MAX_HYPERLEXEMES,
+                      fits: Callable[[dict[str, Any]], bool] | None = None
+                      ) -> list[dict[str, Any]]:
+    """``speak_scene`` records from ``texts`` (``(line, reply)`` pairs of a persona's voice
+    data): every window (see :func:`windows`) that ``fits`` (for training: its prompt and
+    whole reply within ``max_length`` tokens), or ``count`` of them, those with a negated
+    link first, the rest drawn at random (``seed``), kept in the order of the data."""
+    found = []
+    for line, text in texts:
+        for window, scene in windows(text, encoder, max_hyperlexemes):
+            record = {"speak_scene": True, "scene": scene.to_dict(), "text": window,
+                      "meta": {"hindsight": True, "line": line}}
+            if fits is None or fits(record):
+                found.append(record)
+    if count is None or count >= len(found):
+        return found
+    order = list(range(len(found)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: not negated(Scene.from_dict(found[i]["scene"])))
+    return [found[i] for i in sorted(order[:count])]

@@ -1,0 +1,104 @@
+"""Hindsight scene records: windows of a persona's own replies, each with the scene the
+default encoder reads in it, read back to exactly that scene (`agent data hindsight`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hyperlex.eval.roundtrip import read_back, score_roundtrip
+from hyperlex.scene.encoders import DefaultEncoder
+from hyperlex.scene.model import Scene
+from hyperlex.training.data import parse_record
+from hyperlex.training.hindsight import hindsight_records, sentence_spans, windows
+
+from .conftest import bundles_plugin, install_plugin, write_bundle
+
+REPLIES = [
+    (1, "The old sailor does not see the lighthouse. The sea is calm tonight, and the gulls "
+        "sleep on the mast. Nothing else moves."),
+    (2, "Gratitude is rain on a dusty road:\nit settles the dust and lightens the load.\n"
+        "I'll keep a candle burning in this room."),
+    (3, "Yes."),
+]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> DefaultEncoder:
+    return DefaultEncoder()
+
+
+def test_sentences_and_verse_lines_are_split_without_their_breaks() -> None:
+    text = "One sentence; another! A line\nand the next line."
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "One sentence;", "another!", "A line", "and the next line."]
+
+
+def test_every_record_reads_back_to_exactly_its_scene(encoder: DefaultEncoder) -> None:
+    records = hindsight_records(REPLIES, encoder)
+    assert records, "the replies hold windows worth a record"
+    for record in records:
+        scene = Scene.from_dict(record["scene"])
+        assert 2 <= len(scene.hyperlexemes) <= 8 and scene.links
+        score = score_roundtrip(scene, read_back(encoder(record["text"])), record["text"])
+        assert score.hyperlexemes["recall"] == 1.0
+        assert score.links["recall"] == 1.0 and not score.logical_loss
+        parse_record(record)  # a valid speak_scene record
+
+
+def test_a_negated_link_survives_as_a_negated_link(encoder: DefaultEncoder) -> None:
+    first = hindsight_records(REPLIES[:1], encoder)[0]
+    assert first["text"].startswith("The old sailor does not see the lighthouse.")
+    scene = Scene.from_dict(first["scene"])
+    labels = {h.id: h.label for h in scene.hyperlexemes.values()}
+    assert ("sailor", "see", "lighthouse", -1) in {
+        (labels[k.src], k.rel, labels[k.dst], k.polarity) for k in scene.links}
+
+
+def test_the_speakers_i_and_you_are_not_part_of_the_scene(encoder: DefaultEncoder) -> None:
+    for _, scene in windows(REPLIES[1][1], encoder):
+        labels = {h.label for h in scene.hyperlexemes.values()}
+        assert not labels & {"speaker", "listener"}
+        assert all(k.src in scene.hyperlexemes and k.dst in scene.hyperlexemes
+                   for k in scene.links)
+
+
+def test_a_window_stays_within_the_thing_budget(encoder: DefaultEncoder) -> None:
+    for _, scene in windows(REPLIES[0][1], encoder, max_hyperlexemes=3):
+        assert len(scene.hyperlexemes) <= 3
+
+
+def test_count_keeps_negated_windows_first_in_data_order(encoder: DefaultEncoder) -> None:
+    every = hindsight_records(REPLIES, encoder)
+    [kept] = hindsight_records(REPLIES, encoder, count=1)
+    assert kept == every[0] and kept["meta"] == {"hindsight": True, "line": 1}
+
+
+def test_agent_data_hindsight_writes_each_bundles_records(
+        runner, plugin_site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyperlex.cli import cli
+
+    bundle = write_bundle(tmp_path / "bundles", "sailor", adapter_seed=None)
+    (bundle / "data").mkdir()
+    (bundle / "data" / "train.jsonl").write_text("".join(
+        json.dumps({"human": "Tell me.", "text": text}) + "\n" for _, text in REPLIES))
+    install_plugin(plugin_site, "hyperlex-sailor", "hx_sailor", bundles_plugin(bundle))
+    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-sailor")
+
+    result = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--json"])
+    assert result.exit_code == 0, result.output
+    [summary] = json.loads(result.stdout)
+    written = (bundle / "data" / "hindsight.jsonl").read_text().splitlines()
+    assert summary["replies"] == 3 and summary["records"] == len(written) > 0
+    assert summary["negated"] == 1
+
+    outside = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--out", "../x.jsonl"])
+    assert outside.exit_code == 2 and "outside the bundle" in outside.output
+
+
+def test_a_window_that_does_not_fit_is_left_out(encoder: DefaultEncoder) -> None:
+    every = hindsight_records(REPLIES, encoder)
+    kept = hindsight_records(REPLIES, encoder, fits=lambda record: "sailor" not in record["text"])
+    assert kept == [r for r in every if "sailor" not in r["text"]] and len(kept) < len(every)
