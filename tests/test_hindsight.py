@@ -84,7 +84,8 @@ def test_agent_data_hindsight_writes_each_bundles_records(
     (bundle / "data").mkdir()
     (bundle / "data" / "train.jsonl").write_text("".join(
         json.dumps({"human": "Tell me.", "text": text}) + "\n" for _, text in REPLIES))
-    install_plugin(plugin_site, "hyperlex-sailor", "hx_sailor", bundles_plugin(bundle))
+    mute = write_bundle(tmp_path / "bundles", "mute", adapter_seed=None)
+    install_plugin(plugin_site, "hyperlex-sailor", "hx_sailor", bundles_plugin(bundle, mute))
     monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-sailor")
 
     result = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--json"])
@@ -96,6 +97,8 @@ def test_agent_data_hindsight_writes_each_bundles_records(
 
     outside = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--out", "../x.jsonl"])
     assert outside.exit_code == 2 and "outside the bundle" in outside.output
+    no_data = runner.invoke(cli, ["data", "hindsight", "-p", "mute"])
+    assert no_data.exit_code == 1 and "'mute' has no training data" in no_data.output
 
 
 def test_a_window_that_does_not_fit_is_left_out(encoder: DefaultEncoder) -> None:

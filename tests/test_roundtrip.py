@@ -490,6 +490,6 @@ def test_eval_roundtrip_on_a_real_persona(runner: CliRunner, tmp_path: Path) -> 
     data = json.loads(result.stdout)
     assert data["personas"] == ["poet"] and len(data["results"]["poet"]) == 2
     for entry in data["results"]["poet"]:
-        assert len(entry["reply"].split()) > 10 and "error" not in entry
+        assert len(entry["reply"].split()) >= 5 and "error" not in entry  # a sentence at least
     assert data["metrics"]["poet"]["hyperlexeme_recall"] > 0  # it spoke of the scene
     assert (out / "report.md").is_file() and (out / "roundtrip_scores.png").is_file()

@@ -143,7 +143,9 @@ class TestChatPersonaStructured(TinyChatPersona, ChatModelIntegrationTests):
 
     def test_json_mode_with_bounded_strings(self, model) -> None:
         """The suite's ``test_json_mode`` steps (pydantic and dict schema, invoke and stream)
-        with the joke's strings bounded, so the reply always closes."""
+        with the joke's strings bounded, so the reply always closes. JSON mode promises a
+        JSON object, not its keys (the schema only parses the reply): the keys asked for must
+        be there, and the model may add one (the round-3 interface adds a file path)."""
         from pydantic import BaseModel, Field
 
         class Joke(BaseModel):
@@ -158,6 +160,6 @@ class TestChatPersonaStructured(TinyChatPersona, ChatModelIntegrationTests):
         assert isinstance(as_model.invoke(msg), Joke)
         assert all(isinstance(chunk, Joke) for chunk in as_model.stream(msg))
         as_dict = model.with_structured_output(Joke.model_json_schema(), method="json_mode")
-        assert set(as_dict.invoke(msg)) == {"setup", "punchline"}
+        assert {"setup", "punchline"} <= set(as_dict.invoke(msg))
         chunks = list(as_dict.stream(msg))
-        assert chunks and set(chunks[-1]) == {"setup", "punchline"}
+        assert chunks and {"setup", "punchline"} <= set(chunks[-1])

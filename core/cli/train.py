@@ -272,10 +272,11 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
     the scene the encoder reads in it, as speak_scene records (faithful and in voice by
     construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE."""
     from hyperlex.cli.common import report_problems
+    from hyperlex.engines.models import load_tokenizer, resolve_base
     from hyperlex.scene.model import Scene
-    from hyperlex.training.data import read_dataset, write_records
+    from hyperlex.training.data import parse_record, read_dataset, write_records
     from hyperlex.training.hindsight import hindsight_records, negated
-    from hyperlex.training.train import load_config
+    from hyperlex.training.train import encode_example, load_config
 
     host = get_host()
     report_problems(host)
@@ -287,15 +288,12 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
 
     def fits_training(persona: Any) -> Any:
         """Whether a record's prompt and whole reply fit the persona's max_length, in the
-        tokens of its base (a record cut short would teach half a window)."""
-        from hyperlex.engines.models import load_tokenizer, resolve_base
-        from hyperlex.training.data import parse_record
-        from hyperlex.training.train import encode_example
-
-        tokenizer = load_tokenizer(resolve_base(None))
+        tokens of the base (a record cut short would teach half a window)."""
         limit = load_config(persona.root).max_length
         return lambda record: len(encode_example(tokenizer, persona, parse_record(record),
                                                  limit + 1)[0]) <= limit
+
+    tokenizer = load_tokenizer(resolve_base(None))
     summary = []
     for name, persona in chosen.items():
         source = persona.root / load_config(persona.root).data if persona.root else None
