@@ -273,7 +273,6 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
     construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE."""
     from hyperlex.cli.common import report_problems
     from hyperlex.engines.models import load_tokenizer, resolve_base
-    from hyperlex.scene.model import Scene
     from hyperlex.training.data import parse_record, read_dataset, write_records
     from hyperlex.training.hindsight import hindsight_records, negated
     from hyperlex.training.train import encode_example, load_config
@@ -286,17 +285,17 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
     chosen = {n: host.persona(n) for n in names} or {
         n: p for n, p in host.personas.items() if not (p.is_layer or p.is_mood)}
 
-    def fits_training(persona: Any) -> Any:
-        """Whether a record's prompt and whole reply fit the persona's max_length, in the
-        tokens of the base (a record cut short would teach half a window)."""
-        limit = load_config(persona.root).max_length
+    def fits_training(persona: Any, limit: int) -> Any:
+        """Whether a record's prompt and whole reply fit in ``limit`` tokens of the base (a
+        record cut short would teach half a window)."""
         return lambda record: len(encode_example(tokenizer, persona, parse_record(record),
                                                  limit + 1)[0]) <= limit
 
     tokenizer = load_tokenizer(resolve_base(None))
     summary = []
     for name, persona in chosen.items():
-        source = persona.root / load_config(persona.root).data if persona.root else None
+        config = load_config(persona.root) if persona.root else None
+        source = persona.root / config.data if config else None
         if source is None or not source.is_file():
             if names:
                 raise HyperlexError(f"persona {name!r} has no training data to read")
@@ -307,9 +306,9 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
                                      param_hint="'--out'")
         replies = [(e.line, e.text) for e in read_dataset(source) if not e.speaks_scene]
         records = hindsight_records(replies, read, count, seed, max_hyperlexemes,
-                                    fits=fits_training(persona))
+                                    fits=fits_training(persona, config.max_length))
         write_records(target, records)
-        with_negation = sum(negated(Scene.from_dict(r["scene"])) for r in records)
+        with_negation = sum(map(negated, records))
         summary.append({"persona": name, "replies": len(replies), "records": len(records),
                         "negated": with_negation, "file": str(target)})
         click.echo(f"{name}: {len(records)} records from {len(replies)} replies "

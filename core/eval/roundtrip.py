@@ -77,6 +77,7 @@ from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.scene import delta_sets, prf
 from hyperlex.generation import GenerationParams, Layers
 from hyperlex.persona.prompt import SAY_SCENE, scene_prompt
+from hyperlex.scene.encoders import VOICE_LABELS  # not scene content unless the source has them
 from hyperlex.scene.model import Delta, Scene, canonical_label
 
 if TYPE_CHECKING:
@@ -85,8 +86,6 @@ if TYPE_CHECKING:
 SHIPPED_SCENES = "eval/data/scenes.jsonl"
 HELDOUT = "heldout"
 HELDOUT_SCENES = "eval/data/heldout-scenes.jsonl"
-VOICE_LABELS = frozenset({"speaker", "listener"})
-"""The persona's own "I" and "you": not scene content unless the source scene has them."""
 METRICS = ("hyperlexeme_recall", "hyperlexeme_precision", "hyperlexeme_f1", "link_precision",
            "link_recall", "link_f1", "link_f1_relaxed", "split_links", "impoverished",
            "logical_loss")

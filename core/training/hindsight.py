@@ -24,9 +24,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from hyperlex.scene.encoders import VOICE_LABELS
 from hyperlex.scene.model import Delta, Scene
 
-VOICE_LABELS = frozenset({"speaker", "listener"})
 MAX_HYPERLEXEMES = 8
 MIN_HYPERLEXEMES = 2
 # a sentence ends at . ! ? or ; followed by space, or at a line break (verse)
@@ -83,8 +83,9 @@ def windows(text: str, encoder: Callable[[str], Delta],
         i = best[0] + 1
 
 
-def negated(scene: Scene) -> bool:
-    return any(link.polarity < 0 for link in scene.links)
+def negated(record: dict[str, Any]) -> bool:
+    """Whether a record's scene holds a negated link."""
+    return any(link["polarity"] < 0 for link in record["scene"]["links"])
 
 
 def hindsight_records(texts: Iterable[tuple[int, str]], encoder: Callable[[str], Delta],
@@ -107,5 +108,5 @@ def hindsight_records(texts: Iterable[tuple[int, str]], encoder: Callable[[str],
         return found
     order = list(range(len(found)))
     random.Random(seed).shuffle(order)
-    order.sort(key=lambda i: not negated(Scene.from_dict(found[i]["scene"])))
+    order.sort(key=lambda i: not negated(found[i]))
     return [found[i] for i in sorted(order[:count])]

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from hyperlex.scene.encoders import VOICE_LABELS
 from hyperlex.scene.model import Delta, Scene, canonical_label
 from hyperlex.training.vocabulary import load_vocabulary, plural, third_person
 
@@ -45,7 +46,6 @@ AFFECT_QUALITIES = ("happy", "cheerful", "joyful", "proud", "hopeful", "calm", "
 OUTPUT_ASKS = ("Describe the scene.", "Tell me what is happening.", "Put the scene into words.",
                "What do you see?", "Say what the scene holds.")
 STORY_OPENINGS = ("Meanwhile", "Then", "After that", "Later", "Soon")
-VOICE = frozenset({"speaker", "listener"})  # "Think of ..." addresses a listener
 
 
 @dataclass
@@ -144,7 +144,9 @@ def reads_as_planned(delta: Delta, plan: Plan, named: bool = False) -> bool:
     """The encoder's reading holds exactly the plan's things, attributes and links; with
     ``named``, the text also names the associations ("Think of ..."), which may add those
     words and the listener, and nothing else."""
-    extra = {w for ws in plan.associations.values() for w in ws} | VOICE if named else set()
+    # "Think of ..." addresses a listener
+    extra = ({w for ws in plan.associations.values() for w in ws} | VOICE_LABELS
+             if named else set())
     labels = {h.id: canonical_label(h.label) for h in delta.hyperlexemes}
     things = {canonical_label(h.label): dict(h.attrs) for h in delta.hyperlexemes
               if canonical_label(h.label) not in extra}
