@@ -10,9 +10,9 @@ import pytest
 
 from hyperlex.eval.roundtrip import read_back, score_roundtrip
 from hyperlex.scene.encoders import DefaultEncoder
-from hyperlex.scene.model import Scene
+from hyperlex.scene.model import USER, Scene
 from hyperlex.training.data import parse_record
-from hyperlex.training.hindsight import hindsight_records, sentence_spans, windows
+from hyperlex.training.hindsight import hindsight_records, sentence_spans, statement, windows
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
@@ -95,6 +95,12 @@ def test_agent_data_hindsight_writes_each_bundles_records(
     assert summary["replies"] == 3 and summary["records"] == len(written) > 0
     assert summary["negated"] == 1
 
+    chat = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--chat", "--json"])
+    assert chat.exit_code == 0, chat.output
+    chat_turns = (bundle / "data" / "hindsight-chat.jsonl").read_text().splitlines()
+    assert json.loads(chat.stdout)[0]["records"] == len(chat_turns) > 0
+    assert all("human" in json.loads(line) for line in chat_turns)
+
     outside = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--out", "../x.jsonl"])
     assert outside.exit_code == 2 and "outside the bundle" in outside.output
     no_data = runner.invoke(cli, ["data", "hindsight", "-p", "mute"])
@@ -105,3 +111,46 @@ def test_a_window_that_does_not_fit_is_left_out(encoder: DefaultEncoder) -> None
     every = hindsight_records(REPLIES, encoder)
     kept = hindsight_records(REPLIES, encoder, fits=lambda record: "sailor" not in record["text"])
     assert kept == [r for r in every if "sailor" not in r["text"]] and len(kept) < len(every)
+
+
+def _triples(scene: Scene) -> set[tuple[str, str, str, int]]:
+    labels = {h.id: h.label for h in scene.hyperlexemes.values()}
+    return {(labels[k.src], k.rel, labels[k.dst], k.polarity) for k in scene.links}
+
+
+def test_a_chat_turn_states_the_negated_fact_and_the_reply_keeps_it(
+        encoder: DefaultEncoder) -> None:
+    first = hindsight_records(REPLIES[:1], encoder, chat=True)[0]
+    assert first["human"].startswith("The old sailor does not see the lighthouse.")
+    assert first["text"].startswith("The old sailor does not see the lighthouse.")
+    assert first["meta"] == {"hindsight": True, "line": 1, "chat_turn": True}
+    example = parse_record(first)
+    assert example.human == first["human"] and not example.speaks_scene
+    assert ("sailor", "see", "lighthouse", -1) in _triples(example.scene)
+    assert all(h.said_by == [USER] for h in example.scene.hyperlexemes.values())
+
+
+def test_every_chat_turn_reply_keeps_what_the_user_stated(encoder: DefaultEncoder) -> None:
+    records = hindsight_records(REPLIES, encoder, chat=True)
+    assert len(records) >= 2
+    for record in records:
+        stated = Scene.from_dict(record["scene"])
+        assert stated.links and len(stated.links) <= 2
+        score = score_roundtrip(stated, read_back(encoder(record["text"])), record["text"])
+        assert score.links_relaxed["recall"] == 1.0 and not score.logical_loss
+        assert score.negations_kept == score.negations
+
+
+def test_a_statement_says_each_kind_of_link_in_plain_words(encoder: DefaultEncoder) -> None:
+    said = {text: statement(Scene().apply(encoder(text), turn=0), encoder)
+            for text in ("The summer is not with the end.", "The shell lies around the stone.",
+                         "The clock hangs at the end of the hall.")}
+    for text, result in said.items():
+        assert result is not None, text
+        message, scene = result
+        assert _triples(scene) >= _triples(Scene().apply(encoder(message), turn=0))
+    assert said["The summer is not with the end."][0] == "The summer is not with the end."
+
+
+def test_a_scene_without_a_statable_link_has_no_statement(encoder: DefaultEncoder) -> None:
+    assert statement(Scene(), encoder) is None

@@ -262,21 +262,29 @@ def data_read(out: Path, count: int, voice: int, seed: int) -> None:
               help="The most things a window's scene may hold.")
 @click.option("--encoder", default="default", show_default=True,
               help="Scene encoder that reads the windows.")
-@click.option("--out", default="data/hindsight.jsonl", show_default=True, metavar="FILE",
-              help="Where the records go, relative to each persona's bundle (overwritten).")
+@click.option("--chat", is_flag=True,
+              help="Chat turns instead: for each window with a negated link, a user's plain "
+                   "statement of that fact, answered by the window.")
+@click.option("--out", default=None, metavar="FILE",
+              help="Where the records go, relative to each persona's bundle (overwritten; "
+                   "default data/hindsight.jsonl, with --chat data/hindsight-chat.jsonl).")
 @click.option("--seed", default=0, show_default=True, help="Which windows, beyond the negated.")
 @click.option("--json", "as_json", is_flag=True, help="Print each persona's counts as JSON.")
 def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, encoder: str,
-                   out: str, seed: int, as_json: bool) -> None:
+                   chat: bool, out: str | None, seed: int, as_json: bool) -> None:
     """Hindsight scene records: windows of each persona's own training replies, each with
     the scene the encoder reads in it, as speak_scene records (faithful and in voice by
-    construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE."""
+    construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE.
+
+    --chat builds chat turns instead: the user states a window's negated fact in plain
+    words, the window answers (docs/data.md)."""
     from hyperlex.cli.common import report_problems
     from hyperlex.engines.models import load_tokenizer, resolve_base
     from hyperlex.training.data import parse_record, read_dataset, write_records
     from hyperlex.training.hindsight import hindsight_records, negated
     from hyperlex.training.train import encode_example, load_config
 
+    out = out or ("data/hindsight-chat.jsonl" if chat else "data/hindsight.jsonl")
     host = get_host()
     report_problems(host)
     if encoder not in host.scene_encoders:
@@ -306,7 +314,7 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
                                      param_hint="'--out'")
         replies = [(e.line, e.text) for e in read_dataset(source) if not e.speaks_scene]
         records = hindsight_records(replies, read, count, seed, max_hyperlexemes,
-                                    fits=fits_training(persona, config.max_length))
+                                    fits=fits_training(persona, config.max_length), chat=chat)
         write_records(target, records)
         with_negation = sum(map(negated, records))
         summary.append({"persona": name, "replies": len(replies), "records": len(records),

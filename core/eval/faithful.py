@@ -41,7 +41,7 @@ from hyperlex.eval.roundtrip import (
 from hyperlex.generation import GenerationParams, Layers, Message
 from hyperlex.persona.bundle import Persona
 from hyperlex.persona.prompt import build_prompt, scene_prompt
-from hyperlex.scene.model import USER, Delta, Scene
+from hyperlex.scene.model import Delta, opening_scene
 
 MIN_HYPERLEXEME_RECALL = 0.75
 MIN_LINK_RECALL = 0.5
@@ -231,11 +231,6 @@ def _sentence(text: str) -> str:
 def states_negation(delta: Delta) -> bool:
     """Whether ``delta`` holds a negated link."""
     return any(link.polarity < 0 for link in delta.links)
-
-
-def opening_scene(delta: Delta) -> Scene:
-    """The scene of a conversation whose first message, the user's, read as ``delta``."""
-    return Scene().apply(delta, turn=0, speaker=USER)
 
 
 def chat_prompt(persona: Persona, statement: EvalScene, counter: Any) -> list[Message]:

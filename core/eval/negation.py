@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from hyperlex.errors import HyperlexError
-from hyperlex.eval.faithful import chat_records, opening_scene, states_negation
+from hyperlex.eval.faithful import chat_records, states_negation
 from hyperlex.eval.roundtrip import EvalScene, composed_row
 from hyperlex.generation import Layers
 from hyperlex.persona.bundle import Persona
-from hyperlex.scene.model import Delta
+from hyperlex.scene.model import Delta, opening_scene
 
 STATEMENTS = "negated_statements.txt"
 

@@ -579,6 +579,11 @@ class Delta:
         )
 
 
+def opening_scene(delta: Delta) -> Scene:
+    """The scene of a conversation whose first message, the user's, read as ``delta``."""
+    return Scene().apply(delta, turn=0, speaker=USER)
+
+
 def provenance(speakers: Iterable[str], turn: int | None) -> str:
     """Who said it and when, for people: ``user@1, poet`` (the first speaker with the turn);
     "" when not recorded."""

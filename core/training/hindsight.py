@@ -15,6 +15,13 @@ sentence while the reading stays within ``max_hyperlexemes`` things; it is kept 
 reads as at least two things and one link. The persona's ``speaker``/``listener`` (its "I"
 and "you") are dropped from the scene, as the round trip ignores them. The records are
 ``speak_scene`` records, so they train the one scene prompt chat and the round trip use.
+
+Chat-form records (``--chat``) teach what a ``speak_scene`` record cannot: in a conversation
+nobody asks for a scene, the user states a fact and the persona answers. The user's message
+states up to two of the window's links in plain words, negated ones first ("The premise
+does not guarantee the conclusion."), each checked to read back as itself; its scene is what
+the encoder reads in that message, said by the user, as ``agent chat`` builds it; the reply
+is the window: the persona restating the user's facts, negation kept, in its voice.
 """
 
 from __future__ import annotations
@@ -25,10 +32,18 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from hyperlex.scene.encoders import VOICE_LABELS
-from hyperlex.scene.model import Delta, Scene
+from hyperlex.scene.model import Delta, Link, Scene, canonical_label, opening_scene
+from hyperlex.training.vocabulary import third_person
 
 MAX_HYPERLEXEMES = 8
 MIN_HYPERLEXEMES = 2
+STATED_LINKS = 2  # the most links a chat-form user message states
+_PREPOSITIONS = {"about", "above", "across", "against", "around", "as", "at", "between", "by",
+                 "for", "from", "in", "inside", "into", "like", "of", "on", "over", "per",
+                 "than", "through", "to", "under", "versus", "with", "without"}
+# labels the encoder reads from pronouns and quantifiers ("no one" -> anyone): no article
+_BARE = {"anyone", "anything", "everyone", "everything", "someone", "something", "nobody",
+         "nothing", "everybody", "somebody", "anybody"}
 # a sentence ends at . ! ? or ; followed by space, or at a line break (verse)
 _BOUNDARY = re.compile(r"(?<=[.!?;])[ \t]+|\n+")
 
@@ -88,20 +103,90 @@ def negated(record: dict[str, Any]) -> bool:
     return any(link["polarity"] < 0 for link in record["scene"]["links"])
 
 
+def _noun_phrase(scene: Scene, hid: str) -> str:
+    thing = scene.hyperlexemes[hid]
+    if thing.label in _BARE:
+        return thing.label
+    quality = thing.attrs.get("quality")
+    return " ".join(["the", *([quality] if isinstance(quality, str) else []), thing.label])
+
+
+def _verb(rel: str, polarity: int) -> str:
+    """``rel`` said in the present, negated with ``polarity`` -1: ``hang at`` -> ``hangs
+    at`` / ``does not hang at``, ``be with`` -> ``is not with``, ``around`` -> ``is
+    around``."""
+    head, _, rest = rel.partition(" ")
+    if head == "be" or head in _PREPOSITIONS:
+        words = ["is" if polarity > 0 else "is not", "" if head == "be" else head, rest]
+    else:
+        words = [third_person(head) if polarity > 0 else f"does not {head}", rest]
+    return " ".join(word for word in words if word)
+
+
+def _clause(scene: Scene, link: Link) -> str:
+    text = " ".join([_noun_phrase(scene, link.src), _verb(link.rel, link.polarity),
+                     _noun_phrase(scene, link.dst)])
+    return text[0].upper() + text[1:] + "."
+
+
+def _triples(scene: Scene, links: Iterable[Link]) -> set[tuple[str, str, str, int]]:
+    labels = {h.id: canonical_label(h.label) for h in scene.hyperlexemes.values()}
+    return {(labels[k.src], canonical_label(k.rel), labels[k.dst], k.polarity) for k in links}
+
+
+def _reads_back(scene: Scene, links: list[Link], encoder: Callable[[str], Delta]
+                ) -> tuple[str, Scene] | None:
+    text = " ".join(_clause(scene, link) for link in links)
+    opened = opening_scene(encoder(text))
+    return (text, opened) if _triples(scene, links) <= _triples(opened, opened.links) else None
+
+
+def statement(scene: Scene, encoder: Callable[[str], Delta]) -> tuple[str, Scene] | None:
+    """A user's message stating up to ``STATED_LINKS`` of ``scene``'s links in plain words
+    (negated ones first, as the sentences go; each one that reads back as itself), with the
+    scene a conversation holds once the user has said it; None when no link can be stated
+    or the message does not read back as every link it states."""
+    stated: list[Link] = []
+    for link in sorted(scene.links, key=lambda k: k.polarity):  # -1 first
+        if len(stated) == STATED_LINKS:
+            break
+        if link.src != link.dst and _reads_back(scene, [link], encoder):
+            stated.append(link)
+    if not stated:
+        return None
+    return _reads_back(scene, stated, encoder)
+
+
+def chat_turn(window: str, scene: Scene, encoder: Callable[[str], Delta]
+              ) -> dict[str, Any] | None:
+    """The chat-form record of ``window`` read as ``scene`` (see the module docstring), or
+    None when no plain message states its links."""
+    stated = statement(scene, encoder)
+    if stated is None:
+        return None
+    text, opened = stated
+    return {"human": text, "scene": opened.to_dict(), "text": window}
+
+
 def hindsight_records(texts: Iterable[tuple[int, str]], encoder: Callable[[str], Delta],
                       count: int | None = None, seed: int = 0,
                       max_hyperlexemes: int = MAX_HYPERLEXEMES,
-                      fits: Callable[[dict[str, Any]], bool] | None = None
-                      ) -> list[dict[str, Any]]:
+                      fits: Callable[[dict[str, Any]], bool] | None = None,
+                      chat: bool = False) -> list[dict[str, Any]]:
     """``speak_scene`` records from ``texts`` (``(line, reply)`` pairs of a persona's voice
     data): every window (see :func:`windows`) that ``fits`` (for training: its prompt and
     whole reply within ``max_length`` tokens), or ``count`` of them, those with a negated
-    link first, the rest drawn at random (``seed``), kept in the order of the data."""
+    link first, the rest drawn at random (``seed``), kept in the order of the data. With
+    ``chat``, their chat-form records instead (:func:`chat_turn`)."""
     found = []
     for line, text in texts:
         for window, scene in windows(text, encoder, max_hyperlexemes):
-            record = {"speak_scene": True, "scene": scene.to_dict(), "text": window,
-                      "meta": {"hindsight": True, "line": line}}
+            record = (chat_turn(window, scene, encoder) if chat else
+                      {"speak_scene": True, "scene": scene.to_dict(), "text": window})
+            if record is None:
+                continue
+            record["meta"] = {"hindsight": True, "line": line} | ({"chat_turn": True}
+                                                                 if chat else {})
             if fits is None or fits(record):
                 found.append(record)
     if count is None or count >= len(found):
