@@ -141,15 +141,20 @@ def test_every_chat_turn_reply_keeps_what_the_user_stated(encoder: DefaultEncode
         assert score.negations_kept == score.negations
 
 
-def test_a_statement_says_each_kind_of_link_in_plain_words(encoder: DefaultEncoder) -> None:
-    said = {text: statement(Scene().apply(encoder(text), turn=0), encoder)
-            for text in ("The summer is not with the end.", "The shell lies around the stone.",
-                         "The clock hangs at the end of the hall.")}
-    for text, result in said.items():
-        assert result is not None, text
-        message, scene = result
-        assert _triples(scene) >= _triples(Scene().apply(encoder(message), turn=0))
-    assert said["The summer is not with the end."][0] == "The summer is not with the end."
+@pytest.mark.parametrize("text, message", [
+    ("The summer is not with the end.", "The summer is not with the end."),
+    ("The shell lies around the stone.", "The shell lies around the stone."),
+    ("The happy child does not eat the green apple.",
+     "The happy child does not eat the green apple."),
+    ("No one knows the answer.", "No one knows the answer."),
+    ("The clock hangs at the end of the hall.", "The clock hangs at the end."),
+])
+def test_a_statement_says_each_kind_of_link_in_plain_words(
+        encoder: DefaultEncoder, text: str, message: str) -> None:
+    said = Scene().apply(encoder(text), turn=0)
+    result = statement(said, encoder)
+    assert result is not None and result[0] == message
+    assert _triples(result[1]) <= _triples(said)
 
 
 def test_a_scene_without_a_statable_link_has_no_statement(encoder: DefaultEncoder) -> None:

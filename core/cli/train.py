@@ -263,8 +263,8 @@ def data_read(out: Path, count: int, voice: int, seed: int) -> None:
 @click.option("--encoder", default="default", show_default=True,
               help="Scene encoder that reads the windows.")
 @click.option("--chat", is_flag=True,
-              help="Chat turns instead: for each window with a negated link, a user's plain "
-                   "statement of that fact, answered by the window.")
+              help="Chat turns instead: a user's plain statement of up to two of a window's "
+                   "links (negated ones first), answered by the window.")
 @click.option("--out", default=None, metavar="FILE",
               help="Where the records go, relative to each persona's bundle (overwritten; "
                    "default data/hindsight.jsonl, with --chat data/hindsight-chat.jsonl).")
@@ -276,8 +276,8 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
     the scene the encoder reads in it, as speak_scene records (faithful and in voice by
     construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE.
 
-    --chat builds chat turns instead: the user states a window's negated fact in plain
-    words, the window answers (docs/data.md)."""
+    --chat builds chat turns instead: the user states up to two of a window's facts in
+    plain words, negated ones first, and the window answers (docs/data.md)."""
     from hyperlex.cli.common import report_problems
     from hyperlex.engines.models import load_tokenizer, resolve_base
     from hyperlex.training.data import parse_record, read_dataset, write_records

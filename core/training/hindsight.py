@@ -44,6 +44,7 @@ _PREPOSITIONS = {"about", "above", "across", "against", "around", "as", "at", "b
 # labels the encoder reads from pronouns and quantifiers ("no one" -> anyone): no article
 _BARE = {"anyone", "anything", "everyone", "everything", "someone", "something", "nobody",
          "nothing", "everybody", "somebody", "anybody"}
+_NO_ONE = {"anyone": "no one", "anybody": "nobody", "anything": "nothing"}
 # a sentence ends at . ! ? or ; followed by space, or at a line break (verse)
 _BOUNDARY = re.compile(r"(?<=[.!?;])[ \t]+|\n+")
 
@@ -124,8 +125,10 @@ def _verb(rel: str, polarity: int) -> str:
 
 
 def _clause(scene: Scene, link: Link) -> str:
-    text = " ".join([_noun_phrase(scene, link.src), _verb(link.rel, link.polarity),
-                     _noun_phrase(scene, link.dst)])
+    subject, polarity = _noun_phrase(scene, link.src), link.polarity
+    if polarity < 0 and subject in _NO_ONE:  # "no one knows", read as anyone NOT know
+        subject, polarity = _NO_ONE[subject], 1
+    text = " ".join([subject, _verb(link.rel, polarity), _noun_phrase(scene, link.dst)])
     return text[0].upper() + text[1:] + "."
 
 
