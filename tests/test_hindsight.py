@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 
 from hyperlex.eval.roundtrip import read_back, score_roundtrip
-from hyperlex.scene.encoders import DefaultEncoder
+from hyperlex.scene.encoders import DefaultEncoder, load_pipeline
 from hyperlex.scene.model import USER, Scene
 from hyperlex.training.data import parse_record
-from hyperlex.training.hindsight import hindsight_records, sentence_spans, statement, windows
+from hyperlex.training.hindsight import (
+    content_scene,
+    hindsight_records,
+    negate_verb,
+    negated_windows,
+    sentence_spans,
+    statement,
+    windows,
+)
 
 from .conftest import bundles_plugin, install_plugin, write_bundle
 
@@ -101,6 +109,11 @@ def test_agent_data_hindsight_writes_each_bundles_records(
     assert json.loads(chat.stdout)[0]["records"] == len(chat_turns) > 0
     assert all("human" in json.loads(line) for line in chat_turns)
 
+    negate = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--negate", "--json"])
+    assert negate.exit_code == 0, negate.output
+    counterfactual = (bundle / "data" / "hindsight-negated.jsonl").read_text().splitlines()
+    assert json.loads(negate.stdout)[0]["negated"] == len(counterfactual) > 0
+
     outside = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--out", "../x.jsonl"])
     assert outside.exit_code == 2 and "outside the bundle" in outside.output
     no_data = runner.invoke(cli, ["data", "hindsight", "-p", "mute"])
@@ -159,3 +172,51 @@ def test_a_statement_says_each_kind_of_link_in_plain_words(
 
 def test_a_scene_without_a_statable_link_has_no_statement(encoder: DefaultEncoder) -> None:
     assert statement(Scene(), encoder) is None
+
+
+@pytest.mark.parametrize("text, negated", [
+    ("The sailor sees the lighthouse.", "The sailor does not see the lighthouse."),
+    ("The gulls slept on the mast.", "The gulls did not sleep on the mast."),
+    ("The waves carry the boats.", "The waves do not carry the boats."),
+    ("The sea is calm.", "The sea is not calm."),
+    ("The keeper can light the lamp.", "The keeper can not light the lamp."),
+    ("The boat was pulled by the tide.", "The boat was not pulled by the tide."),
+    ("The sailor does not see the lighthouse.", None),  # already negated
+    ("Can the sailor see the lighthouse?", None),  # a question
+])
+def test_one_verb_negates_its_clause(text: str, negated: str | None) -> None:
+    doc = load_pipeline()(text)
+    verbs = [t for t in doc if t.dep_ == "ROOT"]
+    assert negate_verb(doc, verbs[0]) == negated
+
+
+def test_a_counterfactual_window_flips_exactly_one_link(encoder: DefaultEncoder) -> None:
+    window = "The sailor sees the lighthouse, and the gulls sleep on the mast."
+    scene = content_scene(encoder(window))
+    found = dict(negated_windows(window, scene, encoder))
+    assert set(found) == {"The sailor does not see the lighthouse, and the gulls sleep on "
+                          "the mast.",
+                          "The sailor sees the lighthouse, and the gulls do not sleep on "
+                          "the mast."}
+    before = _triples(scene)
+    for reading in found.values():
+        after = _triples(reading)
+        [lost], [gained] = before - after, after - before
+        assert lost[:3] == gained[:3] and (lost[3], gained[3]) == (1, -1)
+
+
+def test_counterfactual_chat_turns_state_and_keep_the_negated_fact(
+        encoder: DefaultEncoder) -> None:
+    records = hindsight_records(REPLIES, encoder, negate=True)
+    assert records and all(r["meta"]["counterfactual"] for r in records)
+    assert records[0]["text"] == ("The old sailor does not see the lighthouse. The sea is not "
+                                  "calm tonight, and the gulls sleep on the mast. Nothing "
+                                  "else moves.")
+    assert records[0]["human"].startswith("The old sailor does not see the lighthouse. The sea "
+                                          "is not")
+    for record in records:
+        stated = Scene.from_dict(record["scene"])
+        assert any(link.polarity < 0 for link in stated.links)
+        score = score_roundtrip(stated, read_back(encoder(record["text"])), record["text"])
+        assert score.negations and score.negations_kept == score.negations
+        parse_record(record)

@@ -265,26 +265,35 @@ def data_read(out: Path, count: int, voice: int, seed: int) -> None:
 @click.option("--chat", is_flag=True,
               help="Chat turns instead: a user's plain statement of up to two of a window's "
                    "links (negated ones first), answered by the window.")
+@click.option("--negate", is_flag=True,
+              help="Counterfactual chat turns instead: one affirmed link of each window "
+                   "negated in the reply (\"sees\" -> \"does not see\", checked by the "
+                   "encoder) and stated by the user.")
 @click.option("--out", default=None, metavar="FILE",
               help="Where the records go, relative to each persona's bundle (overwritten; "
-                   "default data/hindsight.jsonl, with --chat data/hindsight-chat.jsonl).")
+                   "default data/hindsight.jsonl, with --chat data/hindsight-chat.jsonl, "
+                   "with --negate data/hindsight-negated.jsonl).")
 @click.option("--seed", default=0, show_default=True, help="Which windows, beyond the negated.")
 @click.option("--json", "as_json", is_flag=True, help="Print each persona's counts as JSON.")
 def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, encoder: str,
-                   chat: bool, out: str | None, seed: int, as_json: bool) -> None:
+                   chat: bool, negate: bool, out: str | None, seed: int, as_json: bool
+                   ) -> None:
     """Hindsight scene records: windows of each persona's own training replies, each with
     the scene the encoder reads in it, as speak_scene records (faithful and in voice by
     construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE.
 
     --chat builds chat turns instead: the user states up to two of a window's facts in
-    plain words, negated ones first, and the window answers (docs/data.md)."""
+    plain words, negated ones first, and the window answers. --negate builds the chat turns
+    of counterfactual windows: one affirmed fact negated by one verb, in the reply and in the
+    user's statement (docs/data.md)."""
     from hyperlex.cli.common import report_problems
     from hyperlex.engines.models import load_tokenizer, resolve_base
     from hyperlex.training.data import parse_record, read_dataset, write_records
     from hyperlex.training.hindsight import hindsight_records, negated
     from hyperlex.training.train import encode_example, load_config
 
-    out = out or ("data/hindsight-chat.jsonl" if chat else "data/hindsight.jsonl")
+    out = out or ("data/hindsight-negated.jsonl" if negate else
+                  "data/hindsight-chat.jsonl" if chat else "data/hindsight.jsonl")
     host = get_host()
     report_problems(host)
     if encoder not in host.scene_encoders:
@@ -314,7 +323,8 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
                                      param_hint="'--out'")
         replies = [(e.line, e.text) for e in read_dataset(source) if not e.speaks_scene]
         records = hindsight_records(replies, read, count, seed, max_hyperlexemes,
-                                    fits=fits_training(persona, config.max_length), chat=chat)
+                                    fits=fits_training(persona, config.max_length), chat=chat,
+                                    negate=negate)
         write_records(target, records)
         with_negation = sum(map(negated, records))
         summary.append({"persona": name, "replies": len(replies), "records": len(records),

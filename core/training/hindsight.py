@@ -22,6 +22,14 @@ states up to two of the window's links in plain words, negated ones first ("The 
 does not guarantee the conclusion."), each checked to read back as itself; its scene is what
 the encoder reads in that message, said by the user, as ``agent chat`` builds it; the reply
 is the window: the persona restating the user's facts, negation kept, in its voice.
+
+The cast's voice data hold few negations (the dreamer's 160 replies give 13 windows with
+one), so ``--negate`` adds counterfactual chat turns (after counterfactual data augmentation):
+one of a window's affirmed links is negated in the reply itself, by one verb ("sees" ->
+"does not see", "is" -> "is not", "can go" -> "can not go"), and the user states the
+negated fact. A negated window is kept only when the encoder reads it as the window's own
+scene with exactly that link's polarity flipped, so the reply stays faithful and, but for
+one "not", in the persona's words.
 """
 
 from __future__ import annotations
@@ -29,11 +37,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hyperlex.scene.encoders import VOICE_LABELS
+from hyperlex.scene.encoders import VOICE_LABELS, load_pipeline
 from hyperlex.scene.model import Delta, Link, Scene, canonical_label, opening_scene
 from hyperlex.training.vocabulary import third_person
+
+if TYPE_CHECKING:
+    from spacy.tokens import Doc, Token
 
 MAX_HYPERLEXEMES = 8
 MIN_HYPERLEXEMES = 2
@@ -171,25 +182,102 @@ def chat_turn(window: str, scene: Scene, encoder: Callable[[str], Delta]
     return {"human": text, "scene": opened.to_dict(), "text": window}
 
 
+def _subject_before(verb: Token, word: Token) -> bool:
+    """Whether the subject of ``verb``'s clause (a conjunct's, from its first conjunct)
+    comes before ``word``: "not" after ``word`` then negates a statement, not a question."""
+    while verb.dep_ == "conj" and not any(c.dep_.startswith("nsubj") for c in verb.children):
+        verb = verb.head
+    return any(c.dep_ in ("nsubj", "nsubjpass", "expl") and c.i < word.i
+               for c in verb.children)
+
+
+def negate_verb(doc: Doc, verb: Token) -> str | None:
+    """``doc``'s text with the clause headed by ``verb`` negated by one word or two ("sees"
+    -> "does not see", "is" -> "is not", "can go" -> "can not go"), or None when the clause
+    is already negated or has no simple negation (a question, an infinitive, a bare
+    participle)."""
+    if any(c.dep_ == "neg" or c.lower_ in ("not", "n't", "never") for c in verb.children):
+        return None
+    text = doc.text
+    auxes = [c for c in verb.children if c.dep_ in ("aux", "auxpass") and c.i < verb.i]
+    if auxes:
+        aux = auxes[0]
+        if aux.lower_ == "to" or not _subject_before(verb, aux):
+            return None
+        end = aux.idx + len(aux.text)
+        return f"{text[:end]} not{text[end:]}"
+    if not _subject_before(verb, verb):
+        return None
+    if verb.lemma_ == "be":
+        end = verb.idx + len(verb.text)
+        return f"{text[:end]} not{text[end:]}"
+    do = {"VBZ": "does", "VBP": "do", "VBD": "did"}.get(verb.tag_)
+    if do is None or verb.pos_ != "VERB":
+        return None
+    return f"{text[:verb.idx]}{do} not {verb.lemma_.lower()}{text[verb.idx + len(verb.text):]}"
+
+
+def negated_windows(window: str, scene: Scene, encoder: Callable[[str], Delta],
+                    parse: Callable[[str], Doc] | None = None
+                    ) -> Iterator[tuple[str, Scene]]:
+    """Counterfactual versions of ``window`` (read as ``scene``): each with one affirmed
+    link negated by :func:`negate_verb`, kept when the encoder reads it as ``scene`` with
+    exactly that link's polarity flipped and nothing else changed."""
+    parse = parse or load_pipeline()
+    before = _triples(scene, scene.links)
+    if not any(t[3] > 0 for t in before):
+        return
+    labels = {h.label for h in scene.hyperlexemes.values()}
+    doc = parse(window)
+    for verb in doc:
+        if verb.pos_ not in ("VERB", "AUX") or verb.dep_ in ("aux", "auxpass"):
+            continue
+        text = negate_verb(doc, verb)
+        if text is None:
+            continue
+        reading = content_scene(encoder(text))
+        after = _triples(reading, reading.links)
+        lost, gained = before - after, after - before
+        if (len(lost) == len(gained) == 1 and {h.label for h in reading.hyperlexemes.values()}
+                == labels):
+            (src, rel, dst, polarity), = lost
+            if polarity > 0 and gained == {(src, rel, dst, -1)}:
+                yield text, reading
+
+
+def _record(window: str, scene: Scene, encoder: Callable[[str], Delta], chat: bool,
+            negate: bool) -> dict[str, Any] | None:
+    if negate:
+        for text, reading in negated_windows(window, scene, encoder):
+            record = chat_turn(text, reading, encoder)
+            if record is not None:
+                return record | {"meta": {"chat_turn": True, "counterfactual": True}}
+        return None
+    if chat:
+        record = chat_turn(window, scene, encoder)
+        return None if record is None else record | {"meta": {"chat_turn": True}}
+    return {"speak_scene": True, "scene": scene.to_dict(), "text": window, "meta": {}}
+
+
 def hindsight_records(texts: Iterable[tuple[int, str]], encoder: Callable[[str], Delta],
                       count: int | None = None, seed: int = 0,
                       max_hyperlexemes: int = MAX_HYPERLEXEMES,
                       fits: Callable[[dict[str, Any]], bool] | None = None,
-                      chat: bool = False) -> list[dict[str, Any]]:
+                      chat: bool = False, negate: bool = False) -> list[dict[str, Any]]:
     """``speak_scene`` records from ``texts`` (``(line, reply)`` pairs of a persona's voice
     data): every window (see :func:`windows`) that ``fits`` (for training: its prompt and
     whole reply within ``max_length`` tokens), or ``count`` of them, those with a negated
     link first, the rest drawn at random (``seed``), kept in the order of the data. With
-    ``chat``, their chat-form records instead (:func:`chat_turn`)."""
+    ``chat``, their chat-form records instead (:func:`chat_turn`); with ``negate``, the
+    chat-form records of their counterfactual versions (:func:`negated_windows`, the first
+    that can be stated, one per window)."""
     found = []
     for line, text in texts:
         for window, scene in windows(text, encoder, max_hyperlexemes):
-            record = (chat_turn(window, scene, encoder) if chat else
-                      {"speak_scene": True, "scene": scene.to_dict(), "text": window})
+            record = _record(window, scene, encoder, chat, negate)
             if record is None:
                 continue
-            record["meta"] = {"hindsight": True, "line": line} | ({"chat_turn": True}
-                                                                 if chat else {})
+            record["meta"] = {"hindsight": True, "line": line} | record["meta"]
             if fits is None or fits(record):
                 found.append(record)
     if count is None or count >= len(found):
