@@ -42,15 +42,17 @@ test: lint
 # the scene they say (agent data hindsight) are added, starting from the round-2 adapter;
 # then a chat round: the same windows as chat turns, a user stating their facts (agent data
 # hindsight --chat), are added too, starting from the round-3 adapter; then a negation
-# round: counterfactual chat turns, one fact of a window negated in the reply and stated by
-# the user (agent data hindsight --negate), are added too, from the round-4 adapter.
+# round: one epoch from the round-4 adapter on the voice data, the chat turns and
+# counterfactual chat turns, one fact of a window negated in the reply and stated by the
+# user (agent data hindsight --negate).
 CAST := philosopher poet scientist logician dreamer interface
 # the kept replies count twice beside the voice data: a round keeps a handful per persona
 FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
 	--extra-data data/faithful.jsonl --epochs 1 --lr 0.0005
 HINDSIGHT_ROUND := $(FAITHFUL_ROUND) --extra-data data/hindsight.jsonl
 CHAT_ROUND := $(HINDSIGHT_ROUND) --extra-data data/hindsight-chat.jsonl
-NEGATION_ROUND := $(CHAT_ROUND) --extra-data data/hindsight-negated.jsonl
+NEGATION_ROUND := --init-adapter adapter/ --extra-data data/hindsight-chat.jsonl \
+	--extra-data data/hindsight-negated.jsonl --epochs 1 --lr 0.0005
 train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p || exit 1; done
 	$(BIN)/agent train personas/writer
@@ -60,7 +62,7 @@ train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(HINDSIGHT_ROUND) || exit 1; done
 	$(BIN)/agent data hindsight --chat --count 80
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(CHAT_ROUND) || exit 1; done
-	$(BIN)/agent data hindsight --negate --count 80
+	$(BIN)/agent data hindsight --negate
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(NEGATION_ROUND) || exit 1; done
 
 # The scene-reader (docs/scene.md#the-scene-reader) in two rounds: the default encoder's

@@ -80,6 +80,20 @@ def test_each_persona_and_the_bare_base_reply_as_the_transformers_engine(engine,
     assert len({engine.generate(MESSAGES, p, GREEDY).text for p in ("alpha", "beta", None)}) == 3
 
 
+def test_the_repetition_penalty_counts_the_reply_and_matches_transformers(
+        engine, torch_engine) -> None:
+    """A penalty over the reply's own tokens (not the prompt's) on both engines: the first
+    token, chosen before the reply holds any, is the unpenalized one, and the replies agree."""
+    penalized = GenerationParams(temperature=0, max_new_tokens=12, repetition_penalty=1.3)
+    first = GenerationParams(temperature=0, max_new_tokens=1)
+    for persona in ("alpha", None):
+        ours = engine.generate(MESSAGES, persona, penalized)
+        assert ours.text == torch_engine.generate(MESSAGES, persona, penalized).text
+        assert ours.text.startswith(engine.generate(MESSAGES, persona, first).text)
+    assert engine.generate(MESSAGES, "alpha", penalized).text != \
+        engine.generate(MESSAGES, "alpha", GREEDY).text
+
+
 def test_a_mood_layer_is_the_mood_adapter_at_its_weight(engine, torch_engine) -> None:
     for weight in (1.0, 0.5):
         layers = [("gloom", weight)]

@@ -91,3 +91,26 @@ def test_cancel_during_the_last_piece_still_cancels() -> None:
         if piece == "b":
             generation.cancel()
     assert generation.text == "ab" and generation.finish_reason == "cancelled"
+
+
+def test_the_repetition_penalty_counts_the_reply_not_the_prompt() -> None:
+    """A persona must be free to say the user's words again: on both engines the penalty
+    divides the scores of tokens the reply has produced, never of the prompt's."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from hyperlex.engines.llamacpp.engine import Sampler
+    from hyperlex.engines.torch.generation import generate_kwargs
+
+    params = GenerationParams(temperature=0, max_new_tokens=4, repetition_penalty=2.0)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    processors = generate_kwargs(params, tokenizer, prompt_width=3)["logits_processor"]
+    scores = processors(torch.tensor([[1, 2, 3, 4]]), torch.full((1, 6), 4.0))
+    assert scores[0].tolist() == [4.0, 4.0, 4.0, 4.0, 2.0, 4.0]
+
+    sampler = Sampler(params)
+    logits = np.array([0.0, 3.0, 2.0, 1.0])
+    assert sampler.next(logits.copy()) == 1  # nothing said yet: no penalty
+    assert sampler.next(logits.copy()) == 2  # 1 was said: 3.0 / 2 < 2.0

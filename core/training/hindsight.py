@@ -219,10 +219,11 @@ def negate_verb(doc: Doc, verb: Token) -> str | None:
 
 def negated_windows(window: str, scene: Scene, encoder: Callable[[str], Delta],
                     parse: Callable[[str], Doc] | None = None
-                    ) -> Iterator[tuple[str, Scene]]:
+                    ) -> Iterator[tuple[str, Scene, tuple[str, str, str, int]]]:
     """Counterfactual versions of ``window`` (read as ``scene``): each with one affirmed
     link negated by :func:`negate_verb`, kept when the encoder reads it as ``scene`` with
-    exactly that link's polarity flipped and nothing else changed."""
+    exactly that link's polarity flipped and nothing else changed; with the reading and the
+    negated link as a (source, relation, destination, -1) triple of labels."""
     parse = parse or load_pipeline()
     before = _triples(scene, scene.links)
     if not any(t[3] > 0 for t in before):
@@ -242,15 +243,16 @@ def negated_windows(window: str, scene: Scene, encoder: Callable[[str], Delta],
                 == labels):
             (src, rel, dst, polarity), = lost
             if polarity > 0 and gained == {(src, rel, dst, -1)}:
-                yield text, reading
+                yield text, reading, (src, rel, dst, -1)
 
 
 def _record(window: str, scene: Scene, encoder: Callable[[str], Delta], chat: bool,
             negate: bool) -> dict[str, Any] | None:
     if negate:
-        for text, reading in negated_windows(window, scene, encoder):
+        for text, reading, flipped in negated_windows(window, scene, encoder):
             record = chat_turn(text, reading, encoder)
-            if record is not None:
+            stated = Scene.from_dict(record["scene"]) if record else None
+            if stated is not None and flipped in _triples(stated, stated.links):
                 return record | {"meta": {"chat_turn": True, "counterfactual": True}}
         return None
     if chat:
@@ -270,7 +272,7 @@ def hindsight_records(texts: Iterable[tuple[int, str]], encoder: Callable[[str],
     link first, the rest drawn at random (``seed``), kept in the order of the data. With
     ``chat``, their chat-form records instead (:func:`chat_turn`); with ``negate``, the
     chat-form records of their counterfactual versions (:func:`negated_windows`, the first
-    that can be stated, one per window)."""
+    whose negated link the user's message states, one per window)."""
     found = []
     for line, text in texts:
         for window, scene in windows(text, encoder, max_hyperlexemes):

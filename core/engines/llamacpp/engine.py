@@ -284,7 +284,7 @@ class _LlamaGeneration(Generation):
         grammar = None if self._format is None else GrammarState(
             engine.grammar_tokenizer(), self._format)
         turn = Turn(self._composition, self._prompt, min(params.max_new_tokens, room),
-                    Sampler(params, self._prompt), grammar, cancelled=lambda: self.cancelled,
+                    Sampler(params), grammar, cancelled=lambda: self.cancelled,
                     is_end=engine.is_end_of_generation)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token in engine._scheduler.run(turn):
@@ -297,15 +297,15 @@ class _LlamaGeneration(Generation):
 
 
 class Sampler:
-    """Picks each next token from llama.cpp's logits the way transformers' ``generate`` does
-    for the same settings: repetition penalty over the prompt and the reply, then greedy, or
-    temperature, top-k and top-p sampling."""
+    """Picks each next token from llama.cpp's logits the way the torch engine's ``generate``
+    does for the same settings: repetition penalty over the reply's own tokens (not the
+    prompt's), then greedy, or temperature, top-k and top-p sampling."""
 
-    def __init__(self, params: GenerationParams, prompt: Sequence[int]):
+    def __init__(self, params: GenerationParams):
         import numpy as np
 
         self.params = params
-        self.seen = set(prompt)
+        self.seen: set[int] = set()
         self.rng = np.random.default_rng(params.seed)
 
     def next(self, logits: Any, allowed: Any = None) -> int:

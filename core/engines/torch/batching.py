@@ -90,7 +90,7 @@ def run_batch(engine: TorchEngine, generations: list[TorchGeneration]) -> None:
         limits = [g.params.max_new_tokens for g in generations]
         params = replace(generations[0].params, max_new_tokens=max(limits))
         rows_out = _Rows(generations, set(eos_ids(tokenizer, engine.inner_model)), limits)
-        kwargs = generate_kwargs(params, tokenizer)
+        kwargs = generate_kwargs(params, tokenizer, input_ids.shape[1])
         start = time.perf_counter()
         engine.generate_rows(input_ids, attention, [g.persona for g in generations],
                              streamer=rows_out, stopping_criteria=[rows_out], **kwargs)

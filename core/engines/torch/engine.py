@@ -369,8 +369,8 @@ class TorchEngine(Engine):
         rows = [self.encode(messages)["input_ids"][0].tolist() for messages, _ in requests]
         width = max(len(r) for r in rows)
         input_ids, attention = self.left_padded(rows)
-        kwargs = generate_kwargs(params, self.tokenizer)
-        kwargs["logits_processor"] = self.grammar_processors([response_format] * len(rows))
+        kwargs = generate_kwargs(params, self.tokenizer, width,
+                                 self.grammar_processors([response_format] * len(rows)))
         start = time.perf_counter()
         if composition is not None:
             with self.activate(*composition) as model, torch.inference_mode():

@@ -59,8 +59,8 @@ class TorchGeneration(Generation):
                     **self._inputs,
                     streamer=self.streamer,
                     stopping_criteria=[CancelCriteria(self._cancelled)],
-                    logits_processor=engine.grammar_processors([self.response_format]),
-                    **generate_kwargs(params, engine.tokenizer),
+                    **generate_kwargs(params, engine.tokenizer, len(self.prompt_ids),
+                                      engine.grammar_processors([self.response_format])),
                 )
                 self.seconds = time.perf_counter() - start
             new_tokens = output[0, self.usage.prompt_tokens :].tolist()
@@ -147,11 +147,25 @@ class CancelCriteria:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
-def generate_kwargs(params: GenerationParams, tokenizer: Any) -> dict[str, Any]:
+def generate_kwargs(params: GenerationParams, tokenizer: Any, prompt_width: int,
+                    processors: Sequence[Any] = ()) -> dict[str, Any]:
+    """``generate``'s keyword arguments for ``params``, with ``processors`` (a response
+    format's grammar) after the built-in ones. The repetition penalty counts only the
+    reply's own tokens, not the prompt's (``prompt_width``: the padded prompt's length;
+    transformers' ``prompt_ignore_length``): a persona must be free to say the scene's and
+    the user's words again, and over the prompt a penalty of 1.1 taught the cast to answer
+    around a fact the user had just stated."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    penalty = [] if params.repetition_penalty == 1.0 else [RepetitionPenaltyLogitsProcessor(
+        float(params.repetition_penalty), prompt_ignore_length=prompt_width)]
     kwargs: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
+        # kept, so generate places its penalty where it always does; the custom one above,
+        # of the same type, takes that place
         "repetition_penalty": params.repetition_penalty,
         "pad_token_id": pad_token_id(tokenizer),
+        "logits_processor": LogitsProcessorList([*penalty, *processors]),
     }
     if params.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
