@@ -336,10 +336,13 @@ def test_the_scene_reader_reads_a_sentence_into_a_delta_under_its_grammar() -> N
 def test_the_negation_eval_answers_held_out_statements_as_agent_chat_does(
         real_home: Path) -> None:
     """agent eval negation on the real logician: each held-out statement gets a reply read
-    back and judged (kept, flipped, lost; whose voice), and the rates are those verdicts."""
+    back and judged (kept, flipped, lost; whose voice), and the rates are those verdicts; the
+    shipped floor on negated facts kept holds (exit 3 would name the metric that missed)."""
     import json
 
-    done = run_agent(real_home, "eval", "negation", "-p", "logician", "--limit", "3", "--json")
+    root = Path(__file__).resolve().parents[1]
+    done = run_agent(real_home, "eval", "negation", "-p", "logician", "--limit", "3", "--json",
+                     "--thresholds", str(root / "eval-thresholds.yaml"))
     row = json.loads(done.stdout)["rows"]["logician"]
     assert [v["statement"] for v in row["replies"]][0] == \
         "The old fisherman does not trust the sea."
