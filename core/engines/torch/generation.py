@@ -153,7 +153,7 @@ def generate_kwargs(params: GenerationParams, tokenizer: Any, prompt_width: int,
     format's grammar) after the built-in ones. The repetition penalty counts only the
     reply's own tokens, not the prompt's (``prompt_width``: the padded prompt's length;
     transformers' ``prompt_ignore_length``): a persona must be free to say the scene's and
-    the user's words again, and over the prompt a penalty of 1.1 taught the cast to answer
+    the user's words again, and over the prompt a penalty of 1.1 made the cast answer
     around a fact the user had just stated."""
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
