@@ -214,7 +214,8 @@ def check_schema(schema: Any, where: str = "schema", strict: bool = False) -> st
         for problem in strict_problems(schema):
             raise InvalidResponseFormat(f"{where}: strict schema: {problem}")
     try:
-        grammar = LLMatcher.grammar_from_json_schema(dict(schema), defaults=GRAMMAR_OPTIONS)
+        grammar = LLMatcher.grammar_from_json_schema(closed_objects(schema),
+                                                     defaults=GRAMMAR_OPTIONS)
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     except Exception as exc:  # llguidance raises ValueError on what it cannot parse
         failed, messages = True, [str(exc)]
@@ -222,6 +223,30 @@ def check_schema(schema: Any, where: str = "schema", strict: bool = False) -> st
         raise InvalidResponseFormat(f"{where}: cannot be enforced while decoding: "
                                     f"{'; '.join(messages)}")
     return grammar
+
+
+def closed_objects(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` with every object that names its properties, and says nothing of others,
+    closed (``additionalProperties: false``), as the grammar to decode under. A reply still
+    matches the schema as given; the model is only kept from inventing keys, which a small
+    model does by copying the schema's own words ("required") from its prompt. (vLLM's
+    xgrammar does the same by default, its ``strict_mode``.) Branches of ``allOf`` are left
+    open: closing each would reject the keys the others add."""
+    closed = dict(schema)
+    if ("properties" in closed and "additionalProperties" not in closed
+            and "patternProperties" not in closed):
+        closed["additionalProperties"] = False
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(closed.get(key), Mapping):
+            closed[key] = {name: closed_objects(sub) if isinstance(sub, Mapping) else sub
+                           for name, sub in closed[key].items()}
+    for key in ("anyOf", "oneOf", "prefixItems"):
+        if isinstance(closed.get(key), list):
+            closed[key] = [closed_objects(sub) if isinstance(sub, Mapping) else sub
+                           for sub in closed[key]]
+    if isinstance(closed.get("items"), Mapping):
+        closed["items"] = closed_objects(closed["items"])
+    return closed
 
 
 def strict_problems(schema: Mapping[str, Any], at: str = "#") -> Iterator[str]:
