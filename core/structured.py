@@ -16,6 +16,7 @@ strings, and its sampler accepts tokens whose bytes are not UTF-8 (docs/serving.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -232,20 +233,15 @@ def closed_objects(schema: Mapping[str, Any]) -> dict[str, Any]:
     model does by copying the schema's own words ("required") from its prompt. (vLLM's
     xgrammar does the same by default, its ``strict_mode``.) Branches of ``allOf`` are left
     open: closing each would reject the keys the others add."""
-    closed = dict(schema)
-    if ("properties" in closed and "additionalProperties" not in closed
-            and "patternProperties" not in closed):
-        closed["additionalProperties"] = False
-    for key in ("properties", "$defs", "definitions"):
-        if isinstance(closed.get(key), Mapping):
-            closed[key] = {name: closed_objects(sub) if isinstance(sub, Mapping) else sub
-                           for name, sub in closed[key].items()}
-    for key in ("anyOf", "oneOf", "prefixItems"):
-        if isinstance(closed.get(key), list):
-            closed[key] = [closed_objects(sub) if isinstance(sub, Mapping) else sub
-                           for sub in closed[key]]
-    if isinstance(closed.get("items"), Mapping):
-        closed["items"] = closed_objects(closed["items"])
+    def close(node: dict[str, Any]) -> None:
+        if ("properties" in node and "additionalProperties" not in node
+                and "patternProperties" not in node):
+            node["additionalProperties"] = False
+        for _, sub in _subschemas(node, ("anyOf", "oneOf", "prefixItems")):
+            close(sub)
+
+    closed = copy.deepcopy(dict(schema))
+    close(closed)
     return closed
 
 
@@ -257,13 +253,21 @@ def strict_problems(schema: Mapping[str, Any], at: str = "#") -> Iterator[str]:
         missing = sorted(set(schema.get("properties", {})) - set(schema.get("required", [])))
         if missing:
             yield f"{at}: every property must be required (missing {', '.join(missing)})"
+    for where, sub in _subschemas(schema, ("anyOf", "allOf", "prefixItems")):
+        yield from strict_problems(sub, f"{at}/{where}")
+
+
+def _subschemas(schema: Mapping[str, Any], branches: tuple[str, ...]
+                ) -> Iterator[tuple[str, Any]]:
+    """``schema``'s direct subschemas, each with its JSON pointer from ``schema``: named ones
+    (properties, definitions), the ``branches`` lists' entries, and ``items``."""
     for key in ("properties", "$defs", "definitions"):
-        for name, sub in (schema.get(key) or {}).items():
-            if isinstance(sub, Mapping):
-                yield from strict_problems(sub, f"{at}/{key}/{name}")
-    for key in ("anyOf", "allOf", "prefixItems"):
-        for i, sub in enumerate(schema.get(key) or []):
-            if isinstance(sub, Mapping):
-                yield from strict_problems(sub, f"{at}/{key}/{i}")
+        if isinstance(schema.get(key), Mapping):
+            yield from ((f"{key}/{name}", sub) for name, sub in schema[key].items()
+                        if isinstance(sub, Mapping))
+    for key in branches:
+        if isinstance(schema.get(key), list):
+            yield from ((f"{key}/{i}", sub) for i, sub in enumerate(schema[key])
+                        if isinstance(sub, Mapping))
     if isinstance(schema.get("items"), Mapping):
-        yield from strict_problems(schema["items"], f"{at}/items")
+        yield "items", schema["items"]

@@ -13,7 +13,7 @@ from hyperlex.persona.bundle import Persona
 from hyperlex.scene.model import Delta, Hyperlexeme, Link
 from hyperlex.structured import GrammarState, ResponseFormat
 
-from .conftest import write_bundle
+from .conftest import bundles_plugin, install_plugin, write_bundle
 
 SAILOR = Delta(
     hyperlexemes=[Hyperlexeme("h1", "sailor", "entity", {"quality": "old"}),
@@ -91,3 +91,52 @@ def test_an_encoder_whose_bundle_cannot_load_says_why(tmp_path: Path) -> None:
 
     with pytest.raises(HyperlexError, match="missing: not a directory"):
         ReaderEncoder(tmp_path / "missing")("The sea is calm.")
+
+
+def test_a_persona_s_sentences_are_read_half_negated_where_there_are_enough() -> None:
+    from hyperlex.scene.encoders import DefaultEncoder
+    from hyperlex.training.synth import voice_reading_records
+
+    negated = [f"The {n} does not see the lighthouse." for n in ("sailor", "child", "dog")]
+    affirmed = [f"The {n} sees the lighthouse." for n in ("sailor", "child", "dog", "cat")]
+    sentences = [s for pair in zip(affirmed, negated + [""], strict=True) for s in pair if s]
+    encoder = DefaultEncoder()
+
+    def is_negated(record: dict) -> bool:
+        return any(k["polarity"] == -1 for k in json.loads(record["text"])["links"])
+
+    four = voice_reading_records(sentences + sentences[:2], 4, seed=3, encoder=encoder)
+    assert sum(map(is_negated, four)) == 2 and len({r["human"] for r in four}) == 4
+    assert [r["human"] for r in four] == [s for s in sentences if s in {r["human"] for r in four}]
+    assert all(r["meta"] == {"source": "voice"} for r in four)
+    six = voice_reading_records(affirmed[:3] + negated, 6, seed=3, encoder=encoder)
+    assert sum(map(is_negated, six)) == 3  # too few affirmed ones: the rest are negated
+
+
+def test_agent_data_read_reads_a_bundle_s_chat_but_not_its_held_out_data(
+        runner, plugin_site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyperlex.cli import cli
+
+    bundle = write_bundle(tmp_path / "bundles", "sailor", adapter_seed=None)
+    (bundle / "data").mkdir()
+    lines = {"train.jsonl": {"human": "The old sailor does not see the lighthouse.",
+                             "text": "The sea is calm tonight.\nThe gulls follow the boat."},
+             "hindsight-negated.jsonl": {"human": "Tell me.",
+                                         "text": "The keeper does not light the lamp."},
+             "heldout.jsonl": {"human": "Tell me.", "text": "The moon pulls the tide."},
+             "hindsight.jsonl": {"speak_scene": True, "text": "The fisher mends the net.",
+                                 "scene": {"hyperlexemes": [{"id": "net", "label": "net"}]}}}
+    for name, record in lines.items():
+        (bundle / "data" / name).write_text(json.dumps(record) + "\n")
+    install_plugin(plugin_site, "hyperlex-sailor", "hx_sailor", bundles_plugin(bundle))
+    monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-sailor")
+    out = tmp_path / "read.jsonl"
+
+    result = runner.invoke(cli, ["data", "read", "-p", "sailor", "--count", "0", "--voice",
+                                 "10", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    read = {json.loads(line)["human"] for line in out.read_text().splitlines()}
+    assert read == {"The old sailor does not see the lighthouse.", "The sea is calm tonight.",
+                    "The gulls follow the boat.", "The keeper does not light the lamp."}
+    unknown = runner.invoke(cli, ["data", "read", "-p", "nobody", "--out", str(out)])
+    assert unknown.exit_code != 0 and "nobody" in unknown.output

@@ -222,34 +222,59 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
               type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--count", type=click.IntRange(0), default=160, show_default=True,
               help="Verified synthetic texts (the corpus's train split) to read.")
+@click.option("-p", "--persona", "names", multiple=True,
+              help="Persona whose data to read (repeatable; default: every persona that "
+                   "is not a layer or a mood).")
 @click.option("--voice", type=click.IntRange(0), default=16, show_default=True,
-              help="Sentences from each persona's training data to read.")
+              help="Sentences from each persona's data to read (half of them, where there "
+                   "are enough, with a negated link).")
 @click.option("--seed", default=0, show_default=True)
-def data_read(out: Path, count: int, voice: int, seed: int) -> None:
+def data_read(out: Path, count: int, names: tuple[str, ...], voice: int, seed: int) -> None:
     """Write the scene-reader's training records: texts with the default encoder's reading
     of each as the reply (JSON, hyperlexemes and links by label), from the synthetic corpus
-    and from the cast's own sentences (docs/scene.md#the-scene-reader)."""
-    import re
-
+    and from the sentences of the cast's data, its replies and its users' messages
+    (docs/scene.md#the-scene-reader)."""
     from tqdm import tqdm
 
-    from hyperlex.training.data import read_dataset, write_records
-    from hyperlex.training.synth import reading_records
+    from hyperlex.training.data import write_records
+    from hyperlex.training.synth import reading_records, voice_reading_records
 
+    records = list(tqdm(reading_records(count, (), seed), total=count, desc="synthetic",
+                        unit="text", file=sys.stderr))
+    synthetic = len(records)
     host = get_host()
-    sentences: list[str] = []
-    for persona in host.personas.values():
-        data = persona.root / "data" / "train.jsonl" if persona.root else None
-        if persona.is_layer or persona.is_mood or data is None or not data.is_file():
-            continue
-        texts = [e.text for e in read_dataset(data) if not e.speaks_scene]
-        split = [s.strip() for t in texts for s in re.split(r"(?<=[.!?])\s+", t)]
-        sentences += [s for s in split if 3 <= len(s.split()) <= 30][:voice]
-    records = tqdm(reading_records(count, sentences, seed), desc="reading", unit="text",
-                   file=sys.stderr)
+    chosen = [host.persona(n) for n in names] or [
+        p for p in host.personas.values() if not (p.is_layer or p.is_mood)]
+    personas = [p for p in chosen if p.root and (p.root / "data").is_dir()]
+    for persona in tqdm(personas, desc="voices", unit="persona", file=sys.stderr):
+        records += voice_reading_records(_cast_sentences(persona.root), voice, seed)
     written = write_records(out, records)
-    click.echo(f"{out}: {written} records ({count} synthetic texts and {len(sentences)} "
-               "sentences read; those the reader's schema cannot hold are left out)", err=True)
+    click.echo(f"{out}: {written} records ({synthetic} synthetic texts and "
+               f"{written - synthetic} sentences of {len(personas)} personas' data; texts "
+               "the reader's schema cannot hold are left out)", err=True)
+
+
+def _cast_sentences(root: Path) -> list[str]:
+    """The sentences and verse lines (3 to 30 words) of a bundle's chat records, both sides,
+    from every data file but the held-out one; scene-speaking records are not chat."""
+    import re
+
+    from hyperlex.training.data import read_dataset
+    from hyperlex.training.train import load_config
+
+    heldout = (root / load_config(root).heldout).resolve()
+    sentences = []
+    for path in sorted((root / "data").glob("*.jsonl")):
+        if path.resolve() == heldout:
+            continue
+        for example in read_dataset(path):
+            if example.speaks_scene:
+                continue
+            for text in (example.human, example.text):
+                for part in re.split(r"(?<=[.!?])\s+|\n+", text or ""):
+                    if 3 <= len(part.split()) <= 30:
+                        sentences.append(part.strip())
+    return sentences
 
 
 @data.command("hindsight")

@@ -176,10 +176,11 @@ def chat_turn(window: str, scene: Scene, encoder: Callable[[str], Delta]
     """The chat-form record of ``window`` read as ``scene`` (see the module docstring), or
     None when no plain message states its links."""
     stated = statement(scene, encoder)
-    if stated is None:
-        return None
-    text, opened = stated
-    return {"human": text, "scene": opened.to_dict(), "text": window}
+    return None if stated is None else _chat_record(window, *stated)
+
+
+def _chat_record(window: str, message: str, opened: Scene) -> dict[str, Any]:
+    return {"human": message, "scene": opened.to_dict(), "text": window}
 
 
 def _subject_before(verb: Token, word: Token) -> bool:
@@ -250,10 +251,10 @@ def _record(window: str, scene: Scene, encoder: Callable[[str], Delta], chat: bo
             negate: bool) -> dict[str, Any] | None:
     if negate:
         for text, reading, flipped in negated_windows(window, scene, encoder):
-            record = chat_turn(text, reading, encoder)
-            stated = Scene.from_dict(record["scene"]) if record else None
-            if stated is not None and flipped in _triples(stated, stated.links):
-                return record | {"meta": {"chat_turn": True, "counterfactual": True}}
+            stated = statement(reading, encoder)
+            if stated is not None and flipped in _triples(stated[1], stated[1].links):
+                return _chat_record(text, *stated) | {
+                    "meta": {"chat_turn": True, "counterfactual": True}}
         return None
     if chat:
         record = chat_turn(window, scene, encoder)

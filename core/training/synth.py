@@ -257,13 +257,46 @@ def reading_records(count: int, sentences: Iterable[str] = (), seed: int = 0,
     ``sentences`` (the cast's own), where READING is the default encoder's reading of TEXT
     (:func:`hyperlex.agent.reader.reading`). A text whose reading does not fit the reader's
     schema (nothing read, too much, an attribute it does not know) is left out."""
-    from hyperlex.agent.reader import reading
-    from hyperlex.scene.encoders import DefaultEncoder
-
-    read = encoder or DefaultEncoder()
+    read = encoder or _default_encoder()
     synthetic = (item["reference"] for item in scene_records(count, "train", seed))
     for source, texts in (("synthetic", synthetic), ("voice", sentences)):
         for text in texts:
-            target = reading(read(text))
-            if target is not None:
-                yield {"human": text, "text": target, "meta": {"source": source}}
+            record = _reading_record(text, source, read)
+            if record is not None:
+                yield record
+
+
+def voice_reading_records(sentences: Iterable[str], limit: int, seed: int = 0,
+                          encoder: Callable[[str], Delta] | None = None
+                          ) -> list[dict[str, Any]]:
+    """At most ``limit`` reader records for one persona's ``sentences``, each sentence once,
+    in the order given, drawn at random (``seed``) so that half of them, where there are
+    enough, hold a negated link: the reader must learn to see "not", and not to see it
+    everywhere."""
+    read = encoder or _default_encoder()
+    records = [r for r in (_reading_record(t, "voice", read) for t in dict.fromkeys(sentences))
+               if r is not None]
+    negated = [i for i, r in enumerate(records)
+               if any(k["polarity"] == -1 for k in json.loads(r["text"])["links"])]
+    rest = sorted(set(range(len(records))) - set(negated))
+    draw = random.Random(seed)
+    draw.shuffle(negated)
+    draw.shuffle(rest)
+    half = max(limit // 2, limit - len(rest))
+    chosen = sorted(negated[:half] + rest[:limit - min(half, len(negated))])
+    return [records[i] for i in chosen]
+
+
+def _default_encoder() -> Callable[[str], Delta]:
+    from hyperlex.scene.encoders import DefaultEncoder
+
+    return DefaultEncoder()
+
+
+def _reading_record(text: str, source: str, read: Callable[[str], Delta]
+                    ) -> dict[str, Any] | None:
+    from hyperlex.agent.reader import reading
+
+    target = reading(read(text))
+    return None if target is None else {"human": text, "text": target,
+                                        "meta": {"source": source}}
