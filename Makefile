@@ -66,6 +66,10 @@ train-reader: $(STAMP)
 	$(BIN)/agent train plugins/reader
 	$(BIN)/agent data read --count 400 --seed 1
 	$(BIN)/agent train plugins/reader --init-adapter adapter/ --epochs 1 --lr 0.0005
+	$(BIN)/agent data read --count 300 --voice 250 --seed 2
+	$(BIN)/agent train plugins/reader --init-adapter adapter/ --epochs 1
+	$(BIN)/agent data read --count 150 --voice 125 --seed 3
+	$(BIN)/agent train plugins/reader --init-adapter adapter/ --epochs 1 --lr 0.0005
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
