@@ -237,7 +237,7 @@ def data_read(out: Path, count: int, names: tuple[str, ...], voice: int, seed: i
     from tqdm import tqdm
 
     from hyperlex.training.data import write_records
-    from hyperlex.training.synth import reading_records, voice_reading_records
+    from hyperlex.training.synth import bundle_sentences, reading_records, voice_reading_records
 
     records = list(tqdm(reading_records(count, (), seed), total=count, desc="synthetic",
                         unit="text", file=sys.stderr))
@@ -247,34 +247,11 @@ def data_read(out: Path, count: int, names: tuple[str, ...], voice: int, seed: i
         p for p in host.personas.values() if not (p.is_layer or p.is_mood)]
     personas = [p for p in chosen if p.root and (p.root / "data").is_dir()]
     for persona in tqdm(personas, desc="voices", unit="persona", file=sys.stderr):
-        records += voice_reading_records(_cast_sentences(persona.root), voice, seed)
+        records += voice_reading_records(bundle_sentences(persona.root), voice, seed)
     written = write_records(out, records)
     click.echo(f"{out}: {written} records ({synthetic} synthetic texts and "
                f"{written - synthetic} sentences of {len(personas)} personas' data; texts "
                "the reader's schema cannot hold are left out)", err=True)
-
-
-def _cast_sentences(root: Path) -> list[str]:
-    """The sentences and verse lines (3 to 30 words) of a bundle's chat records, both sides,
-    from every data file but the held-out one; scene-speaking records are not chat."""
-    import re
-
-    from hyperlex.training.data import read_dataset
-    from hyperlex.training.train import load_config
-
-    heldout = (root / load_config(root).heldout).resolve()
-    sentences = []
-    for path in sorted((root / "data").glob("*.jsonl")):
-        if path.resolve() == heldout:
-            continue
-        for example in read_dataset(path):
-            if example.speaks_scene:
-                continue
-            for text in (example.human, example.text):
-                for part in re.split(r"(?<=[.!?])\s+|\n+", text or ""):
-                    if 3 <= len(part.split()) <= 30:
-                        sentences.append(part.strip())
-    return sentences
 
 
 @data.command("hindsight")

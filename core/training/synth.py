@@ -28,6 +28,7 @@ import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hyperlex.scene.encoders import VOICE_LABELS
@@ -264,6 +265,29 @@ def reading_records(count: int, sentences: Iterable[str] = (), seed: int = 0,
             record = _reading_record(text, source, read)
             if record is not None:
                 yield record
+
+
+def bundle_sentences(root: Path) -> list[str]:
+    """The sentences and verse lines (3 to 30 words) of a bundle's chat records, both sides,
+    from every data file but the held-out one; scene-speaking records are not chat."""
+    import re
+
+    from hyperlex.training.data import read_dataset
+    from hyperlex.training.train import load_config
+
+    heldout = (root / load_config(root).heldout).resolve()
+    sentences = []
+    for path in sorted((root / "data").glob("*.jsonl")):
+        if path.resolve() == heldout:
+            continue
+        for example in read_dataset(path):
+            if example.speaks_scene:
+                continue
+            for text in (example.human, example.text):
+                for part in re.split(r"(?<=[.!?])\s+|\n+", text or ""):
+                    if 3 <= len(part.split()) <= 30:
+                        sentences.append(part.strip())
+    return sentences
 
 
 def voice_reading_records(sentences: Iterable[str], limit: int, seed: int = 0,
