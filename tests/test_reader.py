@@ -54,12 +54,13 @@ def test_every_training_target_is_a_reading_the_grammar_allows(tiny_base: Path) 
     import llguidance.hf
     from transformers import AutoTokenizer
 
-    from hyperlex.training.synth import reading_records
+    from hyperlex.training.synth import reading_records, voice_reading_records
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     grammar_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
     fmt = ResponseFormat.json_schema(READ_SCHEMA)
-    records = list(reading_records(4, ["The old sailor does not see the two lighthouses."]))
+    records = list(reading_records(4))
+    records += voice_reading_records(["The old sailor does not see the two lighthouses."], 1)
     assert len(records) == 5 and records[-1]["meta"] == {"source": "voice"}
     for record in records:
         state = GrammarState(grammar_tokenizer, fmt)

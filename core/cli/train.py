@@ -239,7 +239,7 @@ def data_read(out: Path, count: int, names: tuple[str, ...], voice: int, seed: i
     from hyperlex.training.data import write_records
     from hyperlex.training.synth import bundle_sentences, reading_records, voice_reading_records
 
-    records = list(tqdm(reading_records(count, (), seed), total=count, desc="synthetic",
+    records = list(tqdm(reading_records(count, seed), total=count, desc="synthetic",
                         unit="text", file=sys.stderr))
     synthetic = len(records)
     host = get_host()

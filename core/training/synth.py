@@ -250,21 +250,19 @@ def eval_scene_lines(count: int, split: str = "heldout", seed: int = 0,
         yield json.dumps(record, ensure_ascii=False, sort_keys=True)
 
 
-def reading_records(count: int, sentences: Iterable[str] = (), seed: int = 0,
+def reading_records(count: int, seed: int = 0,
                     encoder: Callable[[str], Delta] | None = None
                     ) -> Iterator[dict[str, Any]]:
-    """The scene-reader's training records (``agent data read``): ``{"human": TEXT, "text":
-    READING}`` for ``count`` verified synthetic texts of the train split, then for each of
-    ``sentences`` (the cast's own), where READING is the default encoder's reading of TEXT
-    (:func:`hyperlex.agent.reader.reading`). A text whose reading does not fit the reader's
-    schema (nothing read, too much, an attribute it does not know) is left out."""
+    """The scene-reader's synthetic training records (``agent data read``): ``{"human": TEXT,
+    "text": READING}`` for ``count`` verified synthetic texts of the train split, where
+    READING is the default encoder's reading of TEXT (:func:`hyperlex.agent.reader.reading`).
+    A text whose reading does not fit the reader's schema (nothing read, too much, an
+    attribute it does not know) is left out."""
     read = encoder or _default_encoder()
-    synthetic = (item["reference"] for item in scene_records(count, "train", seed))
-    for source, texts in (("synthetic", synthetic), ("voice", sentences)):
-        for text in texts:
-            record = _reading_record(text, source, read)
-            if record is not None:
-                yield record
+    for item in scene_records(count, "train", seed):
+        record = _reading_record(item["reference"], "synthetic", read(item["reference"]))
+        if record is not None:
+            yield record
 
 
 def bundle_sentences(root: Path) -> list[str]:
@@ -298,10 +296,16 @@ def voice_reading_records(sentences: Iterable[str], limit: int, seed: int = 0,
     enough, hold a negated link: the reader must learn to see "not", and not to see it
     everywhere."""
     read = encoder or _default_encoder()
-    records = [r for r in (_reading_record(t, "voice", read) for t in dict.fromkeys(sentences))
-               if r is not None]
-    negated = [i for i, r in enumerate(records)
-               if any(k["polarity"] == -1 for k in json.loads(r["text"])["links"])]
+    records: list[dict[str, Any]] = []
+    negated: list[int] = []
+    for text in dict.fromkeys(sentences):
+        delta = read(text)
+        record = _reading_record(text, "voice", delta)
+        if record is None:
+            continue
+        if any(k.polarity < 0 for k in delta.links):
+            negated.append(len(records))
+        records.append(record)
     rest = sorted(set(range(len(records))) - set(negated))
     draw = random.Random(seed)
     draw.shuffle(negated)
@@ -317,10 +321,9 @@ def _default_encoder() -> Callable[[str], Delta]:
     return DefaultEncoder()
 
 
-def _reading_record(text: str, source: str, read: Callable[[str], Delta]
-                    ) -> dict[str, Any] | None:
+def _reading_record(text: str, source: str, delta: Delta) -> dict[str, Any] | None:
     from hyperlex.agent.reader import reading
 
-    target = reading(read(text))
+    target = reading(delta)
     return None if target is None else {"human": text, "text": target,
                                         "meta": {"source": source}}
