@@ -33,7 +33,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# Re-trains the built-in cast in five rounds (docs/personas.md#training-the-cast): each
+# Re-trains the built-in cast in four rounds (docs/personas.md#training-the-cast): each
 # persona's voice (about 15 min each on 2 cores), the scene-writer on the synthetic corpus,
 # then one self-distillation round: each persona speaks training scenes alone and with the
 # writer over it, the replies that read back to their scene in the persona's voice are kept
@@ -41,16 +41,13 @@ test: lint
 # its round-1 adapter; then a hindsight round: windows of its own replies relabelled with
 # the scene they say (agent data hindsight) are added, starting from the round-2 adapter;
 # then a chat round: the same windows as chat turns, a user stating their facts (agent data
-# hindsight --chat), are added too, starting from the round-3 adapter; then a negation
-# round: counterfactual chat turns, one fact of a window negated in the reply and stated by
-# the user (agent data hindsight --negate), are added too, from the round-4 adapter.
+# hindsight --chat), are added too, starting from the round-3 adapter.
 CAST := philosopher poet scientist logician dreamer interface
 # the kept replies count twice beside the voice data: a round keeps a handful per persona
 FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
 	--extra-data data/faithful.jsonl --epochs 1 --lr 0.0005
 HINDSIGHT_ROUND := $(FAITHFUL_ROUND) --extra-data data/hindsight.jsonl
 CHAT_ROUND := $(HINDSIGHT_ROUND) --extra-data data/hindsight-chat.jsonl
-NEGATION_ROUND := $(CHAT_ROUND) --extra-data data/hindsight-negated.jsonl
 train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p || exit 1; done
 	$(BIN)/agent train personas/writer
@@ -60,8 +57,6 @@ train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(HINDSIGHT_ROUND) || exit 1; done
 	$(BIN)/agent data hindsight --chat --count 80
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(CHAT_ROUND) || exit 1; done
-	$(BIN)/agent data hindsight --negate
-	for p in $(CAST); do $(BIN)/agent train personas/$$p $(NEGATION_ROUND) || exit 1; done
 
 # The scene-reader (docs/scene.md#the-scene-reader) in two rounds: the default encoder's
 # readings of 160 synthetic texts and of the cast's sentences, one epoch (about 15 min on 2
