@@ -245,6 +245,33 @@ def closed_objects(schema: Mapping[str, Any]) -> dict[str, Any]:
     return closed
 
 
+def bounded_strings(schema: Mapping[str, Any], limit: int) -> dict[str, Any]:
+    """``schema`` with every string it leaves unbounded held to ``limit`` characters
+    (``maxLength``). A small model's greedy string can run on to the token limit and cut the
+    reply before its JSON closes; a bound makes the grammar close the string, so the reply
+    ends within a known number of tokens. Strings with an ``enum``, ``const``, ``pattern``,
+    ``format`` or their own ``maxLength`` already have a shape and are left as they are."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidResponseFormat(f"a string bound must be a positive integer, got {limit!r}")
+    shaped = ("maxLength", "enum", "const", "pattern", "format")
+
+    def bound(node: dict[str, Any]) -> None:
+        kind = node.get("type")
+        is_string = kind == "string" or (isinstance(kind, list) and "string" in kind)
+        if is_string and not any(key in node for key in shaped):
+            node["maxLength"] = limit
+        subschemas = [sub for _, sub in _subschemas(
+            node, ("anyOf", "oneOf", "allOf", "prefixItems"))]
+        if isinstance(node.get("additionalProperties"), Mapping):
+            subschemas.append(node["additionalProperties"])
+        for sub in subschemas:
+            bound(sub)
+
+    bounded = copy.deepcopy(dict(schema))
+    bound(bounded)
+    return bounded
+
+
 def strict_problems(schema: Mapping[str, Any], at: str = "#") -> Iterator[str]:
     """Where ``schema`` breaks OpenAI's strict structured-output rules."""
     if schema.get("type") == "object" or "properties" in schema:

@@ -81,11 +81,11 @@ class TinyChatPersona:
 
     @property
     def has_structured_output(self) -> bool:
-        return False  # LangChain's structured output needs tool calling or a JSON mode
+        return False  # 8-token replies hold no JSON object; test_structured_real.py runs these
 
     @property
     def supports_json_mode(self) -> bool:
-        return False  # no constrained decoding in the engine
+        return False  # as above
 
     @property
     def supports_image_inputs(self) -> bool:
@@ -228,6 +228,28 @@ def test_tool_calling_and_images_are_refused_clearly(engine) -> None:
     image = {"type": "image", "url": "https://example.com/cat.png"}
     with pytest.raises(ValueError, match="takes text only; got a 'image' content block"):
         model.invoke([HumanMessage(content=[{"type": "text", "text": "see"}, image])])
+
+
+def test_max_string_length_closes_every_string_the_schema_left_open(engine) -> None:
+    """The random model never ends a string on its own; bounded, every reply closes and
+    parses, sampled too, and the bound also reaches strings in lists and ``anyOf``."""
+    from pydantic import BaseModel
+
+    class Log(BaseModel):
+        ship: str
+        crew: list[str]
+        port: str | None
+
+    for seed in range(6):
+        model = ChatPersona(persona="alpha", engine=engine, temperature=1.0, seed=seed,
+                            max_tokens=200)
+        log = model.with_structured_output(Log, max_string_length=6).invoke("Log the ship.")
+        assert isinstance(log, Log)
+        assert all(len(text) <= 6 for text in [log.ship, *log.crew, log.port or ""])
+    with pytest.raises(ValueError, match="needs a schema"):
+        model.with_structured_output(method="json_mode", max_string_length=6)
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        model.with_structured_output(Log, max_string_length=0)
 
 
 def test_sampling_defaults_come_from_the_contract(engine, monkeypatch) -> None:

@@ -16,6 +16,7 @@ from hyperlex.structured import (
     InvalidResponseFormat,
     ReplyNotValid,
     ResponseFormat,
+    bounded_strings,
     from_openai,
     load_schema,
 )
@@ -129,6 +130,33 @@ def test_parse_checks_the_reply_against_the_schema() -> None:
         fmt.parse('{"time":"12:')
     with pytest.raises(ReplyNotValid, match="at id"):
         fmt.parse('{"time":"12:00:00Z","id":"not-a-uuid"}')
+
+
+def test_bounded_strings_bounds_only_the_strings_left_open() -> None:
+    open_text = {"type": "string"}
+    schema = {"type": "object", "properties": {
+        "name": open_text, "nick": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}},
+        "port": {"anyOf": [open_text, {"type": "null"}]},
+        "notes": {"type": "object", "additionalProperties": open_text},
+        "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+        "day": {"type": "string", "format": "date"},
+        "mood": {"type": "string", "enum": ["calm", "rough"]},
+        "short": {"type": "string", "maxLength": 3}},
+        "$defs": {"tag": open_text}}
+    bounded = bounded_strings(schema, 20)
+    props = bounded["properties"]
+    assert [props[key].get("maxLength") for key in ("name", "nick")] == [20, 20]
+    assert bounded["$defs"]["tag"]["maxLength"] == 20
+    assert props["port"]["anyOf"][0]["maxLength"] == 20
+    assert props["notes"]["additionalProperties"]["maxLength"] == 20
+    assert [props[key].get("maxLength") for key in ("code", "day", "mood", "short")] == [
+        None, None, None, 3]
+    assert "maxLength" not in open_text  # the caller's schema is not changed
+    ResponseFormat.json_schema(bounded)  # still a schema the grammar enforces
+    for limit in (0, -1, True, 2.5):
+        with pytest.raises(InvalidResponseFormat, match="positive integer"):
+            bounded_strings(schema, limit)  # type: ignore[arg-type]
 
 
 # --- constrained decoding ------------------------------------------------------------------

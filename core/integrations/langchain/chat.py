@@ -51,7 +51,7 @@ from hyperlex.engines.base import Engine
 from hyperlex.errors import HyperlexError, PersonaNotAvailable
 from hyperlex.generation import Generation, GenerationParams, InvalidParameter, Layers, Message
 from hyperlex.persona.prompt import system_message
-from hyperlex.structured import ResponseFormat, from_openai
+from hyperlex.structured import ResponseFormat, bounded_strings, from_openai
 
 if TYPE_CHECKING:
     from hyperlex.agent.controller import Controller
@@ -442,6 +442,7 @@ class ChatPersona(BaseChatModel):
         method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
         include_raw: bool = False,
         strict: bool | None = None,
+        max_string_length: int | None = None,
         **kwargs: Any,
     ) -> Runnable[Any, Any]:
         """A runnable that answers with ``schema``'s shape: a pydantic model instance for a
@@ -452,7 +453,11 @@ class ChatPersona(BaseChatModel):
         asked for keys in words (what ``json_mode`` means elsewhere) does not reliably write
         them, so ``json_mode`` holds it to the schema too, and to any JSON object only
         without one. ``function_calling`` is served the same way: personas have no
-        tool-call format."""
+        tool-call format.
+
+        ``max_string_length`` holds every string the schema leaves unbounded to that many
+        characters, so that a small model's greedy string cannot run the reply past
+        ``max_tokens`` (:func:`hyperlex.structured.bounded_strings`)."""
         from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
         from langchain_core.utils.pydantic import is_basemodel_subclass
 
@@ -463,14 +468,20 @@ class ChatPersona(BaseChatModel):
                              f"got {method!r}")
         if schema is None and method != "json_mode":
             raise ValueError(f"with_structured_output(method={method!r}) needs a schema")
+        if schema is None and max_string_length is not None:
+            raise ValueError("with_structured_output(max_string_length=...) needs a schema "
+                             "whose strings it bounds")
         if schema is None:
             response_format = ResponseFormat.json_object()
         else:
             target = _json_schema(schema, strict)
+            if max_string_length is not None:
+                target = bounded_strings(target, max_string_length)
             response_format = ResponseFormat.json_schema(
                 target, _schema_name(target), where="with_structured_output schema")
         traced = {} if schema is None else {"ls_structured_output_format": {
-            "kwargs": {"method": method, "strict": strict}, "schema": schema}}
+            "kwargs": {"method": method, "strict": strict,
+                                       "max_string_length": max_string_length}, "schema": schema}}
         llm = self.bind(response_format=response_format.as_openai(), **traced)
         parser: Runnable[Any, Any] = (
             PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
