@@ -173,8 +173,9 @@ class GrammarState:
             self._check()
 
 
-def load_schema(path: str | Path) -> ResponseFormat:
-    """A response format from a JSON Schema file (``agent chat --schema``); errors name the
+def load_schema(path: str | Path, max_string_length: int | None = None) -> ResponseFormat:
+    """A response format from a JSON Schema file (``agent chat --schema``), its open strings
+    bounded by ``max_string_length`` if given (:func:`bounded_strings`); errors name the
     file, and the line where the JSON is broken."""
     path = Path(path)
     try:
@@ -185,6 +186,8 @@ def load_schema(path: str | Path) -> ResponseFormat:
         raise InvalidResponseFormat(f"{path}, line {exc.lineno}: not JSON: {exc.msg}") from None
     except UnicodeDecodeError:
         raise InvalidResponseFormat(f"{path}: not UTF-8 text") from None
+    if max_string_length is not None and isinstance(schema, Mapping):
+        schema = bounded_strings(schema, max_string_length)
     return ResponseFormat.json_schema(schema, _name_from(path), where=str(path))
 
 

@@ -213,6 +213,7 @@ def test_missing_embedded_model_package_says_how_to_install(
     (["--router", "psychic"], "unknown router 'psychic'; registered routers: embedding"),
     (["--session", "a/b"], "invalid session name 'a/b'"),
     (["--session", "s", "--no-store"], "--session and --no-store contradict each other"),
+    (["--max-string-length", "8"], "--max-string-length bounds the strings of a --schema"),
 ])
 def test_chat_rejects_bad_options_before_loading_a_model(runner: CliRunner, args, message):
     result = runner.invoke(cli, ["chat", *args, "-m", "hi"])
@@ -232,3 +233,22 @@ def test_a_session_is_saved_and_resumed_by_agent_chat(runner: CliRunner, tiny_pl
     assert (turn["index"], turn["persona"], turn["reason"]) == (1, "beta", "pinned to beta")
     shown = json.loads(runner.invoke(cli, ["sessions", "show", "walk", "--json"]).stdout)
     assert [t["user"] for t in shown["turns"]] == ["hi", "and you?"]
+
+
+def test_chat_with_a_schema_answers_json_and_bounds_open_strings(
+        runner: CliRunner, tiny_plugin: str, tiny_base: Path, tmp_path: Path) -> None:
+    """The random model never closes a string on its own: with --max-string-length the
+    grammar closes each one, so the reply is a whole object within the token limit."""
+    schema = tmp_path / "log.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {
+        "ship": {"type": "string"}, "crew": {"type": "array", "items": {"type": "string"},
+                                             "maxItems": 2}},
+        "required": ["ship", "crew"]}))
+    result = runner.invoke(cli, ["chat", "--base", str(tiny_base), "-p", "alpha", "--no-store",
+                                 "--schema", str(schema), "--max-string-length", "5",
+                                 "-o", "max_new_tokens", "120", "--json", "-m", "Log it."])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(json.loads(result.stdout.splitlines()[-1])["reply"])
+    assert set(reply) == {"ship", "crew"}
+    assert all(len(text) <= 5 for text in [reply["ship"], *reply["crew"]])
+    assert "not valid JSON" not in result.stderr

@@ -42,6 +42,9 @@ from hyperlex.errors import HyperlexError, UnknownPersona
               type=click.Path(dir_okay=False),
               help="Answer every turn with JSON matching the JSON Schema in FILE (decoded "
               "under its grammar); '{\"type\": \"object\"}' asks for any JSON object.")
+@click.option("--max-string-length", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --schema: hold every string the schema leaves unbounded to N "
+              "characters, so a small model's string cannot run the reply past max_new_tokens.")
 @click.option("--router", default="embedding", show_default=True,
               help="Automatic router for unaddressed turns ('none': keep the current persona).")
 @click.option("-s", "--session", default=None, metavar="NAME",
@@ -72,6 +75,7 @@ def chat(
     options: tuple[tuple[str, str], ...],
     mood: str | None,
     schema_file: str | None,
+    max_string_length: int | None,
     router: str,
     session: str | None,
     no_store: bool,
@@ -102,10 +106,12 @@ def chat(
     host = get_host()
     overrides = parse_options(options)
     response_format = None
+    if max_string_length is not None and schema_file is None:
+        raise click.UsageError("--max-string-length bounds the strings of a --schema; give one")
     if schema_file is not None:
         from hyperlex.structured import load_schema
 
-        response_format = load_schema(schema_file)
+        response_format = load_schema(schema_file, max_string_length)
     installed = host.personas  # runs the registration hooks, so their problems show below
     report_problems(host)
     speakers = [n for n, p in installed.items() if not p.is_mood]
