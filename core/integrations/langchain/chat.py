@@ -479,9 +479,9 @@ class ChatPersona(BaseChatModel):
                 target = bounded_strings(target, max_string_length)
             response_format = ResponseFormat.json_schema(
                 target, _schema_name(target), where="with_structured_output schema")
+        options = {"method": method, "strict": strict, "max_string_length": max_string_length}
         traced = {} if schema is None else {"ls_structured_output_format": {
-            "kwargs": {"method": method, "strict": strict,
-                                       "max_string_length": max_string_length}, "schema": schema}}
+            "kwargs": options, "schema": schema}}
         llm = self.bind(response_format=response_format.as_openai(), **traced)
         parser: Runnable[Any, Any] = (
             PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
