@@ -52,7 +52,8 @@ LIMIT = 128
 STANDARD_LIMIT = 160
 # the suite's jokes leave their strings unbounded, and whether the 135M model's greedy string
 # closed within STANDARD_LIMIT moved with the CPU's kernels (one machine's setup ran to the
-# limit and lost the punchline): bounded, two strings and their keys take at most ~70 tokens
+# limit and lost the punchline): bounded, a joke's two strings of English and their keys
+# take about 70 tokens, a bound the grammar holds whatever the kernels
 STANDARD_STRING_LIMIT = 100
 
 
