@@ -22,11 +22,13 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from bench.cast import Cast
 from bench.common import Config, Row
+from bench.serve_floor import counting_decodes, floors, token_costs
 
 REQUESTS = 50
 PARALLEL = 4  # llama.cpp contexts: agent serve's default
@@ -95,9 +97,13 @@ def _concurrently(client: Any, jobs: list[tuple[str, str]], max_tokens: int) -> 
     return [r for r in replies if r is not None]
 
 
+def _rank(count: int, q: float) -> int:
+    """The place (from 1) of the ``q``-th percentile among ``count`` sorted values."""
+    return min(count, max(1, round(q / 100 * count)))
+
+
 def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+    return sorted(values)[_rank(len(values), q) - 1]
 
 
 def torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
@@ -151,9 +157,10 @@ def serve_load(config: Config, cast: Cast) -> list[Row]:
     def judge() -> Any:
         return torch_run.engine
 
-    on = _load(llamacpp_service(), count, config.max_new_tokens)
+    on = _load(llamacpp_service(), count, config.max_new_tokens, floor=True)
     off = _load(llamacpp_service(sequences=1), count, config.max_new_tokens, alone=on)
     rows = _rows("S1", on, judge)
+    rows += _floor_rows(on)
     rows += _versus_off(on, off, judge)
     rows += _rows("S4", torch_run, judge)
     one = _load(llamacpp_service(), count, config.max_new_tokens, only=on.jobs[0][0])
@@ -176,13 +183,17 @@ class LoadRun:
     max_tokens: int
     prompts: dict[tuple[str, str], list[Any]]  # (persona, question) -> the prompt it got
     engine: Any
+    floor: dict[str, Any] | None = None  # bench.serve_floor's numbers for the burst
 
 
 def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int,
-          alone: LoadRun | None = None, only: str | None = None) -> LoadRun:
+          alone: LoadRun | None = None, only: str | None = None, floor: bool = False
+          ) -> LoadRun:
     """The same ``count`` requests one after another, then all at once; with ``alone``,
     the one-after-another replies are that run's (same requests, another server); with
-    ``only``, every request goes to that persona."""
+    ``only``, every request goes to that persona; with ``floor`` (llama.cpp), the burst's
+    decodes are counted and the engine's costs per token measured after it
+    (:mod:`bench.serve_floor`)."""
     import openai
 
     from hyperlex.serve.http import Server
@@ -209,15 +220,18 @@ def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int
                 sequential_s = time.perf_counter() - start
             else:
                 replies, sequential_s = alone.alone, alone.sequential_s
-            start = time.perf_counter()
-            together = _concurrently(client, jobs, max_tokens)
-            concurrent_s = time.perf_counter() - start
+            with counting_decodes() if floor else nullcontext() as counts:
+                start = time.perf_counter()
+                together = _concurrently(client, jobs, max_tokens)
+                concurrent_s = time.perf_counter() - start
+        floor_numbers = None if counts is None else floors(
+            counts, token_costs(engine, personas[0]), count, _rank(count, 95))
     finally:
         del engine.stream
         if hasattr(engine, "close"):
             engine.close()
     return LoadRun(jobs, replies, together, sequential_s, concurrent_s, what, max_tokens,
-                   prompts, engine)
+                   prompts, engine, floor_numbers)
 
 
 def _judge(run: LoadRun, scorer: Callable[[], Any], reply: Reply, expected: str
@@ -310,6 +324,32 @@ def _rows(first: str, run: LoadRun, scorer: Callable[[], Any]) -> list[Row]:
         Row(ids[2], f"{engine}: time to first token p95 under load vs alone (p50)",
             out.ttft_p95, out.alone_ttft, "s", "alone", ratio, "<= 25x" if batched else "",
             ratio <= 25 if batched else None, details=out.details),
+    ]
+
+
+def _floor_rows(run: LoadRun) -> list[Row]:
+    """S2f, S3f: the best S2 and S3 this machine's arithmetic allows for the burst just
+    served (bench.serve_floor)."""
+    if run.floor is None:
+        return []
+    floor = run.floor
+    tokens = sum(r.tokens for r in run.together)
+    sequential = sum(r.tokens for r in run.alone) / run.sequential_s
+    ceiling = tokens / floor["burst_floor_s"]
+    alone = statistics.median(r.ttft for r in run.alone)
+    p95 = _percentile([r.ttft for r in run.together], 95)
+    work = (f"{floor['prefill_tokens']} prompt tokens at {floor['prefill_ms_per_token']} ms, "
+            f"{floor['step_tokens']} step tokens at {floor['step_ms_per_token']} ms")
+    return [
+        Row("S2f", "llama.cpp: most served tokens/s this CPU allows for S2's burst (vs one "
+            "at a time)", ceiling, sequential, "tok/s", "sequential", ceiling / sequential,
+            note=f"S2 reached {tokens / run.concurrent_s / ceiling:.0%} of it; {work}",
+            details=floor),
+        Row("S3f", "llama.cpp: least p95 time to first token this CPU allows for S3's burst "
+            "(vs alone)", floor["ttft_p95_floor_s"], alone, "s", "alone",
+            floor["ttft_p95_floor_s"] / alone,
+            note=f"S3's p95 was {p95 / floor['ttft_p95_floor_s']:.2f}x this floor",
+            details=floor),
     ]
 
 

@@ -234,7 +234,7 @@ class Slot:
         size = lib.llama_state_seq_get_size(ctx, self.seq)
         buffer = (ctypes.c_uint8 * size)()
         written = lib.llama_state_seq_get_data(ctx, buffer, size, self.seq)
-        return bytes(buffer[:written])
+        return ctypes.string_at(buffer, written)  # slicing the array would build a list of ints
 
     def restore(self, data: bytes, tokens: list[int], reusable: int) -> None:
         """Replace this sequence's cache with a state from :meth:`state` (of any sequence
