@@ -123,8 +123,8 @@ def torch_service(config: Config, cast: Cast) -> tuple[Any, Any, str]:
             f"torch engine, batches of up to {PARALLEL}")
 
 
-def llamacpp_service(sequences: int = SEQUENCES, personas: list[Any] | None = None
-                     ) -> tuple[Any, Any, str]:
+def llamacpp_service(sequences: int = SEQUENCES, personas: list[Any] | None = None,
+                     contexts: int = PARALLEL) -> tuple[Any, Any, str]:
     """``agent serve``'s llama.cpp engine on the installed cast, or on ``personas``."""
     from hyperlex.engines.llamacpp.engine import LlamaCppEngine
     from hyperlex.host import Host
@@ -136,10 +136,10 @@ def llamacpp_service(sequences: int = SEQUENCES, personas: list[Any] | None = No
         personas = list(host.personas.values())
     else:
         host = Host(extra_plugins={"encoders": builtin_encoders}, entry_points=False)
-    engine = LlamaCppEngine(personas, contexts=PARALLEL, sequences=sequences, progress=False)
+    engine = LlamaCppEngine(personas, contexts=contexts, sequences=sequences, progress=False)
     batching = f"{sequences} turns each" if sequences > 1 else "batching off"
     return (PersonaService(host, engine, router=None), engine,
-            f"llama.cpp, {PARALLEL} contexts, {batching}")
+            f"llama.cpp, {contexts} contexts, {batching}")
 
 
 def serve_load(config: Config, cast: Cast) -> list[Row]:
@@ -159,9 +159,12 @@ def serve_load(config: Config, cast: Cast) -> list[Row]:
 
     on = _load(llamacpp_service(), count, config.max_new_tokens, floor=True)
     off = _load(llamacpp_service(sequences=1), count, config.max_new_tokens, alone=on)
+    wide = _load(llamacpp_service(contexts=len({p for p, _ in on.jobs})), count,
+                 config.max_new_tokens, alone=on)
     rows = _rows("S1", on, judge)
     rows += _floor_rows(on)
     rows += _versus_off(on, off, judge)
+    rows.append(_one_context_each(on, wide, judge))
     rows += _rows("S4", torch_run, judge)
     one = _load(llamacpp_service(), count, config.max_new_tokens, only=on.jobs[0][0])
     rows.append(_best_or_worst("S7", one, judge, "one persona"))
@@ -368,6 +371,17 @@ def _versus_off(on: LoadRun, off: LoadRun, scorer: Callable[[], Any]) -> list[Ro
             batched.ttft_p95 / single.ttft_p95, "<= 0.4x",
             batched.ttft_p95 / single.ttft_p95 <= 0.4, note, details),
     ]
+
+
+def _one_context_each(on: LoadRun, wide: LoadRun, scorer: Callable[[], Any]) -> Row:
+    """S3p: the burst on a server with a context for every persona in it, against S3's."""
+    default, each = _outcome(on, scorer), _outcome(wide, scorer)
+    return Row("S3p", "llama.cpp: p95 time to first token with a context per persona (vs "
+               f"{PARALLEL} contexts)", each.ttft_p95, default.ttft_p95, "s",
+               f"{PARALLEL} contexts", each.ttft_p95 / default.ttft_p95, "", None,
+               f"{each.matched}/{each.details['requests']} answered by their persona "
+               f"({len(each.mixed)} mixed); {each.ttft_p95 / each.alone_ttft:.1f}x alone; "
+               f"{each.throughput:.1f} tok/s", {"one_context_each": each.details})
 
 
 def _best_or_worst(row: str, run: LoadRun, scorer: Callable[[], Any], what: str) -> Row:

@@ -6,8 +6,9 @@ During the burst every ``llama_decode`` the engine makes is counted: the tokens 
 prefill decoded (what its cache could not give) and the tokens of the decode steps. Then, on
 an idle context of the same engine, the cheapest cost per token is measured for each kind:
 prefill in whole blocks (:data:`~hyperlex.engines.llamacpp.contexts.PREFILL_BLOCK`) and a
-decode step at the batch size that makes a token cheapest. No schedule can do the burst's
-work in less than its tokens times those costs (both kinds keep every core busy), so:
+decode step at the batch size that makes a token cheapest, each the fastest of several
+repeats (a busy machine only ever adds time). No schedule can do the burst's work in less
+than its tokens times those costs (both kinds keep every core busy), so:
 
 - the burst takes at least ``prefill tokens x prefill cost + step tokens x step cost``, which
   bounds its served tokens/s (S2f: that ceiling over the one-at-a-time rate);
@@ -19,7 +20,6 @@ work in less than its tokens times those costs (both kinds keep every core busy)
 from __future__ import annotations
 
 import contextlib
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -74,7 +74,7 @@ class TokenCosts:
     prefill_s: float  # seconds per prompt token, decoded in whole blocks
     step_s: float  # seconds per token of a decode step, at the cheapest batch size
     step_batch: int
-    steps: dict[int, float]  # batch size -> seconds per step
+    steps: dict[int, float]  # batch size -> fastest seconds per step
 
 
 def token_costs(engine: Any, persona: str) -> TokenCosts:
@@ -107,11 +107,11 @@ def token_costs(engine: Any, persona: str) -> TokenCosts:
                     start = time.perf_counter()
                     context.step(context.slots[:n], [short[-1]] * n)
                     samples.append(time.perf_counter() - start)
-                steps[n] = statistics.median(samples)
+                steps[n] = min(samples)
         finally:
             context.forget()  # scratch caches: never reused by a turn
     best = min(steps, key=lambda n: steps[n] / n)
-    return TokenCosts(statistics.median(prefills), steps[best] / best, best, steps)
+    return TokenCosts(min(prefills), steps[best] / best, best, steps)
 
 
 def floors(counts: DecodeCounts, costs: TokenCosts, requests: int, rank: int
