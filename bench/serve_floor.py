@@ -36,7 +36,6 @@ class DecodeCounts:
 
     prefills: list[int] = field(default_factory=list)
     step_tokens: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @contextlib.contextmanager
@@ -45,13 +44,13 @@ def counting_decodes() -> Iterator[DecodeCounts]:
     on its own thread, so a prefill's blocks are summed per thread)."""
     from hyperlex.engines.llamacpp.contexts import Context, Slot
 
-    counts, local = DecodeCounts(), threading.local()
+    counts, local, lock = DecodeCounts(), threading.local(), threading.Lock()
     decode, prefill = Context.decode, Slot.prefill
 
     def counted_decode(self: Any, entries: list[Any], outputs: str) -> None:
         decode(self, entries, outputs)
         if outputs == "all":
-            with counts._lock:
+            with lock:
                 counts.step_tokens += len(entries)
         else:
             local.tokens = getattr(local, "tokens", 0) + len(entries)
@@ -59,7 +58,7 @@ def counting_decodes() -> Iterator[DecodeCounts]:
     def counted_prefill(self: Any, prompt: list[int], source: Any = None) -> None:
         local.tokens = 0
         prefill(self, prompt, source)
-        with counts._lock:
+        with lock:
             counts.prefills.append(local.tokens)
 
     Context.decode, Slot.prefill = counted_decode, counted_prefill  # type: ignore[method-assign]
