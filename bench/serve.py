@@ -162,7 +162,7 @@ def serve_load(config: Config, cast: Cast) -> list[Row]:
     wide = _load(llamacpp_service(contexts=len({p for p, _ in on.jobs})), count,
                  config.max_new_tokens, alone=on)
     rows = _rows("S1", on, judge)
-    rows += _floor_rows(on)
+    rows += _floor_rows(on, judge)
     rows += _versus_off(on, off, judge)
     rows.append(_one_context_each(on, wide, judge))
     rows += _rows("S4", torch_run, judge)
@@ -187,6 +187,7 @@ class LoadRun:
     prompts: dict[tuple[str, str], list[Any]]  # (persona, question) -> the prompt it got
     engine: Any
     floor: dict[str, Any] | None = None  # bench.serve_floor's numbers for the burst
+    checked: Outcome | None = None  # _outcome's, kept: judging a reply runs the torch engine
 
 
 def _load(service_engine_what: tuple[Any, Any, str], count: int, max_tokens: int,
@@ -272,6 +273,14 @@ class Outcome:
 
 
 def _outcome(run: LoadRun, scorer: Callable[[], Any]) -> Outcome:
+    """``run``'s burst checked against its replies alone (once per run: several rows read
+    the same run)."""
+    if run.checked is None:
+        run.checked = _check(run, scorer)
+    return run.checked
+
+
+def _check(run: LoadRun, scorer: Callable[[], Any]) -> Outcome:
     jobs, alone, together = run.jobs, run.alone, run.together
     expected = {(r.persona, r.prompt): r.text for r in alone}
     by_prompt: dict[str, dict[str, str]] = {}
@@ -330,28 +339,25 @@ def _rows(first: str, run: LoadRun, scorer: Callable[[], Any]) -> list[Row]:
     ]
 
 
-def _floor_rows(run: LoadRun) -> list[Row]:
+def _floor_rows(run: LoadRun, scorer: Callable[[], Any]) -> list[Row]:
     """S2f, S3f: the best S2 and S3 this machine's arithmetic allows for the burst just
     served (bench.serve_floor)."""
     if run.floor is None:
         return []
-    floor = run.floor
-    tokens = sum(r.tokens for r in run.together)
-    sequential = sum(r.tokens for r in run.alone) / run.sequential_s
-    ceiling = tokens / floor["burst_floor_s"]
-    alone = statistics.median(r.ttft for r in run.alone)
-    p95 = _percentile([r.ttft for r in run.together], 95)
+    floor, out = run.floor, _outcome(run, scorer)
+    sequential, alone = out.seq_throughput, out.alone_ttft
+    ceiling = out.details["completion_tokens"] / floor["burst_floor_s"]
     work = (f"{floor['prefill_tokens']} prompt tokens at {floor['prefill_ms_per_token']} ms, "
             f"{floor['step_tokens']} step tokens at {floor['step_ms_per_token']} ms")
     return [
         Row("S2f", "llama.cpp: most served tokens/s this CPU allows for S2's burst (vs one "
             "at a time)", ceiling, sequential, "tok/s", "sequential", ceiling / sequential,
-            note=f"S2 reached {tokens / run.concurrent_s / ceiling:.0%} of it; {work}",
+            note=f"S2 reached {out.throughput / ceiling:.0%} of it; {work}",
             details=floor),
         Row("S3f", "llama.cpp: least p95 time to first token this CPU allows for S3's burst "
             "(vs alone)", floor["ttft_p95_floor_s"], alone, "s", "alone",
             floor["ttft_p95_floor_s"] / alone,
-            note=f"S3's p95 was {p95 / floor['ttft_p95_floor_s']:.2f}x this floor",
+            note=f"S3's p95 was {out.ttft_p95 / floor['ttft_p95_floor_s']:.2f}x this floor",
             details=floor),
     ]
 
