@@ -214,6 +214,8 @@ def test_missing_embedded_model_package_says_how_to_install(
     (["--session", "a/b"], "invalid session name 'a/b'"),
     (["--session", "s", "--no-store"], "--session and --no-store contradict each other"),
     (["--max-string-length", "8"], "--max-string-length bounds the strings of a --schema"),
+    (["--schema", "log.json", "--best-of", "2"], "--best-of ranks replies by what they say"),
+    (["--best-of", "17"], "'--best-of': 17 is not in the range 1<=x<=16"),
 ])
 def test_chat_rejects_bad_options_before_loading_a_model(runner: CliRunner, args, message):
     result = runner.invoke(cli, ["chat", *args, "-m", "hi"])
@@ -233,6 +235,19 @@ def test_a_session_is_saved_and_resumed_by_agent_chat(runner: CliRunner, tiny_pl
     assert (turn["index"], turn["persona"], turn["reason"]) == (1, "beta", "pinned to beta")
     shown = json.loads(runner.invoke(cli, ["sessions", "show", "walk", "--json"]).stdout)
     assert [t["user"] for t in shown["turns"]] == ["hi", "and you?"]
+
+
+def test_chat_best_of_samples_several_replies_and_reports_each(
+        runner: CliRunner, tiny_plugin: str, tiny_base: Path) -> None:
+    result = runner.invoke(cli, ["chat", "--base", str(tiny_base), "-p", "alpha", "--no-store",
+                                 "--best-of", "3", "-o", "seed", "1", "-o", "temperature", "1",
+                                 "-o", "max_new_tokens", "6", "--json", "-m",
+                                 "The fox does not see the moon."])
+    assert result.exit_code == 0, result.output
+    turn = json.loads(result.stdout.splitlines()[-1])
+    report = turn["annotations"]["best_of"]
+    assert report["n"] == 3 and [s["index"] for s in report["samples"]] == [0, 1, 2]
+    assert turn["reply"] == report["samples"][report["chosen"]]["text"].strip()
 
 
 def test_chat_with_a_schema_answers_json_and_bounds_open_strings(

@@ -404,6 +404,19 @@ def thread(name: str, **configurable: Any) -> dict[str, Any]:
     return {"configurable": {"thread_id": name, **configurable}}
 
 
+def test_agent_best_of_answers_with_the_chosen_sample_and_says_which(engine) -> None:
+    options = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3}
+    reply = make_agent(engine, persona="alpha", options=options, best_of=3).invoke("Tell me.")
+    report = reply.response_metadata["best_of"]
+    assert report["n"] == 3 and len(report["samples"]) == 3
+    assert reply.content == report["samples"][report["chosen"]]["text"].strip()
+    assert reply.usage_metadata["output_tokens"] == sum(
+        s["completion_tokens"] for s in report["samples"])
+    assert "best_of" not in make_agent(engine, persona="alpha").invoke("Hi.").response_metadata
+    with pytest.raises(HyperlexError, match="best_of must be a whole number from 1 to 16"):
+        make_agent(engine, best_of=0)
+
+
 def test_agent_invoke_says_who_answered_and_why(engine, store) -> None:
     reply = make_agent(engine, store).invoke("write a poem about rain", thread("t1"))
     assert isinstance(reply, AIMessage) and reply.content and reply.name == "beta"

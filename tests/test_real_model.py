@@ -370,3 +370,45 @@ def test_the_negation_eval_answers_held_out_statements_as_agent_chat_does(
     assert all(v["negations"] >= 1 and v["reply"] for v in row["replies"])
     kept = sum(v["negations_kept"] == v["negations"] for v in row["replies"])
     assert row["kept"] == kept / 3
+
+
+def test_best_of_keeps_the_users_negation_at_least_as_often_as_one_reply(
+        real_home: Path) -> None:
+    """agent eval negation --best-of 4 on the real poet: the first sample of each statement is
+    the reply --best-of 1 gives (same seed, same batch), and on statements of one negation
+    the chosen sample never keeps less of it; the report says it was best of 4."""
+    import json
+
+    def run(*extra: str) -> dict:
+        done = run_agent(real_home, "eval", "negation", "-p", "poet", "--limit", "4", "--json",
+                         *extra)
+        return json.loads(done.stdout)
+
+    one, four = run(), run("--best-of", "4")
+    assert (one["best_of"], four["best_of"]) == (1, 4)
+    for single, chosen in zip(one["rows"]["poet"]["replies"], four["rows"]["poet"]["replies"],
+                              strict=True):
+        assert single["negations"] == chosen["negations"] == 1, single["statement"]
+        assert chosen["negations_kept"] >= single["negations_kept"], (single, chosen)
+
+
+def test_agent_chat_best_of_answers_with_the_sample_that_agrees_with_the_user(
+        real_home: Path) -> None:
+    """agent chat --best-of 4 on the real poet: four samples, each read back and scored by
+    the voice classifier; the reply is the one that ranks first (flips none of the user's
+    facts, keeps the most negations, then reads most as the poet's)."""
+    import json
+
+    done = run_agent(real_home, "chat", "-p", "poet", "--best-of", "4", "--no-store", "--json",
+                     "-o", "seed", "0", "-m", "The old fisherman does not trust the sea.")
+    turn = json.loads(done.stdout.splitlines()[-1])
+    report = turn["annotations"]["best_of"]
+    samples = report["samples"]
+    assert report["n"] == len(samples) == 4
+    assert turn["reply"] == samples[report["chosen"]]["text"].strip()
+    assert all(0.0 <= s["voice"] <= 1.0 for s in samples)
+    assert all(s["facts"] == s["negations"] == 1 for s in samples)
+    rank = [(-s["flipped"], s["negations_kept"], s["voice"], s["facts_kept"], -s["index"])
+            for s in samples]
+    assert rank[report["chosen"]] == max(rank)
+    assert turn["usage"]["completion_tokens"] == sum(s["completion_tokens"] for s in samples)

@@ -437,3 +437,29 @@ def test_the_backend_passes_the_response_format_through(remote, engine) -> None:
     served = remote.generate(messages, "alpha", params, response_format=fmt)
     assert served.text == engine.generate(messages, "alpha", params, response_format=fmt).text
     assert fmt.parse(served.text)
+
+
+def test_best_of_answers_with_one_of_the_samples_and_bad_values_are_refused(
+        client, host, engine) -> None:
+    """``best_of`` (vLLM's extension) samples that many replies and answers with the one the
+    controller's check ranks first: the same reply a controller gives for the same seed."""
+    sampling = {"max_tokens": 6, "temperature": 1.0, "seed": 4}
+    reply = ask(client, "alpha", "Tell me.", extra_body={"best_of": 3}, **sampling)
+    expected = Controller(host, engine, persona="alpha", overrides={
+        "max_new_tokens": 6, "temperature": 1.0, "seed": 4}).send(
+            "Tell me.", best_of=3).complete()
+    assert reply.choices[0].message.content == expected.reply
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    for bad, message in ((0, "best_of must be a whole number from 1 to 16"),
+                         (17, "best_of must be a whole number from 1 to 16")):
+        with pytest.raises(openai.BadRequestError, match=message) as caught:
+            ask(client, "alpha", "Tell me.", extra_body={"best_of": bad}, **sampling)
+        assert caught.value.body["param"] == "best_of"
+    with pytest.raises(openai.BadRequestError, match="cannot be combined with 'response_format'"):
+        ask(client, "alpha", "Tell me.", extra_body={"best_of": 2},
+            response_format={"type": "json_object"}, **sampling)
+    with pytest.raises(openai.BadRequestError, match="best_of 2 needs sampling"):
+        ask(client, "alpha", "Tell me.", extra_body={"best_of": 2}, max_tokens=6, temperature=0)
+    with pytest.raises(openai.BadRequestError, match="'best_of' needs the agent mode"):
+        ask(client, "alpha", "Tell me.", extra_body={"best_of": 2},
+            extra_headers={"X-Hyperlex-Mode": "engine"}, **sampling)

@@ -10,18 +10,28 @@ left are saved in one transaction.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hyperlex.agent.moods import mood_label, parse_mood
 from hyperlex.agent.router import DEFAULT_ROUTER, RouteDecision, TurnRouter
+from hyperlex.agent.verify import (
+    BestOfGeneration,
+    ReplyCheck,
+    VoiceScore,
+    check_best_of,
+    check_reply,
+    sample_params,
+)
 from hyperlex.engines.base import Engine
 from hyperlex.errors import ContextTooLong, HyperlexError
 from hyperlex.generation import Generation, GenerationParams, Message
 from hyperlex.host import Host
 from hyperlex.persona.prompt import build_prompt, system_message
-from hyperlex.scene.model import USER, Scene
+from hyperlex.scene.model import USER, Delta, Scene
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from hyperlex.agent.store import Store
@@ -79,6 +89,8 @@ class Controller:
         mood: str | None = None,
         store: Store | None = None,
         session: str | None = None,
+        best_of: int = 1,
+        voice: VoiceScore | None = None,
     ):
         """``persona`` pins a persona ("auto": route; None: route, or keep the persona a resumed
         session had pinned). ``router`` names a registered router (None: no automatic
@@ -86,10 +98,16 @@ class Controller:
         a new session with a generated name, then in ``self.session``); an existing session
         resumes with its history, scene, pinned persona and mood. A named session that does
         not exist yet is created with the first thing worth saving (a turn, a pinned persona
-        or mood), so a conversation that never got a turn leaves no empty session."""
+        or mood), so a conversation that never got a turn leaves no empty session.
+
+        ``best_of`` > 1 samples that many replies per turn and keeps the one that agrees
+        best with the user's facts (:mod:`hyperlex.agent.verify`), ranking by ``voice``
+        (the probability that a text is a persona's) among equals."""
         self.host = host
         self.engine = engine
         self.overrides = dict(overrides or {})
+        self.best_of = check_best_of(best_of)
+        self.voice = voice
         self.scene = Scene()
         self.history: list[Message] = []
         self.turns: list[Turn] = []
@@ -196,18 +214,37 @@ class Controller:
 
     # the scene -------------------------------------------------------------------------------
 
+    def read(self, text: str, persona: str) -> Delta | None:
+        """What ``text`` says, read by ``persona``'s scene encoder (None: no encoder, or it
+        failed, which is reported)."""
+        return self._read(text, persona, lambda delta: delta)
+
     def encode(self, text: str, persona: str, turn: int, speaker: str | None = None) -> None:
         """Merge what ``text`` says into the scene with ``persona``'s encoder, as said by
         ``speaker`` (:data:`~hyperlex.scene.model.USER` or the persona that spoke)."""
+        scene = self._read(text, persona,
+                           lambda delta: self.scene.apply(delta, turn=turn, speaker=speaker))
+        if scene is not None:
+            self.scene = scene
+
+    def _read(self, text: str, persona: str, then: Callable[[Delta], T]) -> T | None:
         wanted = self.engine.personas[persona].scene_encoder
         encoders = self.host.scene_encoders
         encoder = encoders.get(wanted) or encoders.get("default")
         if encoder is None:
-            return
+            return None
         try:
-            self.scene = self.scene.apply(encoder(text), turn=turn, speaker=speaker)
+            return then(encoder(text))
         except Exception as exc:  # plugin code: report it and keep the conversation going
             self.host.report(f"scene encoder {wanted!r} failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def check_replies(self, texts: list[str], persona: str, turn: int) -> list[ReplyCheck]:
+        """How each of ``texts`` agrees with the user's facts in the scene, as ``turn``'s
+        reply by ``persona`` (:func:`hyperlex.agent.verify.check_reply`)."""
+        voices = self.voice(texts, persona) if self.voice is not None else [None] * len(texts)
+        return [check_reply(self.scene, turn, self.read(text, persona) or Delta(), i, voice)
+                for i, (text, voice) in enumerate(zip(texts, voices, strict=True))]
 
     # turns -----------------------------------------------------------------------------------
 
@@ -251,7 +288,8 @@ class Controller:
     def send(self, message: str, *, persona: str | None = None, mood: str | None = None,
              options: Mapping[str, Any] | None = None, stop: Sequence[str] = (),
              instructions: str | None = None,
-             response_format: ResponseFormat | None = None) -> TurnStream:
+             response_format: ResponseFormat | None = None,
+             best_of: int | None = None) -> TurnStream:
         """Start a turn. Iterate the result for the streamed reply; the turn is recorded
         (and ``on_turn`` hooks run) when the reply finishes, unless it was cancelled.
 
@@ -261,13 +299,21 @@ class Controller:
         ``instructions`` (appended to the persona's system message) apply to this turn only:
         this is how a served request carries its own settings. With ``response_format`` the
         reply is decoded as JSON matching it, the system message says so (with the schema, as
-        OpenAI's models are told), and the scene reads the reply's text as usual."""
+        OpenAI's models are told), and the scene reads the reply's text as usual.
+        ``best_of`` overrides the controller's for this turn."""
+        best_of = self.best_of if best_of is None else check_best_of(best_of)
+        if best_of > 1 and response_format is not None:
+            raise HyperlexError("best_of ranks replies by what they say about the scene; it "
+                                "cannot be combined with a response format")
         turn_mood = self.mood if mood is None else parse_mood(self.engine.moods, mood)
         decision = self.route(message, persona)
         self.last_decision = decision
         persona = decision.persona
         self.current = persona
         params = self.params_for(persona).updated(options or {}, "request")
+        if best_of > 1 and params.greedy:
+            raise HyperlexError(f"best_of {best_of} needs sampling: with temperature 0 every "
+                                "sample is the same reply")
         index = self.first_index + len(self.turns)
         turn = Turn(index=index, user=decision.message, persona=persona, reason=decision.reason,
                     route=decision.as_dict(), mood=mood_label(turn_mood))
@@ -283,8 +329,15 @@ class Controller:
         except ContextTooLong:
             self.scene = scene_before
             raise
-        generation = self.engine.stream(messages, persona, params, stop, layers,
-                                        response_format=response_format)
+        generation: Generation
+        if best_of > 1:
+            generation = BestOfGeneration(
+                persona, [lambda p=p: self.engine.stream(messages, persona, p, stop, layers)
+                          for p in sample_params(params, best_of)],
+                lambda texts: self.check_replies(texts, persona, index))
+        else:
+            generation = self.engine.stream(messages, persona, params, stop, layers,
+                                            response_format=response_format)
         return TurnStream(self, turn, generation, scene_before)
 
     def _record(self, turn: Turn) -> None:
@@ -331,6 +384,8 @@ class TurnStream:
             turn.prompt_tokens = gen.usage.prompt_tokens
             turn.completion_tokens = gen.usage.completion_tokens
             turn.seconds = time.perf_counter() - start
+            if isinstance(gen, BestOfGeneration):
+                turn.annotations["best_of"] = gen.report()
             if gen.finish_reason in ("stop", "length"):
                 self.controller._record(turn)
             else:  # cancelled or failed: the turn never happened

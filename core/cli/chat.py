@@ -45,6 +45,11 @@ from hyperlex.errors import HyperlexError, UnknownPersona
 @click.option("--max-string-length", type=click.IntRange(min=1), default=None, metavar="N",
               help="With --schema: hold every string the schema leaves unbounded to N "
               "characters, so a small model's string cannot run the reply past max_new_tokens.")
+@click.option("--best-of", "best_of", type=click.IntRange(1, 16), default=1, show_default=True,
+              metavar="N",
+              help="Sample N replies per turn and answer with the one that keeps the user's "
+              "facts best (negations first), then reads most as the persona's own "
+              "(docs/verification.md#best-of-n-replies-agent-chat---best-of).")
 @click.option("--router", default="embedding", show_default=True,
               help="Automatic router for unaddressed turns ('none': keep the current persona).")
 @click.option("-s", "--session", default=None, metavar="NAME",
@@ -76,6 +81,7 @@ def chat(
     mood: str | None,
     schema_file: str | None,
     max_string_length: int | None,
+    best_of: int,
     router: str,
     session: str | None,
     no_store: bool,
@@ -108,6 +114,9 @@ def chat(
     response_format = None
     if max_string_length is not None and schema_file is None:
         raise click.UsageError("--max-string-length bounds the strings of a --schema; give one")
+    if best_of > 1 and schema_file is not None:
+        raise click.UsageError("--best-of ranks replies by what they say; a --schema reply is "
+                               "JSON, so give one or the other")
     if schema_file is not None:
         from hyperlex.structured import load_schema
 
@@ -139,9 +148,12 @@ def chat(
 
     engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen,
                          base_url=base_url, api_key=api_key_from(api_key_env))
+    from hyperlex.eval.fidelity import voice_scorer
+
     controller = Controller(host, engine, persona=persona, overrides=overrides,
                             router=None if router == "none" else router, mood=mood,
-                            store=None if no_store else Store(), session=session)
+                            store=None if no_store else Store(), session=session,
+                            best_of=best_of, voice=voice_scorer(engine.personas))
     if controller.session is not None:
         resumed = f", resumed at turn {controller.first_index}" if controller.first_index else ""
         click.echo(f"session {controller.session}{resumed}", err=True)

@@ -511,6 +511,10 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
               help="Also answer with LAYER composed over each persona (repeatable), e.g. "
                    "--compose writer:0.5.")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed of every reply.")
+@click.option("--best-of", "best_of", type=click.IntRange(1, 16), default=1, show_default=True,
+              metavar="N",
+              help="Answer as agent chat --best-of N does: N samples (seeds SEED to SEED+N-1), "
+              "the one that keeps the statement best, then reads most as the persona's.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N statements (a quick check).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
@@ -519,7 +523,7 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
 @_report_options
 @engine_options
 def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose: tuple[str, ...],
-                  seed: int, limit: int | None, batch_size: int, as_json: bool,
+                  seed: int, best_of: int, limit: int | None, batch_size: int, as_json: bool,
                   report_dir: Path | None, thresholds_file: Path | None,
                   base: str | None, dtype: str, quantize: str | None) -> None:
     """Does each persona keep a negated fact the user states? Each statement opens a
@@ -546,7 +550,8 @@ def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose:
     engine = open_engine(host, base, dtype, quantize,
                          only=[*chosen, *(layer for layer, _ in layers)])
     report = negation_eval(engine, chosen, statements, encoder, classifier, seed, tuple(layers),
-                           batch_size, progress=lambda m: click.echo(m, err=True))
+                           batch_size, progress=lambda m: click.echo(m, err=True),
+                           best_of=best_of)
     if as_json:
         emit_json(report.as_dict())
     else:

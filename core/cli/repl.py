@@ -24,6 +24,7 @@ HELP = """Commands:
   /why            why the last turn went to its persona, with the router's scores
   /scene [tree|json]  the shared scene: hyperlexemes, links, field (default: a table)
   /mood NAME[:W]  compose a mood layer over every persona (/mood off removes it)
+  /best-of N      sample N replies per turn, answer with the one that keeps your facts
   /session        the session this conversation is saved in
   /help           this help
   /exit           leave (Ctrl-D works too); Ctrl-C cancels the reply being written"""
@@ -104,6 +105,8 @@ class ChatLoop:
             self.show_scene(arg or "table")
         elif name == "/mood":
             self.mood(arg)
+        elif name == "/best-of":
+            self.best_of(arg)
         elif name == "/session":
             click.echo(f"session: {self.controller.session or 'not saved (--no-store)'}",
                        err=True)
@@ -142,6 +145,20 @@ class ChatLoop:
             click.secho(f"Error: {exc}", fg="red", err=True)
         else:
             click.echo(f"mood: {self.controller.mood_label or 'off'}", err=True)
+
+    def best_of(self, arg: str) -> None:
+        from hyperlex.agent.verify import check_best_of
+
+        if arg:
+            try:
+                if self.response_format is not None:
+                    raise HyperlexError("a --schema reply is JSON; best-of ranks what "
+                                        "replies say")
+                self.controller.best_of = check_best_of(int(arg) if arg.isdigit() else arg)
+            except HyperlexError as exc:
+                click.secho(f"Error: {exc}", fg="red", err=True)
+                return
+        click.echo(f"best-of: {self.controller.best_of}", err=True)
 
     def turn(self, message: str, show_persona: bool = False) -> None:
         stream = self.controller.send(message, response_format=self.response_format)

@@ -143,14 +143,21 @@ def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
             engine, requests, params, batch_size,
             lambda done, total, label=label: say(f"{name} ({label}): {done}/{total}"),
             layers=stack)
-        deltas = encode_all(encoder, replies)
-        voices = classifier.predict(replies)
-        mine = classifier.probability(replies, name)
-        for item, reply, delta, voice, probability in zip(items, replies, deltas, voices, mine,
-                                                          strict=True):
-            score = score_roundtrip(item.scene, read_back(delta), reply)
-            candidates.append(Candidate(item, label, reply, score, voice, probability))
+        candidates += _candidates(name, items, label, replies, encode_all(encoder, replies),
+                                  classifier)
     return candidates
+
+
+def _candidates(name: str, items: Sequence[EvalScene], label: str, replies: list[str],
+                readings: Sequence[Delta | Exception], classifier: Any) -> list[Candidate]:
+    """Each reply to its item, scored against the item's scene from its reading, and
+    attributed to a voice."""
+    voices = classifier.predict(replies)
+    mine = classifier.probability(replies, name)
+    return [Candidate(item, label, reply, score_roundtrip(item.scene, read_back(delta), reply),
+                      voice, probability)
+            for item, reply, delta, voice, probability
+            in zip(items, replies, readings, voices, mine, strict=True)]
 
 
 def _select(name: str, items: Sequence[EvalScene], candidates: list[Candidate],
@@ -263,7 +270,20 @@ def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
     candidates = _sample(engine, persona, statements, proposals,
                          lambda item: chat_prompt(persona, item, engine), encoder, classifier,
                          batch_size, progress)
+    return _chat_run(persona.name, statements, candidates)
 
+
+def chat_verdicts(persona: str, statements: Sequence[EvalScene], label: str,
+                  replies: list[str], readings: Sequence[Delta | Exception],
+                  classifier: Any) -> FaithfulRun:
+    """:func:`chat_records`' run for replies chosen elsewhere (one per statement, with the
+    encoder's reading of each)."""
+    return _chat_run(persona, statements,
+                     _candidates(persona, statements, label, replies, readings, classifier))
+
+
+def _chat_run(name: str, statements: Sequence[EvalScene],
+              candidates: list[Candidate]) -> FaithfulRun:
     def verdict(candidate: Candidate) -> dict[str, Any]:
         return {"statement": candidate.scene.reference,
                 "negations": candidate.score.negations,
@@ -275,5 +295,5 @@ def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
                          "proposal": chosen.proposal,
                          "voice_probability": round(chosen.voice_probability, 3)}}
 
-    return _select(persona.name, statements, candidates,
-                   lambda c: chat_refusal(c, persona.name), verdict, record)
+    return _select(name, statements, candidates, lambda c: chat_refusal(c, name), verdict,
+                   record)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperlex.engines.embeddings import minilm_embedder
+from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
@@ -100,6 +101,42 @@ class PersonaClassifier:
         """The classifier's probability that each text is ``label``'s."""
         column = list(self.model.classes_).index(label)
         return [float(row[column]) for row in self.model.predict_proba(self.embed(texts))]
+
+
+def voice_scorer(personas: dict[str, Persona],
+                 embed: Callable[[list[str]], Any] | None = None
+                 ) -> Callable[[list[str], str], list[float]]:
+    """The probability that each text is a persona's, from the classifier above fitted on
+    the reference replies of every persona (not a layer) in ``personas`` that has training
+    data; 0 for a persona without. For ``--best-of``: the data are read and the classifier
+    fitted on the first call, so a chat that never samples several replies never pays."""
+    import threading
+
+    fitted: dict[str, PersonaClassifier | None] = {}
+    lock = threading.Lock()
+
+    def classifier() -> PersonaClassifier | None:
+        with lock:
+            if not fitted:
+                references = {}
+                for name, persona in personas.items():
+                    if persona.is_layer:
+                        continue
+                    try:
+                        references[name] = load_sets(persona)[1]
+                    except HyperlexError:
+                        continue
+                fitted["model"] = PersonaClassifier(
+                    references, embed or minilm_embedder()) if len(references) > 1 else None
+            return fitted["model"]
+
+    def score(texts: list[str], persona: str) -> list[float]:
+        model = classifier()
+        if model is None or persona not in model.labels:
+            return [0.0] * len(texts)
+        return model.probability(texts, persona)
+
+    return score
 
 
 def macro_f1(truth: Sequence[str], predicted: Sequence[str],

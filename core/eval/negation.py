@@ -23,10 +23,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hyperlex.agent.verify import best, check_reply, sample_params
 from hyperlex.errors import HyperlexError
-from hyperlex.eval.faithful import chat_records, states_negation
-from hyperlex.eval.roundtrip import EvalScene, composed_row
-from hyperlex.generation import Layers
+from hyperlex.eval.batched import generate_replies
+from hyperlex.eval.faithful import chat_prompt, chat_records, chat_verdicts, states_negation
+from hyperlex.eval.roundtrip import EvalScene, composed_row, encode_all
+from hyperlex.generation import GenerationParams, Layers
 from hyperlex.persona.bundle import Persona
 from hyperlex.scene.model import Delta, opening_scene
 
@@ -71,6 +73,7 @@ class NegationReport:
 
     statements: int
     replies: dict[str, list[dict[str, Any]]]
+    best_of: int = 1
 
     @property
     def rows(self) -> list[str]:
@@ -88,7 +91,7 @@ class NegationReport:
         return {key: count / self.statements for key, count in counts.items()}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"statements": self.statements,
+        return {"statements": self.statements, "best_of": self.best_of,
                 "rows": {row: {**self.rates(row), "replies": self.replies[row]}
                          for row in self.rows}}
 
@@ -104,10 +107,12 @@ class NegationReport:
 def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequence[EvalScene],
                   encoder: Callable[[str], Delta], classifier: Any, seed: int = 0,
                   layers: Layers = (), batch_size: int = 16,
-                  progress: Callable[[str], None] | None = None) -> NegationReport:
+                  progress: Callable[[str], None] | None = None,
+                  best_of: int = 1) -> NegationReport:
     """Every persona answers every statement alone, and with each ``(layer, weight)`` of
-    ``layers`` composed over it; see the module docstring."""
-    report = NegationReport(len(statements), {})
+    ``layers`` composed over it; see the module docstring. With ``best_of`` > 1 each reply
+    is the one of ``best_of`` samples that ``agent chat --best-of`` would give."""
+    report = NegationReport(len(statements), {}, best_of)
     for name in sorted(personas):
         persona = personas[name]
         params = dataclasses.replace(persona.contract.params(), seed=seed)
@@ -115,7 +120,49 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
             (composed_row(name, layer, weight), ((layer, weight),))
             for layer, weight in layers if layer != name)]
         for row, stack in stacks:
-            run = chat_records(engine, persona, statements, [(stack, params)], encoder,
-                               classifier, batch_size, progress)
+            if best_of == 1:
+                run = chat_records(engine, persona, statements, [(stack, params)], encoder,
+                                   classifier, batch_size, progress)
+            else:
+                replies, readings = best_replies(engine, persona, statements, stack, params,
+                                                 best_of, encoder, classifier, batch_size,
+                                                 progress)
+                run = chat_verdicts(name, statements, f"best of {best_of}", replies, readings,
+                                    classifier)
             report.replies[row] = run.verdicts
     return report
+
+
+def best_replies(engine: Any, persona: Persona, statements: Sequence[EvalScene], stack: Layers,
+                 params: GenerationParams, best_of: int, encoder: Callable[[str], Delta],
+                 classifier: Any, batch_size: int = 16,
+                 progress: Callable[[str], None] | None = None
+                 ) -> tuple[list[str], list[Delta | Exception]]:
+    """Per statement, the reply :mod:`hyperlex.agent.verify` chooses among ``best_of``
+    samples (seeds ``seed + i``, each sample batched over the statements), and its reading.
+    The statement is the conversation's first user turn (turn 0)."""
+    say = progress or (lambda message: None)
+    requests = [(chat_prompt(persona, item, engine), persona.name) for item in statements]
+    samples = []
+    for number, sample in enumerate(sample_params(params, best_of)):
+        samples.append(generate_replies(
+            engine, requests, sample, batch_size,
+            lambda done, total, n=number: say(f"{persona.name} (sample {n + 1}/{best_of}): "
+                                              f"{done}/{total}"),
+            layers=stack))
+    texts = [sample[j] for j in range(len(statements)) for sample in samples]
+    readings = encode_all(encoder, texts)
+    voices = classifier.probability(texts, persona.name)
+    chosen_texts, chosen_readings = [], []
+    for j, item in enumerate(statements):
+        group = range(j * best_of, (j + 1) * best_of)
+        checks = [check_reply(item.scene, 0, _delta(readings[k]), i, voices[k])
+                  for i, k in enumerate(group)]
+        k = group[best(checks).index]
+        chosen_texts.append(texts[k])
+        chosen_readings.append(readings[k])
+    return chosen_texts, chosen_readings
+
+
+def _delta(reading: Delta | Exception) -> Delta:
+    return Delta() if isinstance(reading, Exception) else reading

@@ -424,7 +424,8 @@ def negation_section(report: NegationReport) -> Section:
     rates = {row: report.rates(row) for row in report.rows}
     rows = [(row, *(rates[row][k] for k in keys)) for row in report.rows]
     markdown = "\n\n".join([
-        f"{report.statements} statements of a negated fact, each answered as in agent chat.",
+        f"{report.statements} statements of a negated fact, each answered as in agent chat"
+        + (f" --best-of {report.best_of}." if report.best_of > 1 else "."),
         _md_table(("speaker", "kept", "flipped", "in its voice", "kept, in its voice"), rows),
         "![negation](negation.png)",
     ])

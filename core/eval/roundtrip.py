@@ -74,9 +74,10 @@ from typing import TYPE_CHECKING, Any
 
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
-from hyperlex.eval.scene import delta_sets, prf
+from hyperlex.eval.scene import prf
 from hyperlex.generation import GenerationParams, Layers
 from hyperlex.persona.prompt import SAY_SCENE, scene_prompt
+from hyperlex.scene.agreement import Triple, delta_sets, pair_links
 from hyperlex.scene.encoders import VOICE_LABELS  # not scene content unless the source has them
 from hyperlex.scene.model import Delta, Scene, canonical_label
 
@@ -93,7 +94,6 @@ METRICS = ("hyperlexeme_recall", "hyperlexeme_precision", "hyperlexeme_f1", "lin
 FAILURE_RATES = ("split_links", "impoverished", "logical_loss")
 SCENE_RECORD_KEYS = ("id", "reference", "version", "hyperlexemes", "links", "field", "focus")
 
-Triple = tuple[str, str, str]
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _NUMBERS = {w: str(i) for i, w in enumerate((
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -342,19 +342,10 @@ def score_roundtrip(source: Scene, reply_scene: Scene, reply_text: str = "") -> 
     matched_labels = source_labels & reply_labels
     hyperlexemes = prf(len(matched_labels), len(invented), len(source_labels - reply_labels))
 
-    strict = sorted(set(source_triples) & set(reply_triples))
-    used = set(strict)
-    pairs: list[tuple[Triple, Triple]] = [(t, t) for t in strict]
+    pairs, unmatched = pair_links(source_triples, reply_triples)
+    strict = [source for source, reply in pairs if source == reply]
     split: list[dict[str, Any]] = []
-    for triple in sorted(set(source_triples) - used):
-        ends = {triple[0], triple[2]}
-        candidates = [t for t in sorted(reply_triples) if t not in used and {t[0], t[2]} == ends]
-        if candidates:
-            same = [t for t in candidates if reply_triples[t] == source_triples[triple]]
-            chosen = (same or candidates)[0]
-            used.add(chosen)
-            pairs.append((triple, chosen))
-            continue
+    for triple in unmatched:
         lost = [end for end in (triple[0], triple[2]) if end not in reply_kinds]
         entry: dict[str, Any] = {"link": _link_text(triple, source_triples[triple]),
                                  "kind": "endpoint lost" if lost else "broken"}

@@ -46,11 +46,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hyperlex.scene.agreement import Triple, delta_sets
 from hyperlex.scene.model import Delta, canonical_label
 
 TARGETS = {"hyperlexeme_f1": 0.9, "link_f1": 0.75, "polarity_accuracy": 0.95}
 
-Triple = tuple[str, str, str]
 
 
 def load_gold(path: str | Path) -> list[dict[str, Any]]:
@@ -94,21 +94,6 @@ def prf(tp: int, fp: int, fn: int) -> dict[str, float | int]:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
             "tp": tp, "fp": fp, "fn": fn}
-
-
-def delta_sets(delta: Delta) -> tuple[dict[str, str], dict[Triple, int]]:
-    """Predicted labels (label -> kind) and triples (-> polarity) of a delta."""
-    by_id = {h.id: canonical_label(h.label) for h in delta.hyperlexemes}
-    kinds = {canonical_label(h.label): h.kind for h in delta.hyperlexemes}
-    triples: dict[Triple, int] = {}
-    for link in delta.links:
-        src, dst = by_id.get(link.src), by_id.get(link.dst)
-        if src is None or dst is None:  # a dangling id counts as a wrong link
-            src, dst = src or f"?{link.src}", dst or f"?{link.dst}"
-        triple = (src, canonical_label(link.rel), dst)
-        # when one triple is predicted with both polarities, the negative one is kept
-        triples[triple] = min(triples.get(triple, 1), link.polarity)
-    return kinds, triples
 
 
 def score_encoder(encoder: Callable[[str], Delta], gold_path: str | Path) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 Pure Python (no HTTP, no model) so that both the server and its tests use one definition of
 what a valid request is. Fields OpenAI defines but hyperlex cannot honour (``n > 1``, tools,
 logprobs) are refused with a 400 that names the field rather than silently ignored; vLLM's
-sampling extensions ``top_k``, ``repetition_penalty`` and ``seed`` are accepted, and so is
-``response_format`` (``json_object``, ``json_schema``; :mod:`hyperlex.structured`).
+sampling extensions ``top_k``, ``repetition_penalty``, ``seed`` and ``best_of`` are accepted
+(``best_of``: the reply that agrees best with the user's facts of that many samples,
+:mod:`hyperlex.agent.verify`), and so is ``response_format`` (``json_object``,
+``json_schema``; :mod:`hyperlex.structured`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hyperlex.agent.verify import check_best_of
+from hyperlex.errors import HyperlexError
 from hyperlex.generation import GenerationParams, InvalidParameter, Message
 from hyperlex.structured import InvalidResponseFormat, ResponseFormat, from_openai
 
@@ -78,6 +82,7 @@ class ChatRequest:
     user: str | None = None
     mood: str | None = None  # hyperlex's extension: a mood layer for this turn
     response_format: ResponseFormat | None = None  # None: free text
+    best_of: int = 1  # vLLM's extension: the best of this many samples
 
     @property
     def messages(self) -> list[Message]:
@@ -150,11 +155,20 @@ def parse_chat_request(body: Any) -> ChatRequest:
         response_format = from_openai(body.get("response_format"))
     except InvalidResponseFormat as exc:
         raise bad_request(str(exc), "response_format") from None
+    best_of = body.get("best_of")
+    if best_of is not None:
+        try:
+            best_of = check_best_of(best_of)
+        except HyperlexError as exc:
+            raise bad_request(str(exc), "best_of") from None
+        if best_of > 1 and response_format is not None:
+            raise bad_request("'best_of' ranks replies by what they say; it cannot be combined "
+                              "with 'response_format'", "best_of")
     return ChatRequest(model=model, history=history, message=message,
                        instructions="\n\n".join(system) or None, options=_options(body),
                        stop=_stop(body.get("stop")), stream=bool(stream),
                        include_usage=bool(stream_options.get("include_usage")), user=user,
-                       mood=mood, response_format=response_format)
+                       mood=mood, response_format=response_format, best_of=best_of or 1)
 
 
 def _split_messages(messages: Any) -> tuple[list[str], list[Message], str]:

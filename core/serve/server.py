@@ -41,6 +41,7 @@ from hyperlex.serve.openai_api import (
 
 if TYPE_CHECKING:
     from hyperlex.agent.store import Store
+    from hyperlex.agent.verify import VoiceScore
     from hyperlex.host import Host
 
 AUTO = "auto"
@@ -102,8 +103,11 @@ class PersonaService:
 
     def __init__(self, host: Host, engine: Engine, *, router: str | None = DEFAULT_ROUTER,
                  store: Store | None = None, overrides: dict[str, Any] | None = None,
-                 max_conversations: int = 1000):
+                 max_conversations: int = 1000, voice: VoiceScore | None = None):
+        """``voice``: the probability that a text is a persona's, which ranks a request's
+        ``best_of`` samples among equals (:mod:`hyperlex.agent.verify`)."""
         self.host = host
+        self.voice = voice
         self.engine = engine
         self.router = router
         self.store = store
@@ -177,6 +181,9 @@ class PersonaService:
         if request.mood is not None:
             raise bad_request(f"{MODE_HEADER}: engine applies one adapter; 'mood' needs the "
                               "agent mode", "mood")
+        if request.best_of > 1:
+            raise bad_request(f"{MODE_HEADER}: engine keeps no scene to check samples "
+                              "against; 'best_of' needs the agent mode", "best_of")
         # like vLLM: the request's settings over plain defaults, not the persona's contract
         params = GenerationParams().updated(request.options, "request")
         generation = self._engine_call(lambda: self.engine.stream(
@@ -192,7 +199,7 @@ class PersonaService:
         turn: TurnStream = self._engine_call(lambda: controller.send(
             request.message, persona=request.model, mood=request.mood, options=request.options,
             stop=request.stop, instructions=request.instructions,
-            response_format=request.response_format))
+            response_format=request.response_format, best_of=request.best_of))
         decision = controller.last_decision
         extra = {"persona": turn.turn.persona, "conversation": conversation,
                  "route": {"source": decision.source, "reason": decision.reason}
@@ -220,7 +227,7 @@ class PersonaService:
     def _controller(self, session: str | None, tenant: str = DEFAULT_TENANT) -> Controller:
         store = self.store.for_tenant(tenant) if session is not None and self.store else None
         return Controller(self.host, self.engine, overrides=self.overrides,
-                          router=self.router, store=store, session=session)
+                          router=self.router, store=store, session=session, voice=self.voice)
 
     def conversation(self, tenant: str, name: str) -> dict[str, Any]:
         """``tenant``'s conversation ``name`` as saved (the session document: turns, scene),

@@ -56,6 +56,7 @@ from hyperlex.structured import ResponseFormat, bounded_strings, from_openai
 if TYPE_CHECKING:
     from hyperlex.agent.controller import Controller
     from hyperlex.agent.store import Store
+    from hyperlex.agent.verify import VoiceScore
     from hyperlex.host import Host
     from hyperlex.persona.bundle import Persona
 
@@ -674,7 +675,10 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
     installed ones); ``store``: a :class:`~hyperlex.agent.store.Store`, a database path, None for
     the default database, or False for none (memory then lasts as long as this object);
     ``persona``/``mood``: pinned persona and mood for new threads; ``options``: generation
-    options (``max_new_tokens``, ``temperature``, ...) over every persona's contract.
+    options (``max_new_tokens``, ``temperature``, ...) over every persona's contract;
+    ``best_of``: sample that many replies per turn and answer with the one that keeps the
+    user's facts best (``agent chat --best-of``; each sample's check is in the reply's
+    ``response_metadata["best_of"]``).
     """
 
     def __init__(
@@ -690,8 +694,13 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
         options: Mapping[str, Any] | None = None,
         name: str | None = None,
         max_threads: int = 256,
+        best_of: int = 1,
     ):
+        from hyperlex.agent.verify import check_best_of
+
         self.name = name or "HyperlexAgent"
+        self.best_of = check_best_of(best_of)
+        self._voice: VoiceScore | None = None
         self.base = base
         self.persona = persona
         self.router = router
@@ -763,9 +772,14 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
         from hyperlex.agent.controller import Controller
 
         engine = _TurnEngine(self.engine)
+        if self.best_of > 1 and self._voice is None:
+            from hyperlex.eval.fidelity import voice_scorer
+
+            self._voice = voice_scorer(self.engine.personas)
         controller = Controller(self.host, engine, persona=self.persona,
                                 overrides=self.options, router=self.router, mood=self.mood,
-                                store=self.store if session else None, session=session)
+                                store=self.store if session else None, session=session,
+                                best_of=self.best_of, voice=self._voice)
         return _Thread(controller, engine)
 
     def _thread(self, thread_id: Any) -> _Thread:
@@ -822,6 +836,8 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
                 "finish_reason": turn.finish_reason,
                 "mood": turn.mood,
                 "session": controller.session if controller.store is not None else None,
+                **({"best_of": turn.annotations["best_of"]}
+                   if "best_of" in turn.annotations else {}),
             },
         )
 

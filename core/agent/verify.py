@@ -1,0 +1,143 @@
+"""Best-of-n replies checked against the user's facts (``agent chat --best-of N``).
+
+A small persona often answers around what the user just said: told "The old fisherman does
+not trust the sea.", it writes about the sea and drops the *not*. Sampling is cheap next to
+a wrong answer, so with ``best_of`` the controller samples several replies (each seeded
+``seed + i`` when the turn has a seed), reads each back with the persona's scene encoder,
+and keeps the one that agrees best with the user, judged in this order:
+
+1. it reverses none of the user's facts in the scene (a negation lost or invented on a link
+   the user stated, matched as the round trip matches links:
+   :mod:`hyperlex.scene.agreement`);
+2. it restates the most negated facts of the user's message, with their negation;
+3. it is most the persona's own, when a ``voice`` score is given (the probability that the
+   text is the persona's, from the fidelity classifier);
+4. it restates the most of the user's facts;
+5. it came first.
+
+The chosen reply streams whole once every sample is done; the turn's ``annotations``
+record each sample's check (``best_of``). The host owns this policy: the samples are
+ordinary generations of the engine, so every engine and every persona gets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from hyperlex.errors import HyperlexError
+from hyperlex.generation import Completion, Generation, GenerationParams, Usage
+from hyperlex.scene.agreement import link_triples, pair_links
+from hyperlex.scene.model import USER, Delta, Scene
+
+# texts, persona -> the probability that each text is the persona's
+VoiceScore = Callable[[list[str], str], list[float]]
+MAX_BEST_OF = 16
+
+
+@dataclass(frozen=True)
+class ReplyCheck:
+    """How one sampled reply agrees with the user's facts (see the module docstring)."""
+
+    index: int
+    facts: int  # the user's links in the scene
+    facts_kept: int  # matched with the same polarity
+    flipped: int  # matched with the other polarity
+    negations: int  # negated links of the user's message this turn
+    negations_kept: int
+    voice: float | None = None
+
+    @property
+    def rank(self) -> tuple[float, ...]:
+        return (-self.flipped, self.negations_kept, self.voice or 0.0, self.facts_kept,
+                -self.index)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_best_of(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BEST_OF:
+        raise HyperlexError(f"best_of must be a whole number from 1 to {MAX_BEST_OF}, got {n!r}")
+    return n
+
+
+def check_reply(scene: Scene, turn: int, reading: Delta, index: int = 0,
+                voice: float | None = None) -> ReplyCheck:
+    """Compare what a reply says (``reading``, its scene encoder's delta) with the user's
+    facts in ``scene``; ``turn`` is the index of the turn whose user message it answers."""
+    facts = [link for link in scene.links if link.said_by == USER]
+    negated_now = [link for link in facts if link.turn == turn and link.polarity < 0]
+    labels = scene.hyperlexemes.values()
+    source = link_triples(labels, facts)
+    negated = set(link_triples(labels, negated_now))
+    reply = link_triples(reading.hyperlexemes, reading.links)
+    pairs, _ = pair_links(source, reply)
+    agree = [s for s, r in pairs if source[s] == reply[r]]
+    return ReplyCheck(
+        index=index, facts=len(source), facts_kept=len(agree), flipped=len(pairs) - len(agree),
+        negations=len(negated), negations_kept=sum(1 for s in agree if s in negated),
+        voice=voice)
+
+
+def best(checks: Sequence[ReplyCheck]) -> ReplyCheck:
+    return max(checks, key=lambda check: check.rank)
+
+
+def sample_params(params: GenerationParams, n: int) -> list[GenerationParams]:
+    """The parameters of each of ``n`` samples: seeds ``seed + i``, or all unseeded."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+class BestOfGeneration(Generation):
+    """Runs every sample to its end, then yields the one ``choose`` picks, whole."""
+
+    def __init__(self, persona: str | None, samples: Sequence[Callable[[], Generation]],
+                 choose: Callable[[list[str]], list[ReplyCheck]]):
+        super().__init__(persona)
+        self._starts = list(samples)
+        self._choose = choose
+        self._running: list[Generation] = []
+        self.samples: list[Completion] = []
+        self.checks: list[ReplyCheck] = []
+        self.chosen: int | None = None
+
+    def cancel(self) -> None:
+        super().cancel()
+        for generation in self._running:
+            generation.cancel()
+
+    def _pieces(self) -> Iterator[str]:
+        if self.cancelled:
+            return
+        self._running = [start() for start in self._starts]
+        if self.cancelled:  # cancel() came while they started
+            for generation in self._running:
+                generation.cancel()
+        with ThreadPoolExecutor(max_workers=len(self._running)) as pool:
+            done: list[Completion] = list(pool.map(lambda g: g.complete(), self._running))
+        if self.cancelled or any(c.finish_reason == "cancelled" for c in done):
+            return
+        self.samples = done
+        self.checks = self._choose([c.text for c in done])
+        self.chosen = best(self.checks).index
+        chosen = done[self.chosen]
+        self.usage = Usage(chosen.usage.prompt_tokens,
+                           sum(c.usage.completion_tokens for c in done))
+        self.finish_reason = chosen.finish_reason
+        self.seconds = max(c.seconds for c in done)
+        yield chosen.text
+
+    def report(self) -> dict[str, Any]:
+        """What the turn's ``annotations["best_of"]`` keep: every sample with its check, and
+        which one was chosen."""
+        return {"n": len(self._starts), "chosen": self.chosen,
+                "samples": [{"text": sample.text, "finish_reason": sample.finish_reason,
+                             "completion_tokens": sample.usage.completion_tokens,
+                             **check.as_dict()}
+                            for sample, check in zip(self.samples, self.checks, strict=True)]}
