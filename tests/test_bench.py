@@ -16,13 +16,15 @@ def test_quick_bench_reports_every_row(tiny_base: Path, tiny_bundles: dict[str, 
                                        tmp_path: Path):
     config = Config.quick_config(base=str(tiny_base), bundles=list(tiny_bundles.values()),
                                  workdir=tmp_path / "work", switches=10)
-    report = run(config, only=["P1", "P1b", "P2", "P3", "P4", "P6", "P7", "L", "G"])
+    report = run(config, only=["P1", "P1b", "P2", "P3", "P4", "P6", "P7", "L", "G", "V"])
 
     rows = {r["id"]: r for r in report["rows"]}
     llama = ["L1", "L2", "L2t", "L6", "L7", "L5"]
     grammar = ["G1"] if rows["L2"]["note"] else ["G1", "G2"]
+    best_of = [] if rows["L2"]["note"] else ["V1", "V2"]
     assert list(rows) == ["P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P6f32",
-                          "P6bf16", "P6nf4", "P7", "P7m", "P7q", "P7qc", "P7q3", *llama, *grammar]
+                          "P6bf16", "P6nf4", "P7", "P7m", "P7q", "P7qc", "P7q3", *llama, *grammar,
+                          *best_of]
     for pid, row in rows.items():
         if pid in ("L1", "L5") or (pid in llama and row["note"]):
             continue

@@ -7,7 +7,7 @@ a wrong answer, so with ``best_of`` the controller samples several replies (each
 and keeps the one that agrees best with the user, judged in this order:
 
 1. it reverses none of the user's facts in the scene (a negation lost or invented on a link
-   the user stated, matched as the round trip matches links:
+   the user stated, or of unknown provenance; matched as the round trip matches links:
    :mod:`hyperlex.scene.agreement`);
 2. it restates the most negated facts of the user's message, with their negation;
 3. it is most the persona's own, when a ``voice`` score is given (the probability that the
@@ -31,7 +31,7 @@ from typing import Any
 from hyperlex.errors import HyperlexError
 from hyperlex.generation import Completion, Generation, GenerationParams, Usage
 from hyperlex.scene.agreement import link_triples, pair_links
-from hyperlex.scene.model import USER, Delta, Scene
+from hyperlex.scene.model import Delta, Scene
 
 # texts, persona -> the probability that each text is the persona's
 VoiceScore = Callable[[list[str], str], list[float]]
@@ -69,12 +69,13 @@ def check_reply(scene: Scene, turn: int, reading: Delta, index: int = 0,
                 voice: float | None = None) -> ReplyCheck:
     """Compare what a reply says (``reading``, its scene encoder's delta) with the user's
     facts in ``scene``; ``turn`` is the index of the turn whose user message it answers."""
-    facts = [link for link in scene.links if link.said_by == USER]
+    facts = [link for link in scene.links if link.is_fact]
     negated_now = [link for link in facts if link.turn == turn and link.polarity < 0]
     labels = scene.hyperlexemes.values()
     source = link_triples(labels, facts)
     negated = set(link_triples(labels, negated_now))
-    reply = link_triples(reading.hyperlexemes, reading.links)
+    said = Scene().apply(reading)  # as the round trip reads a reply back
+    reply = link_triples(said.hyperlexemes.values(), said.links)
     pairs, _ = pair_links(source, reply)
     agree = [s for s, r in pairs if source[s] == reply[r]]
     return ReplyCheck(
@@ -95,13 +96,15 @@ def sample_params(params: GenerationParams, n: int) -> list[GenerationParams]:
 
 
 class BestOfGeneration(Generation):
-    """Runs every sample to its end, then yields the one ``choose`` picks, whole."""
+    """Starts every sample (``samples``: one function each that starts it), runs them all to
+    their end, checks their texts (``check``: one :class:`ReplyCheck` per text, in order) and
+    yields the sample whose check ranks first, whole."""
 
     def __init__(self, persona: str | None, samples: Sequence[Callable[[], Generation]],
-                 choose: Callable[[list[str]], list[ReplyCheck]]):
+                 check: Callable[[list[str]], list[ReplyCheck]]):
         super().__init__(persona)
         self._starts = list(samples)
-        self._choose = choose
+        self._check = check
         self._running: list[Generation] = []
         self.samples: list[Completion] = []
         self.checks: list[ReplyCheck] = []
@@ -124,7 +127,7 @@ class BestOfGeneration(Generation):
         if self.cancelled or any(c.finish_reason == "cancelled" for c in done):
             return
         self.samples = done
-        self.checks = self._choose([c.text for c in done])
+        self.checks = self._check([c.text for c in done])
         self.chosen = best(self.checks).index
         chosen = done[self.chosen]
         self.usage = Usage(chosen.usage.prompt_tokens,

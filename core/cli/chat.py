@@ -146,8 +146,12 @@ def chat(
         warm_up_encoders(host)
     from hyperlex.training.distill import api_key_from
 
+    # --best-of: the samples of a turn decode together (rows of one torch batch, sequences of
+    # one llama.cpp context)
     engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen,
-                         base_url=base_url, api_key=api_key_from(api_key_env))
+                         base_url=base_url, api_key=api_key_from(api_key_env),
+                         parallel=best_of if chosen == "torch" else 1,
+                         sequences=best_of if chosen == "llamacpp" else 1)
     from hyperlex.eval.fidelity import voice_scorer
 
     controller = Controller(host, engine, persona=persona, overrides=overrides,
