@@ -372,24 +372,37 @@ def test_the_negation_eval_answers_held_out_statements_as_agent_chat_does(
     assert row["kept"] == kept / 3
 
 
-def test_best_of_keeps_the_users_negation_at_least_as_often_as_one_reply(
-        real_home: Path) -> None:
-    """agent eval negation --best-of 4 on the real poet: the first sample of each statement is
-    the reply --best-of 1 gives (same seed, same batch), and on statements of one negation
-    the chosen sample never keeps less of it; the report says it was best of 4."""
-    import json
+def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_reply(
+        engine) -> None:
+    """agent eval negation --best-of 4 on the real poet (3 statements, 48 tokens): the first
+    sample of each statement is the reply --best-of 1 gives (same seed, same batch), and the
+    chosen sample ranks at least as high: where that reply flips none of the statement's
+    facts, neither does the chosen one, and it keeps at least as many negations."""
+    from dataclasses import replace
 
-    def run(*extra: str) -> dict:
-        done = run_agent(real_home, "eval", "negation", "-p", "poet", "--limit", "4", "--json",
-                         *extra)
-        return json.loads(done.stdout)
+    from hyperlex.engines.embeddings import minilm_embedder
+    from hyperlex.eval.faithful import chat_records, chat_verdicts
+    from hyperlex.eval.fidelity import PersonaClassifier, load_sets
+    from hyperlex.eval.negation import best_replies, load_statements
+    from hyperlex.host import Host
 
-    one, four = run(), run("--best-of", "4")
-    assert (one["best_of"], four["best_of"]) == (1, 4)
-    for single, chosen in zip(one["rows"]["poet"]["replies"], four["rows"]["poet"]["replies"],
-                              strict=True):
-        assert single["negations"] == chosen["negations"] == 1, single["statement"]
-        assert chosen["negations_kept"] >= single["negations_kept"], (single, chosen)
+    encoder = Host().scene_encoders["default"]
+    statements = load_statements(encoder)[:3]
+    poet = engine.personas["poet"]
+    classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in engine.personas.items()
+                                    if not p.is_layer}, minilm_embedder())
+    params = replace(poet.contract.params(), seed=0, max_new_tokens=48)
+    one = chat_records(engine, poet, statements, [((), params)], encoder, classifier).verdicts
+    replies, readings = best_replies(engine, poet, statements, (), params, 4, encoder,
+                                     classifier)
+    four = chat_verdicts("poet", statements, "best of 4", replies, readings,
+                         classifier).verdicts
+    for single, chosen in zip(one, four, strict=True):
+        assert single["statement"] == chosen["statement"]
+        if single["refused"] != "polarity flipped":
+            assert chosen["refused"] != "polarity flipped", (single, chosen)
+            assert chosen["negations_kept"] >= single["negations_kept"], (single, chosen)
+    assert sum(v["negations_kept"] for v in four) >= 1  # some sample restates a negation
 
 
 def test_agent_chat_best_of_answers_with_the_sample_that_agrees_with_the_user(
@@ -407,7 +420,7 @@ def test_agent_chat_best_of_answers_with_the_sample_that_agrees_with_the_user(
     assert report["n"] == len(samples) == 4
     assert turn["reply"] == samples[report["chosen"]]["text"].strip()
     assert all(0.0 <= s["voice"] <= 1.0 for s in samples)
-    assert all(s["facts"] == s["negations"] == 1 for s in samples)
+    assert all(s["facts"] == s["negations"] >= 1 for s in samples)
     rank = [(-s["flipped"], s["negations_kept"], s["voice"], s["facts_kept"], -s["index"])
             for s in samples]
     assert rank[report["chosen"]] == max(rank)
