@@ -131,6 +131,24 @@ def test_the_negation_eval_counts_kept_flipped_and_voice_per_row(engine) -> None
     assert "alpha+scribe:0.5" in report.table()
 
 
+def test_the_negation_eval_with_best_of_judges_the_sample_that_keeps_the_fact(engine) -> None:
+    from hyperlex.eval.negation import negation_eval
+
+    flipped = Scene.from_dict(SCENE.to_dict())
+    flipped.links[0].polarity = 1
+    seen: list[str] = []
+
+    def second_keeps(text: str) -> Delta:  # the second sample of each statement keeps it
+        seen.append(text)
+        return reads(SCENE if len(seen) % 2 == 0 else flipped)(text)
+
+    report = negation_eval(engine, {"alpha": engine.persona("alpha")}, [STATEMENT, STATEMENT],
+                           second_keeps, Voice("alpha"), best_of=2)
+    assert len(seen) == 4 and report.as_dict()["best_of"] == 2
+    assert report.rates("alpha") == {"kept": 1.0, "flipped": 0.0, "own_voice": 1.0,
+                                     "kept_in_voice": 1.0}
+
+
 def test_shipped_statements_each_state_a_negation(host) -> None:
     from hyperlex.eval.negation import load_statements
 
