@@ -85,10 +85,15 @@ class KeepsOnly:
 
     def __init__(self, keeper: str | None = None):
         self.keeper = keeper
+        self.read: list[str] = []  # every text read, in order
 
     @hookimpl
     def register_scene_encoders(self, register):
-        register("default", lambda text: said(-1 if text in (STATEMENT, self.keeper) else 1))
+        def read(text: str):
+            self.read.append(text)
+            return said(-1 if text in (STATEMENT, self.keeper) else 1)
+
+        register("default", read)
 
 
 def controller_with(engine, reader: KeepsOnly, **kwargs) -> Controller:
@@ -113,6 +118,19 @@ def test_the_sample_that_keeps_the_users_negation_is_the_reply(engine) -> None:
     assert turn.completion_tokens == sum(s["completion_tokens"] for s in report["samples"])
     fact = [link for link in controller.scene.links if link.said_by == USER]
     assert [(link.polarity, link.turn) for link in fact] == [(-1, 0)]
+
+
+def test_each_sample_is_read_once_and_the_chosen_reading_joins_the_scene(engine) -> None:
+    reader = KeepsOnly()
+    controller = controller_with(engine, reader, best_of=3)
+    turn = controller.send(STATEMENT).complete()
+    samples = [s["text"] for s in turn.annotations["best_of"]["samples"]]
+    assert reader.read == [STATEMENT, *samples]
+    expected = controller_with(engine, KeepsOnly())
+    expected.encode(STATEMENT, "alpha", 0, speaker=USER)
+    before = expected.scene.to_dict()
+    expected.encode(turn.reply, "alpha", 0, speaker="alpha")
+    assert controller.scene.to_dict() == expected.scene.to_dict() != before
 
 
 def test_the_voice_score_breaks_a_tie_between_samples_that_keep_the_facts(engine) -> None:

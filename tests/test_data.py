@@ -154,3 +154,20 @@ def test_agent_data_synth_writes_evaluation_scenes(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     scenes = load_scenes([out], shipped=False)
     assert len(scenes) == 5 and all(s.id.startswith("heldout-") for s in scenes)
+
+
+def test_a_plain_record_is_text_alone_and_nothing_else(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "replay.jsonl", [
+        json.dumps({"plain": "The river begins in the mountains."}),
+        json.dumps({"plain": "Text.", "human": "a question"}),
+        json.dumps({"plain": "  "}),
+    ])
+    with pytest.raises(DataError) as info:
+        read_dataset(path)
+    assert [p.split(":", 2)[1:] for p in info.value.problems] == [
+        ["2", " a plain record has only plain (and meta), not human"],
+        ["3", " plain is empty"]]
+    path.write_text(json.dumps({"plain": "The river begins in the mountains."}) + "\n")
+    [example] = read_dataset(path)
+    assert example.plain and example.text == "The river begins in the mountains."
+    assert example.as_record() == {"plain": "The river begins in the mountains."}

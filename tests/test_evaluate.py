@@ -61,3 +61,24 @@ def test_fidelity_report_covers_every_condition(embed, tiny_base: Path,
     assert "| alpha |" in report.table()
     assert set(json.loads(json.dumps(report.as_dict()))["met"]) == {
         "macro_f1", "gain_recovery", "neutral_ppl_ratio"}
+
+
+def test_attribution_is_the_prediction_and_the_probability_from_one_embedding() -> None:
+    from hyperlex.eval.fidelity import PersonaClassifier
+
+    calls = []
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        calls.append(len(texts))
+        return [[float("sea" in t), float("proof" in t)] for t in texts]
+
+    classifier = PersonaClassifier({"poet": ["the sea sings", "sea and moon"],
+                                    "logician": ["a proof holds", "proof by cases"]}, embed)
+    texts = ["the sea at night", "a short proof"]
+    calls.clear()
+    attributed = classifier.attribute(texts, "poet")
+    assert calls == [2]
+    assert [name for name, _ in attributed] == classifier.predict(texts) == ["poet", "logician"]
+    assert [p for _, p in attributed] == classifier.probability(texts, "poet")
+    assert attributed[0][1] > 0.5 > attributed[1][1]
+    assert classifier.attribute([], "poet") == []

@@ -45,6 +45,9 @@ class Voice:
     def probability(self, texts: list[str], label: str) -> list[float]:
         return [self.p if label == self.label else 1 - self.p] * len(texts)
 
+    def attribute(self, texts: list[str], label: str) -> list[tuple[str, float]]:
+        return list(zip(self.predict(texts), self.probability(texts, label), strict=True))
+
 
 def reads(scene: Scene | None):
     """An encoder that reads every reply back as ``scene`` (None: as nothing)."""

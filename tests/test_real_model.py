@@ -393,10 +393,10 @@ def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_repl
                                     if not p.is_layer}, minilm_embedder())
     params = replace(poet.contract.params(), seed=0, max_new_tokens=48)
     one = chat_records(engine, poet, statements, [((), params)], encoder, classifier).verdicts
-    replies, readings = best_replies(engine, poet, statements, (), params, 4, encoder,
-                                     classifier)
-    four = chat_verdicts("poet", statements, "best of 4", replies, readings,
-                         classifier).verdicts
+    replies, readings, attributions = best_replies(engine, poet, statements, (), params, 4,
+                                                   encoder, classifier)
+    four = chat_verdicts("poet", statements, "best of 4", replies, readings, classifier,
+                         attributions).verdicts
     for single, chosen in zip(one, four, strict=True):
         assert single["statement"] == chosen["statement"]
         if single["refused"] != "polarity flipped":

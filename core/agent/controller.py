@@ -239,12 +239,20 @@ class Controller:
             self.host.report(f"scene encoder {wanted!r} failed: {type(exc).__name__}: {exc}")
             return None
 
-    def check_replies(self, texts: list[str], persona: str, turn: int) -> list[ReplyCheck]:
+    def check_replies(self, texts: list[str], persona: str, turn: int,
+                      readings: dict[str, Delta | None] | None = None) -> list[ReplyCheck]:
         """How each of ``texts`` agrees with the user's facts in the scene, as ``turn``'s
-        reply by ``persona`` (:func:`hyperlex.agent.verify.check_reply`)."""
+        reply by ``persona`` (:func:`hyperlex.agent.verify.check_reply`). ``readings``, if
+        given, gets each text's reading (by its stripped text), so that the chosen reply is
+        not read again when it joins the scene."""
         voices = self.voice(texts, persona) if self.voice is not None else [None] * len(texts)
-        return [check_reply(self.scene, turn, self.read(text, persona) or Delta(), i, voice)
-                for i, (text, voice) in enumerate(zip(texts, voices, strict=True))]
+        checks = []
+        for i, (text, voice) in enumerate(zip(texts, voices, strict=True)):
+            reading = self.read(text, persona)
+            if readings is not None:
+                readings[text.strip()] = reading
+            checks.append(check_reply(self.scene, turn, reading or Delta(), i, voice))
+        return checks
 
     # turns -----------------------------------------------------------------------------------
 
@@ -330,18 +338,26 @@ class Controller:
             self.scene = scene_before
             raise
         generation: Generation
+        readings: dict[str, Delta | None] = {}
         if best_of > 1:
             generation = BestOfGeneration(
                 persona, [lambda p=p: self.engine.stream(messages, persona, p, stop, layers)
                           for p in sample_params(params, best_of)],
-                lambda texts: self.check_replies(texts, persona, index))
+                lambda texts: self.check_replies(texts, persona, index, readings))
         else:
             generation = self.engine.stream(messages, persona, params, stop, layers,
                                             response_format=response_format)
-        return TurnStream(self, turn, generation, scene_before)
+        return TurnStream(self, turn, generation, scene_before, readings)
 
-    def _record(self, turn: Turn) -> None:
-        self.encode(turn.reply, turn.persona, turn.index, speaker=turn.persona)
+    def _record(self, turn: Turn, readings: Mapping[str, Delta | None] | None = None) -> None:
+        """Keep a finished turn: its reply joins the scene (read by the persona's encoder,
+        unless ``readings`` has that text's reading already), the history and the store."""
+        if readings is not None and turn.reply in readings:
+            reading = readings[turn.reply]
+            if reading is not None:
+                self.scene = self.scene.apply(reading, turn=turn.index, speaker=turn.persona)
+        else:
+            self.encode(turn.reply, turn.persona, turn.index, speaker=turn.persona)
         turn.scene_version = self.scene.version
         self.history += [
             {"role": "user", "content": turn.user},
@@ -367,11 +383,12 @@ def fit_reply(engine: Engine, messages: Sequence[Message],
 
 class TurnStream:
     def __init__(self, controller: Controller, turn: Turn, generation: Generation,
-                 scene_before: Scene):
+                 scene_before: Scene, readings: Mapping[str, Delta | None] | None = None):
         self.controller = controller
         self.turn = turn
         self.generation = generation
         self._scene_before = scene_before
+        self._readings = readings
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
@@ -387,7 +404,7 @@ class TurnStream:
             if isinstance(gen, BestOfGeneration):
                 turn.annotations["best_of"] = gen.report()
             if gen.finish_reason in ("stop", "length"):
-                self.controller._record(turn)
+                self.controller._record(turn, self._readings)
             else:  # cancelled or failed: the turn never happened
                 self.controller.scene = self._scene_before
 

@@ -215,6 +215,36 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
     click.echo(f"{out}: {written} records", err=True)
 
 
+@data.command("replay")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--count", type=click.IntRange(1), default=240, show_default=True,
+              help="Texts to sample.")
+@click.option("--max-tokens", type=click.IntRange(16), default=160, show_default=True,
+              help="Tokens per text.")
+@click.option("--min-words", type=click.IntRange(1), default=24, show_default=True,
+              help="Shorter samples are dropped.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--base", default=None, metavar="MODEL", help="Base model (default: embedded).")
+def data_replay(out: Path, count: int, max_tokens: int, min_words: int, batch_size: int,
+                seed: int, base: str | None) -> None:
+    """Write replay records: plain text sampled from the bare base model at temperature 1.
+    Mixed into a round (agent train --extra-data), they hold an adapter near the base on
+    ordinary text, so its neutral perplexity ratio stays low (docs/data.md)."""
+    from tqdm import tqdm
+
+    from hyperlex.engines.models import load_base, resolve_base
+    from hyperlex.training.data import write_records
+    from hyperlex.training.replay import replay_texts
+
+    model, tokenizer = load_base(resolve_base(base))
+    with tqdm(total=count, desc="replay", unit="text", file=sys.stderr) as bar:
+        texts = list(replay_texts(model, tokenizer, count, seed, max_tokens, batch_size,
+                                  min_words, on_batch=bar.update))
+    written = write_records(out, ({"plain": text} for text in texts))
+    click.echo(f"{out}: {written} records", err=True)
+
+
 
 
 @data.command("read")
@@ -323,7 +353,8 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
         if not target.resolve().is_relative_to(persona.root.resolve()):
             raise click.BadParameter(f"{out!r} points outside the bundle {persona.root}",
                                      param_hint="'--out'")
-        replies = [(e.line, e.text) for e in read_dataset(source) if not e.speaks_scene]
+        replies = [(e.line, e.text) for e in read_dataset(source)
+                   if not (e.speaks_scene or e.plain)]
         records = hindsight_records(replies, read, count, seed, max_hyperlexemes,
                                     fits=fits_training(persona, config.max_length), chat=chat,
                                     negate=negate)

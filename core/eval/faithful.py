@@ -149,15 +149,17 @@ def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
 
 
 def _candidates(name: str, items: Sequence[EvalScene], label: str, replies: list[str],
-                readings: Sequence[Delta | Exception], classifier: Any) -> list[Candidate]:
+                readings: Sequence[Delta | Exception], classifier: Any,
+                attributions: Sequence[tuple[str, float]] | None = None) -> list[Candidate]:
     """Each reply to its item, scored against the item's scene from its reading, and
-    attributed to a voice."""
-    voices = classifier.predict(replies)
-    mine = classifier.probability(replies, name)
+    attributed to a voice (``attributions``: ``classifier.attribute(replies, name)`` where
+    the caller has it already)."""
+    if attributions is None:
+        attributions = classifier.attribute(replies, name)
     return [Candidate(item, label, reply, score_roundtrip(item.scene, read_back(delta), reply),
                       voice, probability)
-            for item, reply, delta, voice, probability
-            in zip(items, replies, readings, voices, mine, strict=True)]
+            for item, reply, delta, (voice, probability)
+            in zip(items, replies, readings, attributions, strict=True)]
 
 
 def _select(name: str, items: Sequence[EvalScene], candidates: list[Candidate],
@@ -275,11 +277,13 @@ def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
 
 def chat_verdicts(persona: str, statements: Sequence[EvalScene], label: str,
                   replies: list[str], readings: Sequence[Delta | Exception],
-                  classifier: Any) -> FaithfulRun:
+                  classifier: Any,
+                  attributions: Sequence[tuple[str, float]] | None = None) -> FaithfulRun:
     """:func:`chat_records`' run for replies chosen elsewhere (one per statement, with the
-    encoder's reading of each)."""
+    encoder's reading of each and, if the caller has it, the classifier's attribution)."""
     return _chat_run(persona, statements,
-                     _candidates(persona, statements, label, replies, readings, classifier))
+                     _candidates(persona, statements, label, replies, readings, classifier,
+                                 attributions))
 
 
 def _chat_run(name: str, statements: Sequence[EvalScene],

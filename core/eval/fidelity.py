@@ -99,8 +99,17 @@ class PersonaClassifier:
 
     def probability(self, texts: list[str], label: str) -> list[float]:
         """The classifier's probability that each text is ``label``'s."""
-        column = list(self.model.classes_).index(label)
-        return [float(row[column]) for row in self.model.predict_proba(self.embed(texts))]
+        return [probability for _, probability in self.attribute(texts, label)]
+
+    def attribute(self, texts: list[str], label: str) -> list[tuple[str, float]]:
+        """Per text, the persona it is attributed to and the probability that it is
+        ``label``'s, from one embedding of the texts."""
+        if not texts:
+            return []
+        classes = list(self.model.classes_)
+        column = classes.index(label)
+        return [(str(classes[row.argmax()]), float(row[column]))
+                for row in self.model.predict_proba(self.embed(texts))]
 
 
 def voice_scorer(personas: dict[str, Persona],
@@ -233,5 +242,5 @@ def load_sets(persona: Persona) -> tuple[list[Example], list[str]]:
     root = persona.root or Path(".")
     config = load_config(root)
     heldout = read_dataset(root / config.heldout)
-    references = [e.text for e in read_dataset(root / config.data)]
+    references = [e.text for e in read_dataset(root / config.data) if not e.plain]
     return heldout, references

@@ -124,11 +124,11 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
                 run = chat_records(engine, persona, statements, [(stack, params)], encoder,
                                    classifier, batch_size, progress)
             else:
-                replies, readings = best_replies(engine, persona, statements, stack, params,
-                                                 best_of, encoder, classifier, batch_size,
-                                                 progress)
+                replies, readings, attributions = best_replies(
+                    engine, persona, statements, stack, params, best_of, encoder, classifier,
+                    batch_size, progress)
                 run = chat_verdicts(name, statements, f"best of {best_of}", replies, readings,
-                                    classifier)
+                                    classifier, attributions)
             report.replies[row] = run.verdicts
     return report
 
@@ -137,10 +137,11 @@ def best_replies(engine: Any, persona: Persona, statements: Sequence[EvalScene],
                  params: GenerationParams, best_of: int, encoder: Callable[[str], Delta],
                  classifier: Any, batch_size: int = 16,
                  progress: Callable[[str], None] | None = None
-                 ) -> tuple[list[str], list[Delta | Exception]]:
+                 ) -> tuple[list[str], list[Delta | Exception], list[tuple[str, float]]]:
     """Per statement, the reply :mod:`hyperlex.agent.verify` chooses among ``best_of``
-    samples (seeds ``seed + i``, each sample batched over the statements), and its reading.
-    The statement is the conversation's first user turn (turn 0)."""
+    samples (seeds ``seed + i``, each sample batched over the statements), its reading, and
+    the classifier's attribution of it (``classifier.attribute``). The statement is the
+    conversation's first user turn (turn 0)."""
     say = progress or (lambda message: None)
     requests = [(chat_prompt(persona, item, engine), persona.name) for item in statements]
     samples = []
@@ -152,16 +153,15 @@ def best_replies(engine: Any, persona: Persona, statements: Sequence[EvalScene],
             layers=stack))
     texts = [sample[j] for j in range(len(statements)) for sample in samples]
     readings = encode_all(encoder, texts)
-    voices = classifier.probability(texts, persona.name)
-    chosen_texts, chosen_readings = [], []
+    attributions = classifier.attribute(texts, persona.name)
+    chosen = []
     for j, item in enumerate(statements):
         group = range(j * best_of, (j + 1) * best_of)
-        checks = [check_reply(item.scene, 0, _delta(readings[k]), i, voices[k])
+        checks = [check_reply(item.scene, 0, _delta(readings[k]), i, attributions[k][1])
                   for i, k in enumerate(group)]
-        k = group[best(checks).index]
-        chosen_texts.append(texts[k])
-        chosen_readings.append(readings[k])
-    return chosen_texts, chosen_readings
+        chosen.append(group[best(checks).index])
+    return ([texts[k] for k in chosen], [readings[k] for k in chosen],
+            [attributions[k] for k in chosen])
 
 
 def _delta(reading: Delta | Exception) -> Delta:

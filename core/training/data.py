@@ -10,6 +10,11 @@ and its facts in the user message)
 
     {"speak_scene": true, "scene": {...}, "text": "..."}
 
+the plain form (text with no prompt and no chat template, all of it the target: replay
+text that keeps an adapter near the base on ordinary text, :mod:`hyperlex.training.replay`)
+
+    {"plain": "..."}
+
 or the chat form
 
     {"messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...], "scene"?, "field"?}
@@ -32,7 +37,7 @@ from hyperlex.persona.prompt import say_scene_message
 from hyperlex.scene.model import Scene, SceneField
 
 Message = dict[str, str]
-RECORD_KEYS = {"human", "text", "scene", "field", "messages", "meta", "speak_scene"}
+RECORD_KEYS = {"human", "text", "scene", "field", "messages", "meta", "speak_scene", "plain"}
 
 
 class DataError(HyperlexError):
@@ -55,8 +60,11 @@ class Example:
     scene: Scene | None = None
     line: int = 0
     speaks_scene: bool = False  # the persona is asked to say ``scene`` (``human`` is that ask)
+    plain: bool = False  # ``text`` alone, no prompt, no chat template (``human`` is empty)
 
     def as_record(self) -> dict[str, Any]:
+        if self.plain:
+            return {"plain": self.text}
         if self.speaks_scene and self.scene is not None:
             return {"speak_scene": True, "scene": self.scene.to_dict(), "text": self.text}
         record: dict[str, Any] = {"human": self.human, "text": self.text}
@@ -75,6 +83,12 @@ def parse_record(record: Any) -> Example:
                          f"{', '.join(sorted(RECORD_KEYS))}")
     if "speak_scene" in record:
         return _scene_speaking(record)
+    if "plain" in record:
+        extra = sorted(set(record) - {"plain", "meta"})
+        if extra:
+            raise ValueError(f"a plain record has only plain (and meta), not "
+                             f"{', '.join(extra)}")
+        return Example(human="", text=_string(record, "plain"), plain=True)
     if "messages" in record:
         if "human" in record or "text" in record:
             raise ValueError("use either messages or human/text, not both")

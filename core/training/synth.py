@@ -267,7 +267,8 @@ def reading_records(count: int, seed: int = 0,
 
 def bundle_sentences(root: Path) -> list[str]:
     """The sentences and verse lines (3 to 30 words) of a bundle's chat records, both sides,
-    from every data file but the held-out one; scene-speaking records are not chat."""
+    from every data file but the held-out one; scene-speaking and plain (replay) records are
+    not chat."""
     import re
 
     from hyperlex.training.data import read_dataset
@@ -279,7 +280,7 @@ def bundle_sentences(root: Path) -> list[str]:
         if path.resolve() == heldout:
             continue
         for example in read_dataset(path):
-            if example.speaks_scene:
+            if example.speaks_scene or example.plain:
                 continue
             for text in (example.human, example.text):
                 for part in re.split(r"(?<=[.!?])\s+|\n+", text or ""):

@@ -127,7 +127,11 @@ def encode_example(tokenizer: Any, persona: Persona, example: Example,
                    max_length: int) -> tuple[list[int], list[int]]:
     """Token ids for one exchange, and labels that mask everything but the reply. The prompt
     is the one a conversation gives ``persona`` (:func:`hyperlex.persona.prompt.example_prompt`,
-    scene budget counted with this tokenizer)."""
+    scene budget counted with this tokenizer). A plain record is its text alone, every token
+    but the first a target, as :meth:`TorchEngine.text_nll` scores text."""
+    if example.plain:
+        ids = tokenizer(example.text)["input_ids"][:max_length]
+        return ids, [-100] + ids[1:]
     prompt = example_prompt(persona, example, ChatTemplateCounter(tokenizer))
     prompt_ids, full_ids = encode_exchange(tokenizer, prompt, example.text)
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
