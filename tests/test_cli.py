@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -267,3 +268,29 @@ def test_chat_with_a_schema_answers_json_and_bounds_open_strings(
     assert set(reply) == {"ship", "crew"}
     assert all(len(text) <= 5 for text in [reply["ship"], *reply["crew"]])
     assert "not valid JSON" not in result.stderr
+
+
+def test_a_report_names_the_command_with_the_options_given_and_no_defaults() -> None:
+    from hyperlex.cli.common import invocation
+
+    seen = []
+
+    @click.group()
+    def agent() -> None:
+        pass
+
+    @agent.command("negation")
+    @click.argument("scenes", nargs=-1)
+    @click.option("-p", "--persona", "names", multiple=True)
+    @click.option("--best-of", type=int, default=1)
+    @click.option("--limit", type=int, default=None)
+    @click.option("--json/--no-json", "as_json", default=False)
+    @click.option("-o", "--option", "options", type=(str, str), multiple=True)
+    def negation(**_: object) -> None:
+        seen.append(invocation(click.get_current_context()))
+
+    result = CliRunner().invoke(agent, ["negation", "a file.jsonl", "-p", "poet", "-p", "sage",
+                                        "--best-of", "4", "-o", "seed", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen == ["agent negation 'a file.jsonl' --persona poet --persona sage --best-of 4 "
+                    "--json --option seed 3"]

@@ -371,7 +371,9 @@ def test_eval_roundtrip_on_the_tiny_model_writes_a_report_and_gates(
     document = json.loads((out / "report.json").read_text())
     assert document["sections"]["roundtrip"]["personas"] == ["alpha", "beta"]
     assert document["gate"]["passed"] is False and document["base"] == "tiny-llama"
-    assert document["command"] == "agent eval roundtrip"
+    assert document["command"].startswith("agent eval roundtrip ")
+    assert "--limit 2 " in document["command"] and "--thresholds " in document["command"]
+    assert f"Command: `{document['command']}`" in (out / "report.md").read_text()
     assert set(document["gate"]["thresholds"]) == {"roundtrip"}
     markdown = (out / "report.md").read_text()
     assert "## Round trip" in markdown and "roundtrip_scores.png" in markdown

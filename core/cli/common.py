@@ -83,6 +83,33 @@ def forget_host() -> None:
     _HOST = None
 
 
+def invocation(ctx: click.Context) -> str:
+    """The command as the user gave it, for a report to name: ``agent``, the subcommand and
+    every parameter that came from the command line or the environment (not the defaults),
+    in the command's order, quoted for a shell."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    words = ["agent", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name or "")
+        if source not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        value = ctx.params.get(param.name or "")
+        given = list(value) if param.multiple and isinstance(value, tuple) else [value]
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in (value if isinstance(value, tuple) else [value])]
+        elif isinstance(param, click.Option) and param.is_flag:
+            flag = param.opts if value or not param.secondary_opts else param.secondary_opts
+            words.append(max(flag, key=len))
+        else:
+            for item in given:
+                parts = item if isinstance(item, tuple) else (item,)
+                words += [max(param.opts, key=len), *(str(part) for part in parts)]
+    return shlex.join(words)
+
+
 def warn(message: str) -> None:
     click.secho(f"Warning: {message}", fg="yellow", err=True)
 

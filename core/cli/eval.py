@@ -14,6 +14,7 @@ from hyperlex.cli.common import (
     emit_json,
     engine_options,
     get_host,
+    invocation,
     open_engine,
     report_problems,
 )
@@ -121,7 +122,7 @@ def _finish(sections: list[Any], report_dir: Path | None, thresholds: Any,
         ctx = click.get_current_context()
         options = {k: [str(x) for x in v] if isinstance(v, tuple) else
                    (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items()}
-        meta = {"command": "agent " + " ".join(ctx.command_path.split()[1:]),
+        meta = {"command": invocation(ctx),
                 "options": options, "base": base}
         write_report(report_dir, sections, meta, thresholds, failures)
         click.echo(f"report written to {report_dir / 'report.md'}", err=True)
