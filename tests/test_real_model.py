@@ -425,3 +425,26 @@ def test_agent_chat_best_of_answers_with_the_sample_that_agrees_with_the_user(
             for s in samples]
     assert rank[report["chosen"]] == max(rank)
     assert turn["usage"]["completion_tokens"] == sum(s["completion_tokens"] for s in samples)
+
+
+def test_scene_say_best_of_says_the_writers_most_faithful_sample(real_home: Path,
+                                                                 tmp_path: Path) -> None:
+    """agent scene say --best-of 4 with the real scene-writer on a held-out scene with a
+    negated link (llama.cpp, four sequences): every sample is read back, and the one said
+    ranks first (no flip, then the most links and things kept)."""
+    import json
+
+    from hyperlex.eval.roundtrip import load_scenes
+
+    scene = next(s for s in load_scenes(["heldout"], shipped=False)
+                 if any(link.polarity < 0 for link in s.scene.links))
+    scene_file = tmp_path / "scene.json"
+    scene_file.write_text(json.dumps(scene.scene.to_dict()))
+    done = run_agent(real_home, "scene", "say", str(scene_file), "--best-of", "4", "-o",
+                     "seed", "0", "--engine", "llamacpp", "--json")
+    said = json.loads(done.stdout)
+    samples = said["best_of"]["samples"]
+    ranks = [tuple(s["rank"]) for s in samples]
+    assert len(samples) == 4 and said["best_of"]["chosen"] == ranks.index(max(ranks))
+    assert said["reply"] == samples[said["best_of"]["chosen"]]["text"]
+    assert said["score"]["hyperlexemes"]["recall"] >= 0.6, said

@@ -165,3 +165,42 @@ def test_scene_say_refuses_an_unknown_layer(runner, writer_plugin, tmp_path: Pat
     result = runner.invoke(cli, ["scene", "say", str(scene_file), "-p", "alpha", "--mood",
                                  "nobody:0.5"])
     assert result.exit_code == 2 and "nobody" in result.output
+
+
+def test_scene_say_best_of_says_the_sample_whose_round_trip_ranks_first(
+        runner, writer_plugin, tiny_base: Path, tmp_path: Path) -> None:
+    scene_file = tmp_path / "scene.json"
+    scene_file.write_text(json.dumps(SCENE.to_dict()))
+    args = ["scene", "say", str(scene_file), "-p", "scribe", "--base", str(tiny_base),
+            "--engine", "torch", "--best-of", "3", "-o", "temperature", "1", "-o", "seed", "5"]
+    result = runner.invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    said = json.loads(result.stdout)
+    report = said["best_of"]
+    texts = [s["text"] for s in report["samples"]]
+    assert report["n"] == 3 and len(set(texts)) == 3  # seeds 5, 6, 7
+    ranks = [tuple(s["rank"]) for s in report["samples"]]
+    assert report["chosen"] == ranks.index(max(ranks))
+    assert said["reply"] == texts[report["chosen"]]
+    assert said["score"] == report["samples"][report["chosen"]]["score"]
+    plain = runner.invoke(cli, args)
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout == said["reply"] + "\n"
+    assert f"best of 3: sample {report['chosen'] + 1} kept the scene best" in plain.stderr
+    greedy = runner.invoke(cli, [*args[:-6], "-o", "temperature", "0"])
+    assert greedy.exit_code == 2 and "--best-of 3 needs sampling" in greedy.output
+
+
+def test_a_flipped_negation_ranks_below_any_faithful_rendering() -> None:
+    from hyperlex.eval.roundtrip import read_back, score_roundtrip
+    from hyperlex.scene.model import Delta
+
+    def score(*links: Link):
+        said = Delta(hyperlexemes=list(SCENE.hyperlexemes.values()), links=list(links))
+        return score_roundtrip(SCENE, read_back(said))
+
+    [link] = SCENE.links
+    kept = score(link)
+    flipped = score(Link(link.src, link.rel, link.dst, polarity=-link.polarity))
+    silent = score()
+    assert kept.rank > silent.rank > flipped.rank

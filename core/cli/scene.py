@@ -158,7 +158,11 @@ def evaluate(gold: Path | None, encoder_name: str, as_json: bool, verbose: bool,
 @click.option("--check", is_flag=True,
               help="Read the reply back with --encoder and score the round trip (stderr).")
 @click.option("--encoder", "encoder_name", default="default", show_default=True,
-              help="Scene encoder for --check.")
+              help="Scene encoder for --check and --best-of.")
+@click.option("--best-of", "best_of", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Sample N replies (seeds seed..seed+N-1), read each back with --encoder, "
+              "and say the one that keeps the scene best: no negation flipped, then the most "
+              "links and things kept. Needs sampling (temperature > 0).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the reply (and with --check its score) as JSON.")
 @click.option("--engine", "backend", type=click.Choice(["auto", "torch", "llamacpp"]),
@@ -166,8 +170,8 @@ def evaluate(gold: Path | None, encoder_name: str, as_json: bool, verbose: bool,
               help="Inference engine (auto: llama.cpp when installed).")
 @engine_options
 def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[str, str], ...],
-        check: bool, encoder_name: str, as_json: bool, backend: str, base: str | None,
-        dtype: str, quantize: str | None) -> None:
+        check: bool, encoder_name: str, best_of: int, as_json: bool, backend: str,
+        base: str | None, dtype: str, quantize: str | None) -> None:
     """Speak the scene in SCENE.json ('-': standard input) as PERSONA: the scene-writer by
     default, or any persona, with a layer composed over it.
 
@@ -189,15 +193,29 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
     layers_known = {n: p for n, p in installed.items() if p.is_layer}
     check_option("--mood", parse_mood, layers_known, layer)
     composed = parse_mood(layers_known, layer)
-    encoder = _encoder(encoder_name) if check else None
+    encoder = _encoder(encoder_name) if check or best_of > 1 else None
     params = speaker.contract.params().updated(parse_options(options), "-o")
+    if best_of > 1 and params.greedy:
+        raise click.UsageError(f"--best-of {best_of} needs sampling: with temperature 0 every "
+                               "sample is the same reply (give -o temperature 0.7)")
     backend = choose_backend(backend, dtype, quantize, merge=False)
     engine = open_engine(host, base, dtype, quantize,
-                         only=[persona, *([composed[0]] if composed else [])], backend=backend)
+                         only=[persona, *([composed[0]] if composed else [])], backend=backend,
+                         parallel=best_of if backend == "torch" else 1,
+                         sequences=best_of if backend == "llamacpp" else 1)
     engine.check_request(persona, [composed] if composed else [])
     messages = scene_prompt(engine.persona(persona), source, engine)
     layers = (composed,) if composed else ()
-    if as_json:
+    samples: list[dict[str, Any]] = []
+    chosen = 0
+    if best_of > 1:
+        assert encoder is not None
+        chosen, samples = _best_rendering(engine, messages, persona, params, layers, best_of,
+                                          source, encoder)
+        reply = samples[chosen]["text"]
+        if not as_json:
+            click.echo(reply)
+    elif as_json:
         reply = engine.generate(messages, persona, params, layers=layers).text.strip()
     else:
         pieces = []
@@ -207,13 +225,40 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
         click.echo()
         reply = "".join(pieces).strip()
     result: dict[str, Any] = {"persona": persona, "layer": layer, "reply": reply}
-    if encoder is not None:
-        score = score_roundtrip(source, read_back(_run(encoder, reply)), reply).as_dict()
+    if samples:
+        result["best_of"] = {"n": best_of, "chosen": chosen, "samples": samples}
+        if not as_json:
+            click.echo(f"best of {best_of}: sample {chosen + 1} kept the scene best", err=True)
+    if encoder is not None and (check or samples):
+        score = samples[chosen]["score"] if samples else score_roundtrip(
+            source, read_back(_run(encoder, reply)), reply).as_dict()
         result["score"] = score
         if not as_json:
             click.echo(_score_line(score), err=True)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
+def _best_rendering(engine: Any, messages: list[Any], persona: str, params: Any,
+                    layers: tuple[Any, ...], n: int, source: Any,
+                    encoder: Any) -> tuple[int, list[dict[str, Any]]]:
+    """``n`` samples of the scene (seeds ``seed + i``, decoded together), each with its
+    round-trip score, and the index of the one whose score ranks first (the earliest on a
+    tie)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hyperlex.agent.verify import sample_params
+    from hyperlex.eval.roundtrip import read_back, score_roundtrip
+
+    generations = [engine.stream(messages, persona, p, layers=layers)
+                   for p in sample_params(params, n)]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        texts = [c.text.strip() for c in pool.map(lambda g: g.complete(), generations)]
+    scores = [score_roundtrip(source, read_back(_run(encoder, text)), text) for text in texts]
+    best = max(range(n), key=lambda i: (scores[i].rank, -i))
+    samples = [{"text": text, "rank": list(score.rank), "score": score.as_dict()}
+               for text, score in zip(texts, scores, strict=True)]
+    return best, samples
 
 
 def _score_line(score: dict[str, Any]) -> str:

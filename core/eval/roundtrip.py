@@ -272,6 +272,14 @@ class RoundtripScore:
     def failures(self) -> int:
         return len(self.split_links) + len(self.impoverished) + len(self.logical_loss)
 
+    @property
+    def rank(self) -> tuple[int, ...]:
+        """Higher is a more faithful reply (``agent scene say --best-of``): no negation
+        flipped first, then the most links kept (relaxed), the most hyperlexemes kept, the
+        fewest other failures."""
+        return (-len(self.logical_loss), self.links_relaxed["tp"], self.hyperlexemes["tp"],
+                -self.failures)
+
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
