@@ -435,3 +435,34 @@ def test_a_new_turn_copies_the_prompt_prefix_a_sibling_sequence_holds(tiny_base,
     assert reply == fresh.generate(messages, "beta", params).text
     fresh.close()
     pool.close()
+
+
+def test_the_sampler_keeps_transformers_nucleus_and_draws_as_numpy_choice() -> None:
+    """top-p sorts only the head of the vocabulary, and the draw skips numpy's
+    vocabulary-sized choice; on a language model's peaked distributions both give what the
+    whole sort and ``Generator.choice`` give."""
+    import numpy as np
+
+    from hyperlex.engines.llamacpp.engine import draw, nucleus
+
+    def whole_sort(probs, top_p):  # TopPLogitsWarper, in float64
+        order = np.argsort(probs)
+        kept = probs.copy()
+        kept[order[np.cumsum(probs[order]) <= 1 - top_p]] = 0.0
+        return kept / kept.sum()
+
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        logits = rng.standard_normal(49152) * (3 + case % 6)
+        logits[rng.integers(49152, size=4)] += 12  # a few likely tokens, as after a prompt
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        for top_p in (0.5, 0.9, 0.95):
+            reference = whole_sort(probs, top_p)
+            candidates = nucleus(probs.astype(np.float32), top_p)
+            assert list(candidates) == list(np.flatnonzero(reference)), (case, top_p)
+            for seed in range(3):
+                expected = np.random.default_rng(seed).choice(len(reference), p=reference)
+                assert draw(np.random.default_rng(seed), probs, candidates) == expected
+    flat = np.full(1000, 1 / 1000)
+    assert len(nucleus(flat, 0.5)) == 500  # the head grows until it holds top_p

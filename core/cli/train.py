@@ -217,8 +217,8 @@ def data_synth(out: Path, direction: str, count: int, split: str, registers: tup
 
 @data.command("replay")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--count", type=click.IntRange(1), default=240, show_default=True,
-              help="Texts to sample.")
+@click.option("--count", type=click.IntRange(1), default=80, show_default=True,
+              help="Texts to sample (the scene-writer's round 4 mixed 80 into 360 scenes).")
 @click.option("--max-tokens", type=click.IntRange(16), default=160, show_default=True,
               help="Tokens per text.")
 @click.option("--min-words", type=click.IntRange(1), default=24, show_default=True,
