@@ -41,13 +41,18 @@ test: lint
 # its round-1 adapter; then a hindsight round: windows of its own replies relabelled with
 # the scene they say (agent data hindsight) are added, starting from the round-2 adapter;
 # then a chat round: the same windows as chat turns, a user stating their facts (agent data
-# hindsight --chat), are added too, starting from the round-3 adapter.
+# hindsight --chat), are added too, starting from the round-3 adapter. Last, the
+# scene-writer's rounds 2 to 4, one epoch each from its adapter at half the rate, over fresh
+# verified corpora (agent data synth --count 360 --seed 2, 3 and 4, committed); round 4
+# mixes in 80 texts of the bare base's own (agent data replay --count 80 --batch-size 16,
+# committed), which hold its perplexity on plain text at the base's; about 15 min a round.
 CAST := philosopher poet scientist logician dreamer interface
 # the kept replies count twice beside the voice data: a round keeps a handful per persona
 FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
 	--extra-data data/faithful.jsonl --epochs 1 --lr 0.0005
 HINDSIGHT_ROUND := $(FAITHFUL_ROUND) --extra-data data/hindsight.jsonl
 CHAT_ROUND := $(HINDSIGHT_ROUND) --extra-data data/hindsight-chat.jsonl
+WRITER_ROUND := --init-adapter adapter/ --epochs 1 --lr 0.0005
 train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p || exit 1; done
 	$(BIN)/agent train personas/writer
@@ -57,6 +62,11 @@ train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(HINDSIGHT_ROUND) || exit 1; done
 	$(BIN)/agent data hindsight --chat --count 80
 	for p in $(CAST); do $(BIN)/agent train personas/$$p $(CHAT_ROUND) || exit 1; done
+	$(BIN)/agent train personas/writer $(WRITER_ROUND) --extra-data data/train-2.jsonl
+	$(BIN)/agent train personas/writer $(WRITER_ROUND) --data data/train-2.jsonl \
+		--extra-data data/train-3.jsonl
+	$(BIN)/agent train personas/writer $(WRITER_ROUND) --data data/train-4.jsonl \
+		--extra-data data/replay-80.jsonl
 
 # The scene-reader (docs/scene.md#the-scene-reader) in two rounds: the default encoder's
 # readings of 160 synthetic texts and of the cast's sentences, one epoch (about 15 min on 2
