@@ -338,8 +338,9 @@ class Controller:
             self.scene = scene_before
             raise
         generation: Generation
-        readings: dict[str, Delta | None] = {}
+        readings: dict[str, Delta | None] | None = None
         if best_of > 1:
+            readings = {}
             generation = BestOfGeneration(
                 persona, [lambda p=p: self.engine.stream(messages, persona, p, stop, layers)
                           for p in sample_params(params, best_of)],

@@ -95,6 +95,13 @@ def sample_params(params: GenerationParams, n: int) -> list[GenerationParams]:
     return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
 
+def complete_together(generations: Sequence[Generation]) -> list[Completion]:
+    """Run started ``generations`` to their end at once (each on its own thread, so an
+    engine that batches concurrent turns decodes them together), in order."""
+    with ThreadPoolExecutor(max_workers=max(1, len(generations))) as pool:
+        return list(pool.map(lambda g: g.complete(), generations))
+
+
 class BestOfGeneration(Generation):
     """Starts every sample (``samples``: one function each that starts it), runs them all to
     their end, checks their texts (``check``: one :class:`ReplyCheck` per text, in order) and
@@ -122,8 +129,7 @@ class BestOfGeneration(Generation):
         if self.cancelled:  # cancel() came while they started
             for generation in self._running:
                 generation.cancel()
-        with ThreadPoolExecutor(max_workers=len(self._running)) as pool:
-            done: list[Completion] = list(pool.map(lambda g: g.complete(), self._running))
+        done = complete_together(self._running)
         if self.cancelled or any(c.finish_reason == "cancelled" for c in done):
             return
         self.samples = done

@@ -15,6 +15,7 @@ from hyperlex.cli.common import (
     open_engine,
     remote_options,
     report_problems,
+    sample_capacity,
     warm_up_encoders,
     warn,
 )
@@ -146,12 +147,9 @@ def chat(
         warm_up_encoders(host)
     from hyperlex.training.distill import api_key_from
 
-    # --best-of: the samples of a turn decode together (rows of one torch batch, sequences of
-    # one llama.cpp context)
     engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen,
                          base_url=base_url, api_key=api_key_from(api_key_env),
-                         parallel=best_of if chosen == "torch" else 1,
-                         sequences=best_of if chosen == "llamacpp" else 1)
+                         **sample_capacity(chosen, best_of))
     from hyperlex.eval.fidelity import voice_scorer
 
     controller = Controller(host, engine, persona=persona, overrides=overrides,

@@ -97,14 +97,13 @@ def invocation(ctx: click.Context) -> str:
         if source not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
             continue
         value = ctx.params.get(param.name or "")
-        given = list(value) if param.multiple and isinstance(value, tuple) else [value]
         if isinstance(param, click.Argument):
             words += [str(v) for v in (value if isinstance(value, tuple) else [value])]
         elif isinstance(param, click.Option) and param.is_flag:
             flag = param.opts if value or not param.secondary_opts else param.secondary_opts
             words.append(max(flag, key=len))
         else:
-            for item in given:
+            for item in value if param.multiple else [value]:
                 parts = item if isinstance(item, tuple) else (item,)
                 words += [max(param.opts, key=len), *(str(part) for part in parts)]
     return shlex.join(words)
@@ -158,6 +157,14 @@ def open_engine(host: Host, base: str | None, dtype: str, quantize: str | None,
     for reason in engine.skipped.values():
         warn(reason)
     return engine
+
+
+def sample_capacity(backend: str, samples: int) -> dict[str, int]:
+    """:func:`open_engine`'s ``parallel`` and ``sequences`` for ``samples`` replies of one
+    turn (``--best-of``) to decode together: rows of one torch batch, or sequences of one
+    llama.cpp context."""
+    return {"parallel": samples if backend == "torch" else 1,
+            "sequences": samples if backend == "llamacpp" else 1}
 
 
 def check_option(option: str, check: Callable[..., Any], *args: Any) -> None:

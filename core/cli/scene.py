@@ -178,7 +178,13 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
     SCENE.json holds one scene as Scene.to_dict() gives it (what `agent sessions show --json`
     prints under "scene", or one line of an evaluation-scene file)."""
     from hyperlex.agent.moods import parse_mood
-    from hyperlex.cli.common import check_option, choose_backend, get_host, open_engine
+    from hyperlex.cli.common import (
+        check_option,
+        choose_backend,
+        get_host,
+        open_engine,
+        sample_capacity,
+    )
     from hyperlex.eval.roundtrip import read_back, read_scene_file, score_roundtrip
     from hyperlex.generation import parse_options
     from hyperlex.persona.prompt import scene_prompt
@@ -201,8 +207,7 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
     backend = choose_backend(backend, dtype, quantize, merge=False)
     engine = open_engine(host, base, dtype, quantize,
                          only=[persona, *([composed[0]] if composed else [])], backend=backend,
-                         parallel=best_of if backend == "torch" else 1,
-                         sequences=best_of if backend == "llamacpp" else 1)
+                         **sample_capacity(backend, best_of))
     engine.check_request(persona, [composed] if composed else [])
     messages = scene_prompt(engine.persona(persona), source, engine)
     layers = (composed,) if composed else ()
@@ -245,15 +250,11 @@ def _best_rendering(engine: Any, messages: list[Any], persona: str, params: Any,
     """``n`` samples of the scene (seeds ``seed + i``, decoded together), each with its
     round-trip score, and the index of the one whose score ranks first (the earliest on a
     tie)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from hyperlex.agent.verify import sample_params
+    from hyperlex.agent.verify import complete_together, sample_params
     from hyperlex.eval.roundtrip import read_back, score_roundtrip
 
-    generations = [engine.stream(messages, persona, p, layers=layers)
-                   for p in sample_params(params, n)]
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        texts = [c.text.strip() for c in pool.map(lambda g: g.complete(), generations)]
+    texts = [c.text.strip() for c in complete_together(
+        [engine.stream(messages, persona, p, layers=layers) for p in sample_params(params, n)])]
     scores = [score_roundtrip(source, read_back(_run(encoder, text)), text) for text in texts]
     best = max(range(n), key=lambda i: (scores[i].rank, -i))
     samples = [{"text": text, "rank": list(score.rank), "score": score.as_dict()}
