@@ -450,3 +450,32 @@ def test_scene_say_best_of_says_the_writers_most_faithful_sample(real_home: Path
     assert len(samples) == 4 and said["best_of"]["chosen"] == ranks.index(max(ranks))
     assert said["reply"] == samples[said["best_of"]["chosen"]]["text"]
     assert said["score"]["hyperlexemes"]["recall"] >= 0.6, said
+
+
+def test_self_replay_has_the_real_philosopher_answer_prompts_it_never_saw(
+        real_home: Path, tmp_path: Path) -> None:
+    """agent data distill --self --fresh-prompts: the prompts come from the other personas'
+    data, none of the philosopher's own or held out anywhere, and its adapter answers them
+    (greedy, the replies are not the bare base's)."""
+    import json
+
+    from hyperlex.host import Host
+    from hyperlex.training.data import normalize_prompt
+    from hyperlex.training.distill import training_prompts
+
+    replies = {}
+    for teacher in ("self", "base"):
+        out = tmp_path / f"{teacher}.jsonl"
+        run_agent(real_home, "data", "distill", "-p", "philosopher", "--fresh-prompts", "2",
+                  "--seed", "5", "--out", str(out), *(["--self"] if teacher == "self" else []),
+                  "-o", "temperature", "0", "-o", "max_new_tokens", "24")
+        replies[teacher] = {r["human"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert replies["self"].keys() == replies["base"].keys() and len(replies["self"]) == 2
+    personas = [p for p in Host().personas.values() if not (p.is_layer or p.is_mood)]
+    philosopher = next(p for p in personas if p.name == "philosopher")
+    off_limits = training_prompts(philosopher).union(
+        *(training_prompts(p, heldout=True) for p in personas))
+    for prompt, record in replies["self"].items():
+        assert normalize_prompt(prompt) not in off_limits
+        assert record["meta"]["teacher"] == "self:philosopher@local:smollm2-135m-instruct"
+        assert record["text"] != replies["base"][prompt]["text"]

@@ -125,11 +125,18 @@ def data_validate(files: tuple[Path, ...], as_json: bool) -> None:
 
 @data.command("distill")
 @click.option("-p", "--persona", required=True, help="Persona whose contract prompts the teacher.")
-@click.option("--prompts", "prompts_file", required=True,
+@click.option("--prompts", "prompts_file", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="One prompt per line, or JSONL with human/prompt fields.")
+@click.option("--fresh-prompts", type=click.IntRange(1), default=None, metavar="N",
+              help="Instead of --prompts: N prompts the persona was never trained on, drawn "
+                   "(--seed) from the other personas' training prompts, held-out ones left out.")
+@click.option("--seed", default=0, show_default=True, help="Which --fresh-prompts.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL to append to; existing prompts in it are skipped (resume).")
+@click.option("--self", "self_replay", is_flag=True,
+              help="The persona's own adapter answers, not the bare base: self-replay, which "
+                   "holds a further training round to its current voice (docs/data.md).")
 @click.option("--teacher-url", default=None,
               help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); default: the "
                    "local base model.")
@@ -141,37 +148,47 @@ def data_validate(files: tuple[Path, ...], as_json: bool) -> None:
 @click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
               help="Generation option for the teacher.")
 @engine_options
-def data_distill(persona: str, prompts_file: Path, out: Path, teacher_url: str | None,
-                 teacher_model: str, api_key_env: str, batch_size: int,
-                 options: tuple[tuple[str, str], ...], base: str | None, dtype: str,
-                 quantize: str | None) -> None:
+def data_distill(persona: str, prompts_file: Path | None, fresh_prompts: int | None, seed: int,
+                 out: Path, self_replay: bool, teacher_url: str | None, teacher_model: str,
+                 api_key_env: str, batch_size: int, options: tuple[tuple[str, str], ...],
+                 base: str | None, dtype: str, quantize: str | None) -> None:
     """Build a dataset by asking a teacher to answer prompts with PERSONA's full contract."""
     from tqdm import tqdm
 
     from hyperlex.generation import parse_options
-    from hyperlex.training.distill import (
-        LocalTeacher,
-        OpenAITeacher,
-        api_key_from,
-        distill,
-        pending,
-        read_prompts,
-    )
+    from hyperlex.training import distill as distilling
 
+    if (prompts_file is None) == (fresh_prompts is None):
+        raise click.UsageError("give exactly one of --prompts FILE and --fresh-prompts N")
+    if self_replay and teacher_url:
+        raise click.UsageError("--self answers with the local adapter; it takes no "
+                               "--teacher-url")
     host = get_host()
     chosen = host.persona(persona)
-    params = chosen.contract.params().updated(parse_options(options), "-o")
-    prompts = read_prompts(prompts_file)
+    if self_replay and chosen.adapter_dir is None:
+        raise HyperlexError(f"persona {persona!r} has no adapter to answer with (--self)")
+    params = chosen.contract.params()
+    if self_replay:
+        params = params.updated(distilling.SELF_REPLAY_SAMPLING)
+    params = params.updated(parse_options(options), "-o")
+    if prompts_file is not None:
+        prompts = distilling.read_prompts(prompts_file)
+    else:
+        others = [p for p in host.personas.values() if not (p.is_layer or p.is_mood)]
+        prompts = distilling.fresh_prompts(chosen, others, fresh_prompts, seed, out)
     if teacher_url:
-        teacher: Any = OpenAITeacher(teacher_url, teacher_model, api_key_from(api_key_env))
+        teacher: Any = distilling.OpenAITeacher(teacher_url, teacher_model,
+                                                distilling.api_key_from(api_key_env))
     else:
         from hyperlex.engines.torch.engine import TorchEngine
 
-        teacher = LocalTeacher(TorchEngine([], base=base, dtype=dtype, quantize=quantize))
-    with tqdm(total=len(pending(prompts, out)), desc=f"distilling {persona}", unit="prompt",
-              file=sys.stderr) as bar:
-        stats = distill(prompts, chosen, teacher, out, params, batch_size,
-                        on_batch=bar.update)
+        engine = TorchEngine([chosen] if self_replay else [], base=base, dtype=dtype,
+                             quantize=quantize)
+        teacher = distilling.LocalTeacher(engine, chosen.name if self_replay else None)
+    with tqdm(total=len(distilling.pending(prompts, out)), desc=f"distilling {persona}",
+              unit="prompt", file=sys.stderr) as bar:
+        stats = distilling.distill(prompts, chosen, teacher, out, params, batch_size,
+                                   on_batch=bar.update)
     click.echo(f"{out}: {stats['written']} new records ({stats['skipped_existing']} prompts "
                f"already done, {stats['empty_replies']} empty replies dropped)", err=True)
 

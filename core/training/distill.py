@@ -2,9 +2,20 @@
 
 Teachers: the local base model with the persona's full contract as its system prompt
 (context distillation: the adapter then learns to behave as the prompted base does, without
-the prompt's cost), or any OpenAI-compatible ``/chat/completions`` endpoint. Prompts are
-deduplicated; every finished record is appended at once, so a rerun resumes where the last
-one stopped.
+the prompt's cost), the persona's own adapter (self-replay, below), or any OpenAI-compatible
+``/chat/completions`` endpoint. Prompts are deduplicated; every finished record is appended
+at once, so a rerun resumes where the last one stopped.
+
+Self-replay is learning without forgetting (Li and Hoiem, 2016) for a persona's voice: a
+further training round on new data (scenes, negated facts) drifts the adapter off its voice,
+and its own voice data cannot hold it, since earlier rounds fitted them already. Its current
+adapter's replies to prompts it was never trained on (:func:`fresh_prompts`) can: the next
+round's cross-entropy on them is, in expectation, the KL divergence from the current voice to
+the new one (plus a constant), asked of prompts the new data say nothing about. That holds
+for samples of the adapter's own distribution, so self-replay samples at temperature 1
+(:data:`SELF_REPLAY_SAMPLING`), not with the persona's chat settings: the philosopher's
+(temperature 0.7, top-p 0.9, repetition penalty 1.1) sharpen it, and a round on such
+samples fitted its held-out replies worse than the same round without them.
 """
 
 from __future__ import annotations
@@ -24,8 +35,13 @@ from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
 from hyperlex.persona.prompt import build_prompt
 from hyperlex.training.data import normalize_prompt, write_records
+from hyperlex.training.replay import TOP_P
 
 Message = dict[str, str]
+
+# the adapter's own distribution, less the tail that hyperlex.training.replay cuts too
+SELF_REPLAY_SAMPLING = {"temperature": 1.0, "top_p": TOP_P, "top_k": 0,
+                        "repetition_penalty": 1.0}
 
 
 class Teacher(Protocol):
@@ -37,16 +53,19 @@ class Teacher(Protocol):
 
 
 class LocalTeacher:
-    """The local base model (no adapter), answering a batch at a time."""
+    """The local base model, answering a batch at a time: bare, or with the adapter of the
+    persona ``adapter`` (which the engine must hold)."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, adapter: str | None = None):
         self.engine = engine
-        self.name = f"local:{engine.base_name}"
+        self.adapter = adapter
+        self.name = (f"self:{adapter}@local:{engine.base_name}" if adapter
+                     else f"local:{engine.base_name}")
 
     def answer(self, conversations: Sequence[list[Message]],
                params: GenerationParams) -> list[str]:
         return [c.text for c in self.engine.generate_batch(
-            [(conversation, None) for conversation in conversations], params)]
+            [(conversation, self.adapter) for conversation in conversations], params)]
 
 
 class OpenAITeacher:
@@ -125,6 +144,58 @@ def read_prompts(path: Path) -> list[str]:
     if problems:
         raise HyperlexError("bad prompts:\n" + "\n".join(problems))
     return prompts
+
+
+def training_prompts(persona: Persona, heldout: bool = False,
+                     besides: Path | None = None) -> set[str]:
+    """The normalized prompts of ``persona``'s chat records: every data file of its bundle
+    but the held-out one and ``besides``, or (``heldout``) the held-out one alone.
+    Scene-speaking and plain records have no prompt of their own."""
+    from hyperlex.training.data import read_dataset
+    from hyperlex.training.train import load_config
+
+    if persona.root is None or not (persona.root / "data").is_dir():
+        return set()
+    held = (persona.root / load_config(persona.root).heldout).resolve()
+    skipped = {held, besides.resolve() if besides else None}
+    paths = [held] if heldout else [p for p in sorted((persona.root / "data").glob("*.jsonl"))
+                                    if p.resolve() not in skipped]
+    return {normalize_prompt(e.human) for path in paths if path.is_file()
+            for e in read_dataset(path) if not (e.speaks_scene or e.plain)}
+
+
+def fresh_prompts(persona: Persona, others: Sequence[Persona], count: int,
+                  seed: int = 0, out: Path | None = None) -> list[str]:
+    """Up to ``count`` prompts ``persona`` was never trained on, drawn at random (``seed``)
+    from the other personas' training prompts, less its own and less every persona's
+    held-out prompts (persona identification is measured on those). The prompts of ``out``,
+    the file being written, do not count as its own, so that a rerun draws the same prompts
+    and resumes."""
+    import random
+
+    from hyperlex.training.data import read_dataset
+    from hyperlex.training.train import load_config
+
+    excluded = training_prompts(persona, besides=out)
+    for bundle in (persona, *others):
+        excluded |= training_prompts(bundle, heldout=True)
+    candidates, seen = [], set()
+    for other in others:
+        if other.name == persona.name or other.root is None:
+            continue
+        source = other.root / load_config(other.root).data
+        if not source.is_file():
+            continue
+        for example in read_dataset(source):
+            key = normalize_prompt(example.human)
+            if example.speaks_scene or example.plain or key in excluded or key in seen:
+                continue
+            seen.add(key)
+            candidates.append(example.human.strip())
+    if not candidates:
+        raise HyperlexError(f"no fresh prompts for {persona.name!r}: the other personas' "
+                            "training prompts are all its own or held out")
+    return random.Random(seed).sample(candidates, min(count, len(candidates)))
 
 
 def already_done(out: Path) -> set[str]:
