@@ -370,8 +370,7 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
         if not target.resolve().is_relative_to(persona.root.resolve()):
             raise click.BadParameter(f"{out!r} points outside the bundle {persona.root}",
                                      param_hint="'--out'")
-        replies = [(e.line, e.text) for e in read_dataset(source)
-                   if not (e.speaks_scene or e.plain)]
+        replies = [(e.line, e.text) for e in read_dataset(source) if e.is_chat]
         records = hindsight_records(replies, read, count, seed, max_hyperlexemes,
                                     fits=fits_training(persona, config.max_length), chat=chat,
                                     negate=negate)

@@ -62,6 +62,11 @@ class Example:
     speaks_scene: bool = False  # the persona is asked to say ``scene`` (``human`` is that ask)
     plain: bool = False  # ``text`` alone, no prompt, no chat template (``human`` is empty)
 
+    @property
+    def is_chat(self) -> bool:
+        """A human turn and the persona's reply to it (not a scene to say, not plain text)."""
+        return not (self.speaks_scene or self.plain)
+
     def as_record(self) -> dict[str, Any]:
         if self.plain:
             return {"plain": self.text}

@@ -152,16 +152,16 @@ def training_prompts(persona: Persona, heldout: bool = False,
     but the held-out one and ``besides``, or (``heldout``) the held-out one alone.
     Scene-speaking and plain records have no prompt of their own."""
     from hyperlex.training.data import read_dataset
-    from hyperlex.training.train import load_config
+    from hyperlex.training.train import bundle_chat_examples, load_config
 
     if persona.root is None or not (persona.root / "data").is_dir():
         return set()
-    held = (persona.root / load_config(persona.root).heldout).resolve()
-    skipped = {held, besides.resolve() if besides else None}
-    paths = [held] if heldout else [p for p in sorted((persona.root / "data").glob("*.jsonl"))
-                                    if p.resolve() not in skipped]
-    return {normalize_prompt(e.human) for path in paths if path.is_file()
-            for e in read_dataset(path) if not (e.speaks_scene or e.plain)}
+    if heldout:
+        held = persona.root / load_config(persona.root).heldout
+        examples = [e for e in read_dataset(held) if e.is_chat] if held.is_file() else []
+    else:
+        examples = bundle_chat_examples(persona.root, besides)
+    return {normalize_prompt(e.human) for e in examples}
 
 
 def fresh_prompts(persona: Persona, others: Sequence[Persona], count: int,
@@ -188,7 +188,7 @@ def fresh_prompts(persona: Persona, others: Sequence[Persona], count: int,
             continue
         for example in read_dataset(source):
             key = normalize_prompt(example.human)
-            if example.speaks_scene or example.plain or key in excluded or key in seen:
+            if not example.is_chat or key in excluded or key in seen:
                 continue
             seen.add(key)
             candidates.append(example.human.strip())

@@ -271,21 +271,14 @@ def bundle_sentences(root: Path) -> list[str]:
     not chat."""
     import re
 
-    from hyperlex.training.data import read_dataset
-    from hyperlex.training.train import load_config
+    from hyperlex.training.train import bundle_chat_examples
 
-    heldout = (root / load_config(root).heldout).resolve()
     sentences = []
-    for path in sorted((root / "data").glob("*.jsonl")):
-        if path.resolve() == heldout:
-            continue
-        for example in read_dataset(path):
-            if example.speaks_scene or example.plain:
-                continue
-            for text in (example.human, example.text):
-                for part in re.split(r"(?<=[.!?])\s+|\n+", text or ""):
-                    if 3 <= len(part.split()) <= 30:
-                        sentences.append(part.strip())
+    for example in bundle_chat_examples(root):
+        for text in (example.human, example.text):
+            for part in re.split(r"(?<=[.!?])\s+|\n+", text or ""):
+                if 3 <= len(part.split()) <= 30:
+                    sentences.append(part.strip())
     return sentences
 
 

@@ -123,6 +123,16 @@ def load_config(bundle: Path, overrides: dict[str, Any] | None = None) -> TrainC
                           "command line")
 
 
+def bundle_chat_examples(root: Path, besides: Path | None = None) -> list[Example]:
+    """The chat records of every data file of the bundle at ``root`` but its held-out set
+    (``train.yaml``'s ``heldout``) and ``besides``: what the bundle's voice is trained on."""
+    skipped = {(root / load_config(root).heldout).resolve(),
+               besides.resolve() if besides else None}
+    return [example for path in sorted((root / "data").glob("*.jsonl"))
+            if path.resolve() not in skipped
+            for example in read_dataset(path) if example.is_chat]
+
+
 def encode_example(tokenizer: Any, persona: Persona, example: Example,
                    max_length: int) -> tuple[list[int], list[int]]:
     """Token ids for one exchange, and labels that mask everything but the reply. The prompt
