@@ -165,6 +165,13 @@ def test_agent_train_cli_trains_with_overrides(bundle: Path, tiny_base: Path) ->
     assert result.exit_code == 0, result.output
     card = json.loads(result.stdout)
     assert card["config"]["r"] == 2 and card["config"]["target_modules"] == ["q_proj", "v_proj"]
+    further = CliRunner().invoke(cli, ["train", str(bundle), "--base", str(tiny_base), "--r", "2",
+                                       "--epochs", "1", "--target-modules", "q_proj,v_proj",
+                                       "--init-adapter", "adapter/", "--anchor-adapter",
+                                       "adapter/", "--anchor-weight", "2", "--json"])
+    assert further.exit_code == 0, further.output
+    anchored = json.loads(further.stdout)["anchor"]
+    assert (anchored["adapter"], anchored["weight"], anchored["round"]) == ("adapter/", 2.0, 1)
 
 
 def test_base_model_mismatch_is_refused(bundle: Path, tmp_path: Path, tiny_base: Path) -> None:
@@ -237,3 +244,78 @@ def test_an_initial_adapter_of_another_shape_is_refused(bundle: Path, tiny_base:
     outside = dataclasses.replace(FAST, init_adapter="../elsewhere")
     with pytest.raises(HyperlexError, match="outside the bundle"):
         train(bundle, outside, base=str(tiny_base), progress=False)
+
+
+def _distance_from(weights: dict, bundle: Path) -> float:
+    from safetensors.torch import load_file
+
+    now = load_file(bundle / "adapter" / "adapter_model.safetensors")
+    return sum(float((now[k].float() - weights[k].float()).norm()) for k in weights)
+
+
+def test_an_anchored_round_stays_nearer_its_anchor(bundle: Path, tiny_base: Path,
+                                                   tmp_path: Path) -> None:
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    train(bundle, dataclasses.replace(FAST, save_dtype="float32"), base=str(tiny_base),
+          progress=False)
+    start = load_file(bundle / "adapter" / "adapter_model.safetensors")
+    lines = [json.dumps({"human": h, "text": "Nothing but the wind."}) for h, _ in EXCHANGES]
+    (bundle / "data" / "turn.jsonl").write_text("\n".join(lines) + "\n")
+    twin = Path(shutil.copytree(bundle, tmp_path / "twin"))
+    further = dataclasses.replace(FAST, data="data/turn.jsonl", init_adapter="adapter/",
+                                  save_dtype="float32")
+    free = train(bundle, further, base=str(tiny_base), progress=False)
+    held = train(twin, dataclasses.replace(further, anchor_adapter="adapter/",
+                                           anchor_weight=100.0),  # a heavy anchor
+                 base=str(tiny_base), progress=False)
+    assert "anchor" not in free
+    assert held["anchor"]["adapter"] == "adapter/" and held["anchor"]["round"] == 1
+    assert held["anchor"]["first_kl"] == pytest.approx(0.0, abs=1e-5)  # starts at its anchor
+    assert held["anchor"]["final_kl"] > 0
+    assert held["first_loss"] == pytest.approx(free["first_loss"], abs=1e-5)
+    assert held["final_loss"] > free["final_loss"]  # the new replies pull less ...
+    assert held["heldout_loss"] < free["heldout_loss"]  # ... and the old voice stays
+    assert _distance_from(start, twin) < _distance_from(start, bundle)
+
+
+def test_an_anchored_round_resumes_exactly(bundle: Path, tiny_base: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    train(bundle, FAST, base=str(tiny_base), progress=False)
+    twin = Path(shutil.copytree(bundle, tmp_path / "twin"))
+    config = dataclasses.replace(FAST, epochs=2, init_adapter="adapter/", save_dtype="float32",
+                                 anchor_adapter="adapter/")
+    straight = train(twin, config, base=str(tiny_base), progress=False)
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(bundle, config, base=str(tiny_base), progress=False, on_step=interrupt)
+    resumed = train(bundle, config, base=str(tiny_base), progress=False, resume=True)
+    assert resumed["anchor"]["final_kl"] == pytest.approx(straight["anchor"]["final_kl"],
+                                                          abs=1e-6)
+    a = load_file(bundle / "adapter" / "adapter_model.safetensors")
+    b = load_file(twin / "adapter" / "adapter_model.safetensors")
+    for key, tensor in b.items():
+        assert (a[key] - tensor).abs().max() < 1e-5, key
+
+
+def test_a_missing_or_misshapen_anchor_is_refused(bundle: Path, tiny_base: Path) -> None:
+    import dataclasses
+
+    with pytest.raises(HyperlexError, match="anchor_adapter: .* has no adapter_config.json"):
+        train(bundle, dataclasses.replace(FAST, anchor_adapter="adapter/"), base=str(tiny_base),
+              progress=False)
+    train(bundle, FAST, base=str(tiny_base), progress=False)
+    with pytest.raises(HyperlexError, match="anchor_adapter: .* match r, alpha"):
+        train(bundle, dataclasses.replace(FAST, r=8, anchor_adapter="adapter/"),
+              base=str(tiny_base), progress=False)
+    with pytest.raises(HyperlexError, match="anchor_weight must be > 0"):
+        load_config(bundle, {"anchor_weight": 0})

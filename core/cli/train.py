@@ -39,6 +39,12 @@ from hyperlex.errors import HyperlexError
 @click.option("--init-adapter", default=None, metavar="DIR",
               help="Start from this adapter's weights (relative to the bundle, e.g. adapter/): "
               "a further round instead of a fresh LoRA.")
+@click.option("--anchor-adapter", default=None, metavar="DIR",
+              help="Hold the round near this adapter (relative to the bundle, e.g. adapter/): "
+              "the loss adds the KL divergence from its next-token distribution at every "
+              "reply position (docs/data.md#anchoring-a-further-round---anchor-adapter).")
+@click.option("--anchor-weight", type=float, default=None,
+              help="Weight of the anchor's KL beside the cross-entropy (default: 1).")
 @click.option("--qlora/--no-qlora", default=None,
               help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,

@@ -11,6 +11,14 @@ fused linear cross-entropy and Apple's Cut Cross-Entropy, without their GPU kern
 
 The result equals ``model(**batch).loss`` (mean token cross-entropy in float32 over the
 labels that are not -100, shifted by one) and so do its gradients, to float tolerance.
+
+An *anchor* adds the KL divergence from an earlier adapter's next-token distribution at the
+same reply positions (learning without forgetting, Li & Hoiem 2016; Hinton's distillation):
+a further round then learns its new records while its distribution elsewhere stays the
+earlier voice's, the whole distribution rather than one sample of it. LoRA never touches
+the output head, so the anchor's final hidden states at reply positions
+(:func:`reply_states`, computed once before the round) give its logits through the same
+head, chunk by chunk beside the cross-entropy.
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ from typing import Any
 IGNORE = -100
 LOGIT_BYTES = 4  # float32
 COPIES = 3  # a chunk's logits, its softmax, and their gradient in the backward pass
+ANCHOR_COPIES = 2  # with an anchor: its logits and their log-softmax
 DEFAULT_BUDGET = 128 * 2**20  # bytes of logits a chunk may take
 
 
-def chunk_tokens(vocab_size: int, budget: int = DEFAULT_BUDGET) -> int:
-    """Tokens per chunk so that one chunk's logits and their copies fit ``budget`` bytes."""
-    return max(1, budget // (vocab_size * LOGIT_BYTES * COPIES))
+def chunk_tokens(vocab_size: int, budget: int = DEFAULT_BUDGET, copies: int = COPIES) -> int:
+    """Tokens per chunk so that one chunk's logits and their ``copies`` fit ``budget`` bytes."""
+    return max(1, budget // (vocab_size * LOGIT_BYTES * copies))
 
 
 def _parts(model: Any) -> tuple[Any, Any]:
@@ -34,34 +43,81 @@ def _parts(model: Any) -> tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def reply_loss(model: Any, batch: dict[str, Any], chunk: int | None = None) -> Any:
-    """Mean cross-entropy of ``batch["labels"]`` (``IGNORE`` where there is no loss) given
-    ``input_ids`` and ``attention_mask``, with ``chunk`` positions of logits at a time
-    (default: :func:`chunk_tokens` of the head's vocabulary)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    body, head = _parts(model)
+def _reply_positions(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The whole hidden states, those whose next token is a reply token (rows in order), and
+    those tokens."""
+    body = _parts(model)[0]
     hidden = body(input_ids=batch["input_ids"],
                   attention_mask=batch.get("attention_mask")).last_hidden_state
     targets = batch["labels"][:, 1:]
     where = targets != IGNORE
-    states = hidden[:, :-1][where]  # (reply tokens, hidden size)
-    wanted = targets[where]
+    return hidden, hidden[:, :-1][where], targets[where]
+
+
+def reply_states(model: Any, batch: dict[str, Any]) -> list[Any]:
+    """Each row's final hidden states (float32, no graph) at the positions whose next token
+    is a reply token: what an anchor gives :func:`reply_loss`, row by row."""
+    import torch
+
+    with torch.no_grad():
+        _, states, _ = _reply_positions(model, batch)
+    counts = (batch["labels"][:, 1:] != IGNORE).sum(dim=1).tolist()
+    return list(states.float().split(counts))
+
+
+def reply_loss(model: Any, batch: dict[str, Any], chunk: int | None = None,
+               anchor: Any = None, anchor_weight: float = 1.0) -> Any:
+    """Mean cross-entropy of ``batch["labels"]`` (``IGNORE`` where there is no loss) given
+    ``input_ids`` and ``attention_mask``, with ``chunk`` positions of logits at a time
+    (default: :func:`chunk_tokens` of the head's vocabulary). With ``anchor`` (the anchor's
+    :func:`reply_states` of the batch's rows, concatenated), ``anchor_weight`` times the mean
+    KL(anchor || model) is added."""
+    return sum_terms(reply_terms(model, batch, chunk, anchor), anchor_weight)
+
+
+def sum_terms(terms: tuple[Any, Any], anchor_weight: float) -> Any:
+    """The loss of :func:`reply_terms`' (cross-entropy, KL) at this anchor weight."""
+    cross_entropy, divergence = terms
+    return cross_entropy if divergence is None else cross_entropy + anchor_weight * divergence
+
+
+def reply_terms(model: Any, batch: dict[str, Any], chunk: int | None = None,
+                anchor: Any = None) -> tuple[Any, Any]:
+    """:func:`reply_loss`'s two terms, each a mean over reply tokens: the cross-entropy, and
+    the KL divergence from ``anchor`` (None without one)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    head = _parts(model)[1]
+    hidden, states, wanted = _reply_positions(model, batch)
     count = wanted.numel()
+    if anchor is not None and anchor.shape[0] != count:
+        raise ValueError(f"the anchor has {anchor.shape[0]} reply positions, the batch {count}")
     if count == 0:
-        return hidden.sum() * 0.0  # no reply token: a zero loss that still has a graph
-    step = chunk or chunk_tokens(head.weight.shape[0])
+        zero = hidden.sum() * 0.0  # no reply token: a zero loss that still has a graph
+        return zero, None if anchor is None else zero
+    step = chunk or chunk_tokens(head.weight.shape[0],
+                                 copies=COPIES + (ANCHOR_COPIES if anchor is not None else 0))
 
-    def chunk_loss(part: Any, labels: Any) -> Any:
-        return F.cross_entropy(head(part).float(), labels, reduction="sum")
+    def chunk_terms(part: Any, labels: Any, *anchored: Any) -> tuple[Any, Any]:
+        logits = head(part).float()
+        cross_entropy = F.cross_entropy(logits, labels, reduction="sum")
+        if not anchored:
+            return cross_entropy, cross_entropy.new_zeros(())
+        with torch.no_grad():
+            target = F.log_softmax(head(anchored[0].to(part.dtype)).float(), dim=-1)
+        divergence = F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="sum",
+                              log_target=True)
+        return cross_entropy, divergence
 
-    total = torch.zeros((), dtype=torch.float32, device=states.device)
+    totals = [torch.zeros((), dtype=torch.float32, device=states.device) for _ in range(2)]
     for start in range(0, count, step):
-        part, labels = states[start:start + step], wanted[start:start + step]
+        span = slice(start, start + step)
+        args = (states[span], wanted[span], *(() if anchor is None else (anchor[span],)))
         if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, part, labels, use_reentrant=False)
+            terms = checkpoint(chunk_terms, *args, use_reentrant=False)
         else:
-            total = total + chunk_loss(part, labels)
-    return total / count
+            terms = chunk_terms(*args)
+        totals = [total + term for total, term in zip(totals, terms, strict=True)]
+    return totals[0] / count, None if anchor is None else totals[1] / count

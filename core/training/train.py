@@ -31,7 +31,7 @@ from hyperlex.errors import HyperlexError
 from hyperlex.persona.bundle import BUNDLE_FILE, Persona, read_bundle_yaml, read_yaml
 from hyperlex.persona.prompt import ChatTemplateCounter, example_prompt
 from hyperlex.training.data import Example, read_dataset
-from hyperlex.training.loss import reply_loss
+from hyperlex.training.loss import reply_loss, reply_states, reply_terms, sum_terms
 from hyperlex.training.memory import default_budget, plan_memory, resident_memory
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +60,10 @@ class TrainConfig:
     extra_data: tuple[str, ...] = ()
     # start from this adapter's weights instead of a fresh LoRA (a further round over "adapter/")
     init_adapter: str = ""
+    # hold every reply position's distribution near this adapter's: anchor_weight x
+    # KL(anchor || model) beside the cross-entropy (hyperlex.training.loss)
+    anchor_adapter: str = ""
+    anchor_weight: float = 1.0
     # reply positions whose logits are computed at a time (0: as many as fit 128 MiB;
     # hyperlex.training.loss)
     loss_chunk: int = 0
@@ -98,7 +102,8 @@ def _convert(key: str, value: Any, kind: type, where: str) -> Any:
             converted = kind(value)
     except (TypeError, ValueError, OverflowError):
         raise HyperlexError(f"{where}: {key} must be {kind.__name__}, got {value!r}") from None
-    positive = ("r", "alpha", "epochs", "batch_size", "max_length", "learning_rate")
+    positive = ("r", "alpha", "epochs", "batch_size", "max_length", "learning_rate",
+                "anchor_weight")
     if key in positive and not converted > 0:
         raise HyperlexError(f"{where}: {key} must be > 0, got {value!r}")
     if key in ("loss_chunk", "micro_batch_size") and converted < 0:
@@ -173,21 +178,48 @@ def _groups(items: list, size: int) -> Iterator[list]:
 
 
 def accumulate(model: Any, examples: list[tuple[list[int], list[int]]], micro_batch: int,
-               pad_id: int, chunk: int | None = None) -> float:
+               pad_id: int, chunk: int | None = None, anchors: list[Any] | None = None,
+               anchor_weight: float = 1.0) -> tuple[float, float | None]:
     """Forward and backward ``examples`` (one optimiser batch) in micro-batches of
     ``micro_batch`` rows, each loss weighted by its share of the batch's reply tokens, so the
-    gradients add up to the whole batch's mean-loss gradient; return that mean loss."""
+    gradients add up to the whole batch's mean-loss gradient. With ``anchors`` (each
+    example's :func:`reply_states` under the anchor adapter) the loss adds
+    ``anchor_weight`` x KL. Return the batch's mean cross-entropy and mean KL (None
+    without anchors)."""
+    import torch
+
     parts = list(batches(examples, micro_batch, pad_id))
     counts = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
     total = sum(counts)
-    mean = 0.0
-    for part, count in zip(parts, counts, strict=True):
+    means = [0.0, 0.0]
+    for index, (part, count) in enumerate(zip(parts, counts, strict=True)):
         if count == 0:
             continue
-        loss = reply_loss(model, part, chunk) * (count / total)
-        loss.backward()
-        mean += loss.item()
-    return mean
+        rows = anchors[index * micro_batch:(index + 1) * micro_batch] if anchors else None
+        terms = reply_terms(model, part, chunk, torch.cat(rows) if rows else None)
+        (sum_terms(terms, anchor_weight) * (count / total)).backward()
+        for slot, term in enumerate(terms):
+            if term is not None:
+                means[slot] += term.item() * count / total
+    return means[0], means[1] if anchors else None
+
+
+def anchor_states(model: Any, examples: list[tuple[list[int], list[int]]], micro_batch: int,
+                  pad_id: int, progress: bool = False) -> list[Any]:
+    """Each example's final hidden states at its reply positions under ``model`` as it is
+    now (dropout off): the anchor a round is held to."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    states: list[Any] = []
+    with tqdm(total=len(examples), desc="anchor states", unit="record", file=sys.stderr,
+              disable=not progress) as bar:
+        for part in batches(examples, micro_batch, pad_id):
+            states += reply_states(model, part)
+            bar.update(len(part["input_ids"]))
+    model.train(was_training)
+    return states
 
 
 def mean_loss(model: Any, examples: list, batch_size: int, pad_id: int,
@@ -215,15 +247,17 @@ def _inside(bundle: Path, relative: str, key: str) -> Path:
     return path
 
 
-def _initial_adapter(bundle: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The weights (safetensors only) and training card of ``config.init_adapter``, checked
-    to have the shape this run trains."""
+def _saved_adapter(bundle: Path, config: TrainConfig,
+                   key: str = "init_adapter") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The weights (safetensors only) and training card of the adapter that ``config``'s
+    ``key`` names (``init_adapter`` or ``anchor_adapter``), checked to have the shape this
+    run trains."""
     from safetensors.torch import load_file
 
-    where = _inside(bundle, config.init_adapter, "init_adapter")
+    where = _inside(bundle, getattr(config, key), key)
     weights, settings = where / "adapter_model.safetensors", where / "adapter_config.json"
     if not weights.is_file() or not settings.is_file():
-        raise HyperlexError(f"init_adapter: {where} has no adapter_config.json and "
+        raise HyperlexError(f"{key}: {where} has no adapter_config.json and "
                             "adapter_model.safetensors (train the bundle once without it)")
     saved = json.loads(settings.read_text(encoding="utf-8"))
     wanted = {"r": config.r, "lora_alpha": config.alpha,
@@ -231,11 +265,16 @@ def _initial_adapter(bundle: Path, config: TrainConfig) -> tuple[dict[str, Any],
     found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
              "target_modules": sorted(saved.get("target_modules") or [])}
     if found != wanted:
-        raise HyperlexError(f"init_adapter: {where} was trained with {found}, but this run "
+        raise HyperlexError(f"{key}: {where} was trained with {found}, but this run "
                             f"trains {wanted}; match r, alpha and target_modules")
     card_file = where / "training_card.json"
     card = json.loads(card_file.read_text(encoding="utf-8")) if card_file.is_file() else {}
     return {k: v.float() for k, v in load_file(weights).items()}, card
+
+
+def _tail_mean(values: list[float]) -> float | None:
+    """The mean of the last five steps' values: a round's final loss, less noisy than one."""
+    return sum(values[-5:]) / len(values[-5:]) if values else None
 
 
 def _digest(*paths: Path) -> str:
@@ -313,7 +352,8 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     records = [record for _, _, part in mix for record in part]
     heldout = read_dataset(heldout_path) if heldout_path.is_file() else []
     data_hash = _digest(*(path for _, path, _ in mix))
-    init = _initial_adapter(bundle, config) if config.init_adapter else None
+    init = _saved_adapter(bundle, config) if config.init_adapter else None
+    anchor = _saved_adapter(bundle, config, "anchor_adapter") if config.anchor_adapter else None
     checkpoint = bundle / CHECKPOINT_DIR
     state = _read_checkpoint(checkpoint, config, data_hash) if resume else None
 
@@ -349,6 +389,12 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
                       target_modules=list(config.target_modules), bias="none",
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    anchors = None
+    if anchor is not None:
+        fresh = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        set_peft_model_state_dict(model, anchor[0])
+        anchors = anchor_states(model, examples, memory.micro_batch, pad_id, progress)
+        set_peft_model_state_dict(model, fresh)
     if init is not None:
         set_peft_model_state_dict(model, init[0])
     model.train()
@@ -359,13 +405,14 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
-    step, losses, elapsed = 0, [], 0.0
+    step, losses, divergences, elapsed = 0, [], [], 0.0
     if state is not None:
         set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
+        divergences = state.get("divergences", [])
 
     start = time.time() - elapsed
     bar = tqdm(total=steps, initial=step, desc=f"training {persona.name}", unit="step",
@@ -373,20 +420,25 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     stop = _StopAfterStep(bar)
     try:
         for epoch in range(step // per_epoch, config.epochs):
-            order = examples[:]
+            order = list(range(len(examples)))
             random.Random(config.seed + epoch).shuffle(order)  # same order after a resume
-            for index, batch in enumerate(_groups(order, config.batch_size)):
+            for index, group in enumerate(_groups(order, config.batch_size)):
                 if epoch * per_epoch + index < step:
                     continue
-                loss = accumulate(model, batch, memory.micro_batch, pad_id,
-                                  config.loss_chunk or None)
+                loss, divergence = accumulate(
+                    model, [examples[i] for i in group], memory.micro_batch, pad_id,
+                    config.loss_chunk or None,
+                    [anchors[i] for i in group] if anchors else None, config.anchor_weight)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
                 losses.append(loss)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
+                if divergence is not None:
+                    divergences.append(divergence)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1,
+                                **({"kl": f"{divergence:.3f}"} if divergence is not None else {}))
                 bar.update()
                 if on_step is not None:
                     on_step(step, losses[-1])
@@ -401,7 +453,8 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         _write_checkpoint(checkpoint, config, data_hash, {
             "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "step": step, "losses": losses, "elapsed": time.time() - start})
+            "step": step, "losses": losses, "divergences": divergences,
+            "elapsed": time.time() - start})
         raise TrainingInterrupted(
             f"interrupted at step {step}/{steps}; checkpoint saved in {checkpoint}. Continue "
             f"with: agent train {bundle} --resume") from None
@@ -424,7 +477,7 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         "config": _config_record(config),
         "steps": steps,
         "first_loss": losses[0] if losses else None,
-        "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+        "final_loss": _tail_mean(losses),
         "heldout_loss": (mean_loss(model, held, config.batch_size, pad_id,
                                    config.loss_chunk or None) if held else None),
         "wall_seconds": round(time.time() - start, 1),
@@ -433,6 +486,11 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
         "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
         "torch": torch.__version__,
     }
+    if anchor is not None:  # the KL is a mean per reply token, like the losses
+        card["anchor"] = {"adapter": config.anchor_adapter, "weight": config.anchor_weight,
+                          "round": anchor[1].get("round"),
+                          "first_kl": divergences[0] if divergences else None,
+                          "final_kl": _tail_mean(divergences)}
     if init is not None:  # what each earlier round trained on, newest last
         previous = {k: init[1].get(k) for k in ("round", "data", "steps", "final_loss",
                                                 "heldout_loss")}
