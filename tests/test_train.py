@@ -307,6 +307,37 @@ def test_an_anchored_round_resumes_exactly(bundle: Path, tiny_base: Path, tmp_pa
         assert (a[key] - tensor).abs().max() < 1e-5, key
 
 
+def test_records_the_anchor_does_not_hold_train_as_without_it(bundle: Path, tiny_base: Path,
+                                                              tmp_path: Path) -> None:
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    train(bundle, FAST, base=str(tiny_base), progress=False)
+    lines = [json.dumps({"human": h, "text": "Nothing but the wind."}) for h, _ in EXCHANGES]
+    (bundle / "data" / "turn.jsonl").write_text("\n".join(lines) + "\n")
+    twin, third = (Path(shutil.copytree(bundle, tmp_path / name)) for name in ("twin", "third"))
+    further = dataclasses.replace(FAST, epochs=2, extra_data=("data/turn.jsonl",),
+                                  init_adapter="adapter/", save_dtype="float32")
+    mixed = train(third, dataclasses.replace(further, anchor_adapter="adapter/",
+                                             unanchored_data=("data/turn.jsonl",)),
+                  base=str(tiny_base), progress=False)
+    assert mixed["anchor"]["unanchored_data"] == ["data/turn.jsonl"]
+    assert mixed["anchor"]["final_kl"] > 0  # the voice records are held
+    free = train(bundle, dataclasses.replace(further, data="data/turn.jsonl", extra_data=()),
+                 base=str(tiny_base), progress=False)
+    unheld = train(twin, dataclasses.replace(further, data="data/turn.jsonl", extra_data=(),
+                                             anchor_adapter="adapter/", anchor_weight=100.0,
+                                             unanchored_data=("data/turn.jsonl",)),
+                   base=str(tiny_base), progress=False)
+    assert unheld["anchor"]["final_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert unheld["final_loss"] == pytest.approx(free["final_loss"], abs=1e-5)
+    a = load_file(bundle / "adapter" / "adapter_model.safetensors")
+    b = load_file(twin / "adapter" / "adapter_model.safetensors")
+    for key, tensor in a.items():
+        assert (b[key] - tensor).abs().max() < 1e-5, key
+
+
 def test_a_missing_or_misshapen_anchor_is_refused(bundle: Path, tiny_base: Path) -> None:
     import dataclasses
 
@@ -316,6 +347,14 @@ def test_a_missing_or_misshapen_anchor_is_refused(bundle: Path, tiny_base: Path)
     train(bundle, FAST, base=str(tiny_base), progress=False)
     with pytest.raises(HyperlexError, match="anchor_adapter: .* match r, alpha"):
         train(bundle, dataclasses.replace(FAST, r=8, anchor_adapter="adapter/"),
+              base=str(tiny_base), progress=False)
+    with pytest.raises(HyperlexError, match=r"unanchored_data: data/new.jsonl is not among the "
+                                            r"training files \(data/train.jsonl\)"):
+        train(bundle, dataclasses.replace(FAST, anchor_adapter="adapter/",
+                                          unanchored_data=("data/new.jsonl",)),
+              base=str(tiny_base), progress=False)
+    with pytest.raises(HyperlexError, match="no anchor_adapter"):
+        train(bundle, dataclasses.replace(FAST, unanchored_data=("data/train.jsonl",)),
               base=str(tiny_base), progress=False)
     with pytest.raises(HyperlexError, match="anchor_weight must be > 0"):
         load_config(bundle, {"anchor_weight": 0})

@@ -45,6 +45,10 @@ from hyperlex.errors import HyperlexError
               "reply position (docs/data.md#anchoring-a-further-round---anchor-adapter).")
 @click.option("--anchor-weight", type=float, default=None,
               help="Weight of the anchor's KL beside the cross-entropy (default: 1).")
+@click.option("--unanchored-data", multiple=True, callback=lambda _c, _p, value: value or None,
+              metavar="FILE",
+              help="A training file (--data or --extra-data) whose records the anchor does not "
+                   "hold: the round's new data, learnt freely (repeatable).")
 @click.option("--qlora/--no-qlora", default=None,
               help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,

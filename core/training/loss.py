@@ -82,9 +82,11 @@ def sum_terms(terms: tuple[Any, Any], anchor_weight: float) -> Any:
 
 
 def reply_terms(model: Any, batch: dict[str, Any], chunk: int | None = None,
-                anchor: Any = None) -> tuple[Any, Any]:
+                anchor: Any = None, held: Any = None) -> tuple[Any, Any]:
     """:func:`reply_loss`'s two terms, each a mean over reply tokens: the cross-entropy, and
-    the KL divergence from ``anchor`` (None without one)."""
+    the KL divergence from ``anchor`` (None without one). ``held`` (a bool per reply
+    position; default: all) says where the anchor holds; elsewhere the model's own states
+    stand in for the anchor's, which adds nothing to the KL nor to its gradient."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -94,6 +96,8 @@ def reply_terms(model: Any, batch: dict[str, Any], chunk: int | None = None,
     count = wanted.numel()
     if anchor is not None and anchor.shape[0] != count:
         raise ValueError(f"the anchor has {anchor.shape[0]} reply positions, the batch {count}")
+    if anchor is not None and held is not None:
+        anchor = torch.where(held[:, None], anchor, states.detach().to(anchor.dtype))
     if count == 0:
         zero = hidden.sum() * 0.0  # no reply token: a zero loss that still has a graph
         return zero, None if anchor is None else zero

@@ -64,6 +64,8 @@ class TrainConfig:
     # KL(anchor || model) beside the cross-entropy (hyperlex.training.loss)
     anchor_adapter: str = ""
     anchor_weight: float = 1.0
+    # files of data/extra_data whose records the anchor does not hold: the round's new data
+    unanchored_data: tuple[str, ...] = ()
     # reply positions whose logits are computed at a time (0: as many as fit 128 MiB;
     # hyperlex.training.loss)
     loss_chunk: int = 0
@@ -183,11 +185,9 @@ def accumulate(model: Any, examples: list[tuple[list[int], list[int]]], micro_ba
     """Forward and backward ``examples`` (one optimiser batch) in micro-batches of
     ``micro_batch`` rows, each loss weighted by its share of the batch's reply tokens, so the
     gradients add up to the whole batch's mean-loss gradient. With ``anchors`` (each
-    example's :func:`reply_states` under the anchor adapter) the loss adds
-    ``anchor_weight`` x KL. Return the batch's mean cross-entropy and mean KL (None
-    without anchors)."""
-    import torch
-
+    example's :func:`reply_states` under the anchor adapter, None for one it does not hold)
+    the loss adds ``anchor_weight`` x KL. Return the batch's mean cross-entropy and mean KL
+    per reply token (None without anchors)."""
     parts = list(batches(examples, micro_batch, pad_id))
     counts = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
     total = sum(counts)
@@ -196,12 +196,27 @@ def accumulate(model: Any, examples: list[tuple[list[int], list[int]]], micro_ba
         if count == 0:
             continue
         rows = anchors[index * micro_batch:(index + 1) * micro_batch] if anchors else None
-        terms = reply_terms(model, part, chunk, torch.cat(rows) if rows else None)
+        terms = reply_terms(model, part, chunk, *_held_rows(rows, part))
         (sum_terms(terms, anchor_weight) * (count / total)).backward()
         for slot, term in enumerate(terms):
             if term is not None:
                 means[slot] += term.item() * count / total
     return means[0], means[1] if anchors else None
+
+
+def _held_rows(rows: list[Any] | None, part: dict[str, Any]) -> tuple[Any, Any]:
+    """The anchor states of a micro-batch's rows, concatenated, and where they hold: the
+    rows whose anchor is None get zeros there and are not held."""
+    import torch
+
+    if not rows or all(row is None for row in rows):
+        return None, None
+    counts = (part["labels"][:, 1:] != -100).sum(dim=1).tolist()
+    width = next(row for row in rows if row is not None).shape[1]
+    states = [row if row is not None else torch.zeros(n, width)
+              for row, n in zip(rows, counts, strict=True)]
+    held = [torch.full((n,), row is not None) for row, n in zip(rows, counts, strict=True)]
+    return torch.cat(states), torch.cat(held)
 
 
 def anchor_states(model: Any, examples: list[tuple[list[int], list[int]]], micro_batch: int,
@@ -354,6 +369,12 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     data_hash = _digest(*(path for _, path, _ in mix))
     init = _saved_adapter(bundle, config) if config.init_adapter else None
     anchor = _saved_adapter(bundle, config, "anchor_adapter") if config.anchor_adapter else None
+    stray = set(config.unanchored_data) - {f for f, _, _ in mix}
+    if stray:
+        raise HyperlexError(f"unanchored_data: {', '.join(sorted(stray))} is not among the "
+                            f"training files ({', '.join(f for f, _, _ in mix)})")
+    if config.unanchored_data and anchor is None:
+        raise HyperlexError("unanchored_data: there is no anchor_adapter to leave them out of")
     checkpoint = bundle / CHECKPOINT_DIR
     state = _read_checkpoint(checkpoint, config, data_hash) if resume else None
 
@@ -393,7 +414,10 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     if anchor is not None:
         fresh = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
         set_peft_model_state_dict(model, anchor[0])
-        anchors = anchor_states(model, examples, memory.micro_batch, pad_id, progress)
+        holds = [f not in config.unanchored_data for f, _, part in mix for _ in part]
+        anchors = [states if hold else None for states, hold in zip(
+            anchor_states(model, examples, memory.micro_batch, pad_id, progress), holds,
+            strict=True)]
         set_peft_model_state_dict(model, fresh)
     if init is not None:
         set_peft_model_state_dict(model, init[0])
@@ -488,6 +512,7 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     }
     if anchor is not None:  # the KL is a mean per reply token, like the losses
         card["anchor"] = {"adapter": config.anchor_adapter, "weight": config.anchor_weight,
+                          "unanchored_data": list(config.unanchored_data),
                           "round": anchor[1].get("round"),
                           "first_kl": divergences[0] if divergences else None,
                           "final_kl": _tail_mean(divergences)}
@@ -531,7 +556,8 @@ def _save_adapter(model: Any, adapter_dir: Path, base_name: str, save_dtype: str
 def _config_record(config: TrainConfig) -> dict[str, Any]:
     """The configuration as JSON stores it (tuples as lists)."""
     return {**asdict(config), "target_modules": list(config.target_modules),
-            "extra_data": list(config.extra_data)}
+            "extra_data": list(config.extra_data),
+            "unanchored_data": list(config.unanchored_data)}
 
 
 def _checkpoint_key(config: TrainConfig, data_hash: str) -> dict[str, Any]:
