@@ -479,3 +479,32 @@ def test_self_replay_has_the_real_philosopher_answer_prompts_it_never_saw(
         assert normalize_prompt(prompt) not in off_limits
         assert record["meta"]["teacher"] == "self:philosopher@local:smollm2-135m-instruct"
         assert record["text"] != replies["base"][prompt]["text"]
+
+
+def test_an_anchored_round_of_the_real_philosopher_starts_at_its_anchor(
+        real_home: Path, tmp_path: Path) -> None:
+    """agent train --anchor-adapter on the real model: the anchor's states line up with the
+    round's reply positions (the first step's KL is 0 when the round starts from its anchor,
+    dropout off), the counterfactual turns left free add nothing to it, and the round moves."""
+    import json
+    import shutil
+
+    from hyperlex.personas import __file__ as personas_init
+
+    bundle = Path(shutil.copytree(Path(personas_init).parent / "philosopher",
+                                  tmp_path / "philosopher"))
+    voice = (bundle / "data" / "train.jsonl").read_text().splitlines()[:3]
+    turns = (bundle / "data" / "hindsight-negated.jsonl").read_text().splitlines()[:3]
+    (bundle / "data" / "voice.jsonl").write_text("\n".join(voice) + "\n")
+    (bundle / "data" / "turns.jsonl").write_text("\n".join(turns) + "\n")
+    card = json.loads(run_agent(
+        real_home, "train", str(bundle), "--data", "data/voice.jsonl", "--extra-data",
+        "data/turns.jsonl", "--heldout", "data/none.jsonl", "--init-adapter", "adapter/",
+        "--anchor-adapter", "adapter/", "--unanchored-data", "data/turns.jsonl",
+        "--dropout", "0", "--epochs", "2", "--batch-size", "6", "--lr", "0.005",
+        "--json").stdout)
+    assert card["round"] == 5 and card["steps"] == 2
+    assert card["anchor"]["round"] == 4 and card["anchor"]["unanchored_data"] == [
+        "data/turns.jsonl"]
+    assert card["anchor"]["first_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert card["anchor"]["final_kl"] > 10 * max(card["anchor"]["first_kl"], 1e-6)
