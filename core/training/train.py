@@ -38,6 +38,7 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 TRAIN_FILE = "train.yaml"
 CHECKPOINT_DIR = ".checkpoint"
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+ANCHOR_BYTES_PER_STATE = 4  # an anchor's hidden states are kept in float32
 
 
 @dataclass(frozen=True)
@@ -395,9 +396,14 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
 
     examples = [item for _, path, part in mix for item in encode(part, path)]
     held = encode(heldout, heldout_path)
+    holds = [anchor is not None and f not in config.unanchored_data
+             for f, _, part in mix for _ in part]
+    anchor_bytes = ANCHOR_BYTES_PER_STATE * model.config.hidden_size * sum(
+        sum(label != -100 for label in labels[1:])
+        for (_, labels), hold in zip(examples, holds, strict=True) if hold)
     resident = resident_memory()
     memory = plan_memory(config.batch_size, max(len(ids) for ids, _ in examples + held),
-                         model.config, resident,
+                         model.config, resident + anchor_bytes,
                          max_memory or default_budget(resident), config.micro_batch_size,
                          True if config.gradient_checkpointing else None)
     if progress:
@@ -414,10 +420,9 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     if anchor is not None:
         fresh = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
         set_peft_model_state_dict(model, anchor[0])
-        holds = [f not in config.unanchored_data for f, _, part in mix for _ in part]
-        anchors = [states if hold else None for states, hold in zip(
-            anchor_states(model, examples, memory.micro_batch, pad_id, progress), holds,
-            strict=True)]
+        states = iter(anchor_states(model, [e for e, hold in zip(examples, holds, strict=True)
+                                            if hold], memory.micro_batch, pad_id, progress))
+        anchors = [next(states) if hold else None for hold in holds]
         set_peft_model_state_dict(model, fresh)
     if init is not None:
         set_peft_model_state_dict(model, init[0])
