@@ -143,3 +143,26 @@ def test_an_anchor_for_other_rows_is_refused(tiny_base: Path) -> None:
     states = reply_states(model, batch)
     with pytest.raises(ValueError, match="anchor has 26 reply positions, the batch 27"):
         reply_terms(model, batch, None, torch.cat(states[:2]))
+
+
+def test_positions_the_anchor_does_not_hold_add_nothing_to_the_kl_or_its_gradient(
+        tiny_base: Path) -> None:
+    import torch
+
+    anchor, model = lora_model(tiny_base, seed=1), lora_model(tiny_base)
+    batch = a_batch(model.config.vocab_size)
+    states = reply_states(anchor, batch)
+    first = {key: value[:1] for key, value in batch.items()}
+    model.zero_grad()
+    _, alone = reply_terms(model, first, 5, states[0])
+    (alone * len(states[0])).backward()
+    alone_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    held = torch.cat([torch.full((len(row),), index == 0) for index, row in enumerate(states)])
+    _, mixed = reply_terms(model, batch, 5, torch.cat(states), held)
+    (mixed * len(held)).backward()
+    torch.testing.assert_close(mixed * len(held), alone * len(states[0]), atol=1e-5, rtol=1e-4)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, alone_grads[name], atol=1e-5, rtol=1e-4,
+                                       msg=name)
