@@ -54,19 +54,29 @@ def turn_time(host: Any, engine: Any, persona: Any, best_of: int,
               config: Config) -> tuple[float, dict[str, Any]]:
     """Median wall seconds of a first turn answering :data:`STATEMENT` with ``best_of``
     samples (the persona's sampling settings, or temperature 0.7 for a greedy contract;
-    seed 0, ``config.max_new_tokens``), after a warm-up turn; a new conversation each time,
-    so no turn reuses another's reply."""
+    seed 0, ``config.max_new_tokens``), after a warm-up turn. Each turn is a new
+    conversation as ``agent chat`` starts one: the caches emptied (no turn reuses another's
+    prompt or reply), then the system message prefilled ahead, untimed."""
     from hyperlex.agent.controller import Controller
 
     tokens: list[int] = []
     temperature = persona.contract.params().temperature or 0.7
     options = {"seed": 0, "max_new_tokens": config.max_new_tokens, "temperature": temperature}
+    controllers: list[Any] = []
 
-    def turn() -> None:
+    def start() -> None:
+        with engine.slot() as slot:
+            slot.forget()
         controller = Controller(host, engine, persona=persona.name, router=None,
                                 overrides=options)
-        tokens.append(controller.send(STATEMENT, best_of=best_of).complete().completion_tokens)
+        controller.prefill()
+        controllers.append(controller)
 
+    def turn() -> None:
+        sent = controllers.pop().send(STATEMENT, best_of=best_of)
+        tokens.append(sent.complete().completion_tokens)
+
+    start()
     turn()
-    seconds, samples = median_time(turn, config.repeats)
+    seconds, samples = median_time(turn, config.repeats, setup=start)
     return seconds, {"seconds": samples, "completion_tokens": tokens[1:]}

@@ -3,7 +3,8 @@ was served, so the S rows say how far the scheduler is from the hardware, not on
 issue's targets.
 
 During the burst every ``llama_decode`` the engine makes is counted: the tokens each prompt's
-prefill decoded (what its cache could not give) and the tokens of the decode steps. Then, on
+prefill decoded (what its cache could not give; 0 for a prompt a sequence had prefilled
+whole) and the tokens of the decode steps. Then, on
 an idle context of the same engine, the cheapest cost per token is measured for each kind:
 prefill in whole blocks (:data:`~hyperlex.engines.llamacpp.contexts.PREFILL_BLOCK`) and a
 decode step at the batch size that makes a token cheapest, each the fastest of several
@@ -55,17 +56,27 @@ def counting_decodes() -> Iterator[DecodeCounts]:
         else:
             local.tokens = getattr(local, "tokens", 0) + len(entries)
 
-    def counted_prefill(self: Any, prompt: list[int], source: Any = None) -> None:
+    def counted_prefill(self: Any, prompt: list[int], source: Any = None) -> Any:
         local.tokens = 0
-        prefill(self, prompt, source)
+        logits = prefill(self, prompt, source)
         with lock:
             counts.prefills.append(local.tokens)
+        return logits
 
-    Context.decode, Slot.prefill = counted_decode, counted_prefill  # type: ignore[method-assign]
+    def counted_take(self: Any, prompt: list[int], source: Any) -> Any:
+        logits = take(self, prompt, source)
+        with lock:
+            counts.prefills.append(0)  # a prompt a sequence had prefilled already
+        return logits
+
+    take = Slot.take_prompt
+    Context.decode, Slot.prefill, Slot.take_prompt = (  # type: ignore[method-assign]
+        counted_decode, counted_prefill, counted_take)
     try:
         yield counts
     finally:
-        Context.decode, Slot.prefill = decode, prefill  # type: ignore[method-assign]
+        Context.decode, Slot.prefill, Slot.take_prompt = (  # type: ignore[method-assign]
+            decode, prefill, take)
 
 
 @dataclass

@@ -437,6 +437,64 @@ def test_a_new_turn_copies_the_prompt_prefix_a_sibling_sequence_holds(tiny_base,
     pool.close()
 
 
+@pytest.fixture
+def prefilled(monkeypatch) -> list[int]:
+    """The tokens of every prompt block any sequence decodes (prefill, not decode steps)."""
+    from hyperlex.engines.llamacpp.contexts import Slot
+
+    sizes: list[int] = []
+    original = Slot.decode
+    monkeypatch.setattr(Slot, "decode",
+                        lambda slot, tokens: sizes.append(len(tokens)) or original(slot, tokens))
+    return sizes
+
+
+def test_samples_of_one_prompt_prefill_it_once_and_draw_as_alone(tiny_base, bundles, steps,
+                                                                 prefilled) -> None:
+    """The samples of a best-of turn: four seeds of one prompt started together take the
+    first one's prefill and first logits, and each draws what it draws alone."""
+    samples = [GenerationParams(temperature=1.0, top_p=0.95, max_new_tokens=8, seed=seed)
+               for seed in range(4)]
+    messages = ask(QUESTIONS[2])
+    pool = llama_engine(tiny_base, bundles, sequences=4)
+    results: dict[int, list[str]] = {}
+
+    def worker(params: GenerationParams) -> None:
+        generation = pool.stream(messages, "alpha", params)
+        results[params.seed] = list(generation)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in samples]
+    with pool.slot():  # all four queue, then start together
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: pool.turns()["waiting"] == len(threads))
+    for thread in threads:
+        thread.join()
+    assert sum(prefilled) == pool.count_tokens(messages)
+    assert max(steps) == 4
+    pool.close()
+    single = llama_engine(tiny_base, bundles)
+    alone = {p.seed: list(single.stream(messages, "alpha", p)) for p in samples}
+    single.close()
+    assert results == alone
+    assert len({"".join(pieces) for pieces in alone.values()}) > 1  # the seeds differ
+
+
+def test_a_prompt_asked_again_is_not_prefilled_again_under_its_own_persona_only(
+        tiny_base, bundles, prefilled) -> None:
+    engine = llama_engine(tiny_base, bundles)
+    first = engine.generate(MESSAGES, "alpha", GREEDY).text
+    prefilled.clear()
+    assert engine.generate(MESSAGES, "alpha", GREEDY).text == first
+    assert prefilled == []  # the sequence still held the prompt and its first logits
+    other = engine.generate(MESSAGES, "beta", GREEDY).text
+    assert sum(prefilled) == engine.count_tokens(MESSAGES)  # another persona's cache: anew
+    engine.close()
+    fresh = llama_engine(tiny_base, bundles)
+    assert fresh.generate(MESSAGES, "beta", GREEDY).text == other
+    fresh.close()
+
+
 def test_the_sampler_keeps_transformers_nucleus_and_draws_as_numpy_choice() -> None:
     """top-p sorts only the head of the vocabulary, and the draw skips numpy's
     vocabulary-sized choice; on a language model's peaked distributions both give what the

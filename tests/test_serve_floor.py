@@ -15,7 +15,6 @@ from bench.serve_floor import (
     floors,
     token_costs,
 )
-from hyperlex.engines.llamacpp.contexts import PREFILL_BLOCK
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
 
@@ -39,8 +38,7 @@ def test_counts_each_prefill_and_every_step_token(engine) -> None:
     with counting_decodes() as counts:
         first = engine.generate(MESSAGES, "alpha", PARAMS)
         again = engine.generate(MESSAGES, "alpha", PARAMS)
-    cached = (prompt - 1) // PREFILL_BLOCK * PREFILL_BLOCK  # whole blocks, never the last token
-    assert counts.prefills == [prompt, prompt - cached]
+    assert counts.prefills == [prompt, 0]  # asked again, the prompt was held whole
     # the first token comes from the prefill's logits; each later one needs a step
     assert counts.step_tokens == (first.usage.completion_tokens - 1
                                   + again.usage.completion_tokens - 1)

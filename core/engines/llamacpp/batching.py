@@ -21,7 +21,9 @@ llama.cpp worker threads, and idle teams spin.) Each turn keeps its own sampler,
 stop, cancel and stream.
 
 A new turn's prompt is prefilled alone in its batch, in whole blocks, from the longest cached
-prefix any sequence of its context holds; a decode step batches one token per turn, whose
+prefix any sequence of its context holds, or not at all when a sequence there prefilled
+exactly that prompt and still holds it (the samples of one best-of turn share one prefill
+and its first logits, as vLLM's ``n`` does); a decode step batches one token per turn, whose
 arithmetic does not depend on the other rows, so a greedy reply is the same whether it ran
 alone or beside others.
 """
@@ -251,28 +253,41 @@ class Scheduler:
                 self._assign()
 
     def _start(self, context: Context, turn: Turn, turns: list[Turn]) -> None:
-        """Prefill a turn that joined: on the free sequence whose cache gives most of its
-        prompt, copying a sibling's cache when one gives more."""
+        """Start a turn that joined. When a sequence here prefilled exactly its prompt and
+        still holds it (the samples of one best-of turn, a prompt asked again), the turn takes
+        that cache and those first logits and prefills nothing, on that sequence if it is
+        free; otherwise it prefills on the free sequence whose cache gives most of its prompt,
+        copying a sibling's cache when one gives more."""
         taken = {id(t.slot) for t in turns if t.slot is not None}
         free = [s for s in context.slots if id(s) not in taken]
-        slot = max(free, key=lambda s: (s.reuse(turn.prompt), -s.used))
-        source = max(context.slots, key=lambda s: s.reuse(turn.prompt))
+        twin = next((s for s in context.slots if s.prompt_logits(turn.prompt) is not None),
+                    None)
+        if twin is not None and id(twin) not in taken:
+            slot = twin
+        else:
+            slot = max(free, key=lambda s: (s.reuse(turn.prompt), -s.used))
         self._clock += 1
         slot.used = self._clock
         turn.slot, turn.started = slot, True
-        slot.prefill(turn.prompt, source if source is not slot else None)
+        if twin is not None:
+            logits = slot.take_prompt(turn.prompt, twin)
+        else:
+            source = max(context.slots, key=lambda s: s.reuse(turn.prompt))
+            logits = slot.prefill(turn.prompt, source if source is not slot else None)
         if turn.limit == 0:
             turn.done = True
         else:
-            self._sample(turn)
+            self._sample(turn, logits.copy())  # the sampler may penalize in place
 
-    def _sample(self, turn: Turn) -> None:
+    def _sample(self, turn: Turn, logits: Any = None) -> None:
+        """Draw the turn's next token from ``logits`` (default: its sequence's latest)."""
         assert turn.sampler is not None and turn.slot is not None
         if turn.abandoned or turn.cancelled():
             turn.pending, turn.done = None, True
             return
         allowed: Any = None if turn.grammar is None else turn.grammar.allowed()
-        token = turn.sampler.next(turn.slot.logits(), allowed)
+        logits = turn.slot.logits() if logits is None else logits
+        token = turn.sampler.next(logits, allowed)
         turn.produced += 1
         turn.pending = None
         if turn.is_end(token):

@@ -170,6 +170,8 @@ class Slot:
         self.reusable = 0
         self.output = -1  # the index of this sequence's logits in the last decode
         self.used = 0  # when a turn last took this sequence (the scheduler's clock)
+        # the last prompt prefilled here, under which composition, and its last logits
+        self.prefilled: tuple[Composition | None, list[int], Any] | None = None
 
     @property
     def composition(self) -> Composition | None:
@@ -194,11 +196,12 @@ class Slot:
             keep += 1
         return keep - keep % PREFILL_BLOCK
 
-    def prefill(self, prompt: list[int], source: Slot | None = None) -> None:
+    def prefill(self, prompt: list[int], source: Slot | None = None) -> Any:
         """Decode what ``prompt`` adds to what the cache holds, from the last block boundary
-        its cached prefix reaches (at least its last token, whose logits start the reply).
-        With ``source`` (another sequence of this context that can give more of the prompt),
-        that sequence's cache is copied here first."""
+        its cached prefix reaches (at least its last token, whose logits start the reply),
+        and return those next-token logits. With ``source`` (another sequence of this
+        context that can give more of the prompt), that sequence's cache is copied here
+        first."""
         if source is not None and source.reuse(prompt) > self.reuse(prompt):
             self.restore(source.state(), list(source.tokens), source.reusable)
         keep = self.reuse(prompt)
@@ -207,6 +210,31 @@ class Slot:
         for start in range(keep, len(prompt), PREFILL_BLOCK):
             self.decode(prompt[start:start + PREFILL_BLOCK])
         self.reusable = len(prompt) - len(prompt) % PREFILL_BLOCK
+        self.prefilled = (self.composition, list(prompt), self.logits())
+        return self.prefilled[2]
+
+    def prompt_logits(self, prompt: list[int]) -> Any | None:
+        """The next-token logits after ``prompt`` when this sequence prefilled exactly
+        ``prompt`` under the context's composition and its cache still holds it; else None."""
+        if self.prefilled is None or not self.context._engine.prompt_cache:
+            return None
+        composition, tokens, logits = self.prefilled
+        held = composition == self.composition and self.tokens[:len(tokens)] == tokens
+        return logits if held and tokens == prompt else None
+
+    def take_prompt(self, prompt: list[int], source: Slot) -> Any:
+        """Start a turn on ``prompt`` without prefilling it: ``source`` (this sequence or a
+        sibling, whose :meth:`prompt_logits` has it) gives its cache, cut back to the
+        prompt, and its next-token logits, which are returned. The arithmetic is the
+        prefill's own, so the turn goes on bit for bit as if it had prefilled."""
+        logits = source.prompt_logits(prompt)
+        if logits is None:
+            raise ValueError("the source sequence does not hold this prompt's logits")
+        if source is not self:
+            self.restore(source.state(), list(source.tokens), source.reusable)
+            self.prefilled = source.prefilled
+        self.truncate(len(prompt))
+        return logits
 
     def decode(self, tokens: list[int]) -> None:
         """Run ``tokens`` through the model after the cached ones, alone in their batch,
@@ -241,6 +269,7 @@ class Slot:
         whose cache belongs to this context's composition)."""
         lib = self.context._lib
         lib.llama_memory_seq_rm(self.context.memory(), self.seq, -1, -1)
+        self.prefilled = None
         buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if lib.llama_state_seq_set_data(self.context.ctx, buffer, len(data), self.seq):
             self.tokens, self.reusable = tokens, reusable
