@@ -113,6 +113,14 @@ def test_agent_data_hindsight_writes_each_bundles_records(
     assert negate.exit_code == 0, negate.output
     counterfactual = (bundle / "data" / "hindsight-negated.jsonl").read_text().splitlines()
     assert json.loads(negate.stdout)[0]["negated"] == len(counterfactual) > 0
+    whole = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--negate", "--whole-reply",
+                                "--json"])
+    assert whole.exit_code == 0, whole.output
+    replies = [json.loads(line)["text"] for line in
+               (bundle / "data" / "hindsight-negated-whole.jsonl").read_text().splitlines()]
+    assert 0 < len(replies) == len(set(replies)) and all(" not " in r for r in replies)
+    alone = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--whole-reply"])
+    assert alone.exit_code == 2 and "--whole-reply needs --chat or --negate" in alone.output
 
     outside = runner.invoke(cli, ["data", "hindsight", "-p", "sailor", "--out", "../x.jsonl"])
     assert outside.exit_code == 2 and "outside the bundle" in outside.output
@@ -220,3 +228,27 @@ def test_counterfactual_chat_turns_state_and_keep_the_negated_fact(
         score = score_roundtrip(stated, read_back(encoder(record["text"])), record["text"])
         assert score.negations and score.negations_kept == score.negations
         parse_record(record)
+
+
+def test_a_whole_reply_turn_negates_one_window_inside_the_reply(
+        encoder: DefaultEncoder) -> None:
+    reply = ("The sailor sees the lighthouse. The keeper lights the lamp. The gulls sleep on "
+             "the mast.")
+    [record] = hindsight_records([(7, reply)], encoder, max_hyperlexemes=2, negate=True,
+                                 whole_reply=True)
+    assert record["text"] == ("The sailor does not see the lighthouse. The keeper lights the "
+                              "lamp. The gulls sleep on the mast.")
+    assert record["meta"] == {"hindsight": True, "line": 7, "chat_turn": True,
+                              "counterfactual": True, "whole_reply": True}
+    stated = Scene.from_dict(record["scene"])
+    score = score_roundtrip(stated, read_back(encoder(record["text"])), record["text"])
+    assert score.negations and score.negations_kept == score.negations
+    windows_alone = hindsight_records([(7, reply)], encoder, max_hyperlexemes=2, negate=True)
+    assert len(windows_alone) > 1
+    assert windows_alone[0]["text"] == "The sailor does not see the lighthouse."
+
+    chat = hindsight_records([(7, reply)], encoder, max_hyperlexemes=2, chat=True,
+                             whole_reply=True)
+    assert [r["text"] for r in chat] == [reply]
+    with pytest.raises(ValueError, match="chat-form"):
+        hindsight_records([(7, reply)], encoder, whole_reply=True)

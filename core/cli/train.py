@@ -328,15 +328,20 @@ def data_read(out: Path, count: int, names: tuple[str, ...], voice: int, seed: i
               help="Counterfactual chat turns instead: one affirmed link of each window "
                    "negated in the reply (\"sees\" -> \"does not see\", checked by the "
                    "encoder) and stated by the user.")
+@click.option("--whole-reply", is_flag=True,
+              help="With --chat or --negate: answer with the whole voice reply, the window "
+                   "(negated) in its place, one record per reply, instead of the window "
+                   "alone.")
 @click.option("--out", default=None, metavar="FILE",
               help="Where the records go, relative to each persona's bundle (overwritten; "
                    "default data/hindsight.jsonl, with --chat data/hindsight-chat.jsonl, "
-                   "with --negate data/hindsight-negated.jsonl).")
+                   "with --negate data/hindsight-negated.jsonl; -whole.jsonl with "
+                   "--whole-reply).")
 @click.option("--seed", default=0, show_default=True, help="Which windows, beyond the negated.")
 @click.option("--json", "as_json", is_flag=True, help="Print each persona's counts as JSON.")
 def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, encoder: str,
-                   chat: bool, negate: bool, out: str | None, seed: int, as_json: bool
-                   ) -> None:
+                   chat: bool, negate: bool, whole_reply: bool, out: str | None, seed: int,
+                   as_json: bool) -> None:
     """Hindsight scene records: windows of each persona's own training replies, each with
     the scene the encoder reads in it, as speak_scene records (faithful and in voice by
     construction; docs/data.md). Train on them with agent train BUNDLE --extra-data FILE.
@@ -344,15 +349,20 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
     --chat builds chat turns instead: the user states up to two of a window's facts in
     plain words, negated ones first, and the window answers. --negate builds the chat turns
     of counterfactual windows: one affirmed fact negated by one verb, in the reply and in the
-    user's statement (docs/data.md)."""
+    user's statement (docs/data.md). --whole-reply answers either with the whole voice reply,
+    the window in its place."""
     from hyperlex.cli.common import report_problems
     from hyperlex.engines.models import load_tokenizer, resolve_base
     from hyperlex.training.data import parse_record, read_dataset, write_records
     from hyperlex.training.hindsight import hindsight_records, negated
     from hyperlex.training.train import encode_example, load_config
 
-    out = out or ("data/hindsight-negated.jsonl" if negate else
-                  "data/hindsight-chat.jsonl" if chat else "data/hindsight.jsonl")
+    if whole_reply and not (chat or negate):
+        raise click.UsageError("--whole-reply needs --chat or --negate")
+    if out is None:
+        out = ("data/hindsight-negated" if negate else
+               "data/hindsight-chat" if chat else "data/hindsight")
+        out += "-whole.jsonl" if whole_reply else ".jsonl"
     host = get_host()
     report_problems(host)
     if encoder not in host.scene_encoders:
@@ -383,7 +393,7 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
         replies = [(e.line, e.text) for e in read_dataset(source) if e.is_chat]
         records = hindsight_records(replies, read, count, seed, max_hyperlexemes,
                                     fits=fits_training(persona, config.max_length), chat=chat,
-                                    negate=negate)
+                                    negate=negate, whole_reply=whole_reply)
         write_records(target, records)
         with_negation = sum(map(negated, records))
         summary.append({"persona": name, "replies": len(replies), "records": len(records),

@@ -29,7 +29,10 @@ one of a window's affirmed links is negated in the reply itself, by one verb ("s
 "does not see", "is" -> "is not", "can go" -> "can not go"), and the user states the
 negated fact. A negated window is kept only when the encoder reads it as the window's own
 scene with exactly that link's polarity flipped, so the reply stays faithful and, but for
-one "not", in the persona's words.
+one "not", in the persona's words. A window's reply is short and opens with the fact the
+user just stated, which reads as nobody's voice; ``--whole-reply`` answers with the whole
+voice reply instead, the (negated) window in its place, so the fact is restated inside the
+persona's own way of answering.
 """
 
 from __future__ import annotations
@@ -88,26 +91,34 @@ def _says_enough(scene: Scene, max_hyperlexemes: int) -> bool:
             and bool(scene.links))
 
 
-def windows(text: str, encoder: Callable[[str], Delta],
-            max_hyperlexemes: int = MAX_HYPERLEXEMES) -> Iterator[tuple[str, Scene]]:
-    """The windows of ``text`` worth a record, each with the scene it reads as: from each
-    sentence not yet used, the longest run of whole sentences whose reading says enough."""
+def window_spans(text: str, encoder: Callable[[str], Delta],
+                 max_hyperlexemes: int = MAX_HYPERLEXEMES
+                 ) -> Iterator[tuple[int, int, Scene]]:
+    """(start, end, scene) of the windows of ``text`` worth a record: from each sentence not
+    yet used, the longest run of whole sentences whose reading says enough."""
     spans = sentence_spans(text)
     i = 0
     while i < len(spans):
-        best: tuple[int, str, Scene] | None = None
+        best: tuple[int, Scene] | None = None
         for j in range(i, len(spans)):
-            window = text[spans[i][0]:spans[j][1]]
-            scene = content_scene(encoder(window))
+            scene = content_scene(encoder(text[spans[i][0]:spans[j][1]]))
             if len(scene.hyperlexemes) > max_hyperlexemes:
                 break
             if _says_enough(scene, max_hyperlexemes):
-                best = (j, window, scene)
+                best = (j, scene)
         if best is None:
             i += 1
             continue
-        yield best[1], best[2]
+        yield spans[i][0], spans[best[0]][1], best[1]
         i = best[0] + 1
+
+
+def windows(text: str, encoder: Callable[[str], Delta],
+            max_hyperlexemes: int = MAX_HYPERLEXEMES) -> Iterator[tuple[str, Scene]]:
+    """The windows of ``text`` worth a record (:func:`window_spans`), each with the scene it
+    reads as."""
+    for start, end, scene in window_spans(text, encoder, max_hyperlexemes):
+        yield text[start:end], scene
 
 
 def negated(record: dict[str, Any]) -> bool:
@@ -266,23 +277,33 @@ def hindsight_records(texts: Iterable[tuple[int, str]], encoder: Callable[[str],
                       count: int | None = None, seed: int = 0,
                       max_hyperlexemes: int = MAX_HYPERLEXEMES,
                       fits: Callable[[dict[str, Any]], bool] | None = None,
-                      chat: bool = False, negate: bool = False) -> list[dict[str, Any]]:
+                      chat: bool = False, negate: bool = False,
+                      whole_reply: bool = False) -> list[dict[str, Any]]:
     """``speak_scene`` records from ``texts`` (``(line, reply)`` pairs of a persona's voice
     data): every window (see :func:`windows`) that ``fits`` (for training: its prompt and
     whole reply within ``max_length`` tokens), or ``count`` of them, those with a negated
     link first, the rest drawn at random (``seed``), kept in the order of the data. With
     ``chat``, their chat-form records instead (:func:`chat_turn`); with ``negate``, the
     chat-form records of their counterfactual versions (:func:`negated_windows`, the first
-    whose negated link the user's message states, one per window)."""
+    whose negated link the user's message states, one per window). With ``whole_reply``
+    (chat-form records only), the reply is the whole voice reply with the window (negated,
+    for ``negate``) in its place, one record per reply: its first window that makes one."""
+    if whole_reply and not (chat or negate):
+        raise ValueError("whole_reply applies to chat-form records (chat or negate)")
     found = []
     for line, text in texts:
-        for window, scene in windows(text, encoder, max_hyperlexemes):
-            record = _record(window, scene, encoder, chat, negate)
+        for start, end, scene in window_spans(text, encoder, max_hyperlexemes):
+            record = _record(text[start:end], scene, encoder, chat, negate)
             if record is None:
                 continue
+            if whole_reply:
+                record["text"] = text[:start] + record["text"] + text[end:]
+                record["meta"] |= {"whole_reply": True}
             record["meta"] = {"hindsight": True, "line": line} | record["meta"]
             if fits is None or fits(record):
                 found.append(record)
+                if whole_reply:
+                    break
     if count is None or count >= len(found):
         return found
     order = list(range(len(found)))
