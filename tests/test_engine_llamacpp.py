@@ -480,6 +480,27 @@ def test_samples_of_one_prompt_prefill_it_once_and_draw_as_alone(tiny_base, bund
     assert len({"".join(pieces) for pieces in alone.values()}) > 1  # the seeds differ
 
 
+def test_a_sample_whose_copied_cache_is_refused_prefills_its_prompt(
+        tiny_base, bundles, alone, prefilled, monkeypatch) -> None:
+    import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "llama_state_seq_set_data", lambda *args: 0)
+    pool = llama_engine(tiny_base, bundles, sequences=2)
+    messages = ask(QUESTIONS[0])
+    replies: list[str] = []
+    threads = [threading.Thread(target=lambda: replies.append(
+        pool.generate(messages, "alpha", GREEDY).text)) for _ in range(2)]
+    with pool.slot():  # both queue, then start together
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: pool.turns()["waiting"] == 2)
+    for thread in threads:
+        thread.join()
+    assert sum(prefilled) == 2 * pool.count_tokens(messages)
+    pool.close()
+    assert replies == [alone[("alpha", QUESTIONS[0])]] * 2
+
+
 def test_a_prompt_asked_again_is_not_prefilled_again_under_its_own_persona_only(
         tiny_base, bundles, prefilled) -> None:
     engine = llama_engine(tiny_base, bundles)

@@ -226,12 +226,15 @@ class Slot:
         """Start a turn on ``prompt`` without prefilling it: ``source`` (this sequence or a
         sibling, whose :meth:`prompt_logits` has it) gives its cache, cut back to the
         prompt, and its next-token logits, which are returned. The arithmetic is the
-        prefill's own, so the turn goes on bit for bit as if it had prefilled."""
+        prefill's own, so the turn goes on bit for bit as if it had prefilled (and does
+        prefill when llama.cpp refuses the copied state)."""
         logits = source.prompt_logits(prompt)
         if logits is None:
             raise ValueError("the source sequence does not hold this prompt's logits")
         if source is not self:
             self.restore(source.state(), list(source.tokens), source.reusable)
+            if not self.tokens:  # llama.cpp refused the state: prefill after all
+                return self.prefill(prompt)
             self.prefilled = source.prefilled
         self.truncate(len(prompt))
         return logits
