@@ -291,16 +291,21 @@ def run_together(pool, jobs: list[tuple[str, str]]) -> dict[tuple[str, str], str
     def worker(persona: str, question: str) -> None:
         results[(persona, question)] = pool.generate(ask(question), persona, GREEDY).text
 
-    threads = [threading.Thread(target=worker, args=job) for job in jobs]
+    start_together(pool, [threading.Thread(target=worker, args=job) for job in jobs])
+    return results
+
+
+def start_together(pool, threads: list[threading.Thread]) -> None:
+    """Run ``threads`` (one turn each) to their end, their turns queued while the pool's
+    contexts are held so that they start together."""
     with contextlib.ExitStack() as held:
         for _ in range(pool.contexts):
             held.enter_context(pool.slot())
         for thread in threads:
             thread.start()
-        wait_until(lambda: pool.turns()["waiting"] == len(jobs))
+        wait_until(lambda: pool.turns()["waiting"] == len(threads))
     for thread in threads:
         thread.join()
-    return results
 
 
 def wait_until(condition) -> None:
@@ -399,13 +404,7 @@ def test_cancelling_one_turn_of_a_batch_leaves_the_others_as_alone(tiny_base, bu
             cancelled.cancel()
             gate.set()
 
-    threads = [threading.Thread(target=keep), threading.Thread(target=cancel)]
-    with pool.slot():  # both queue, then start together
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: pool.turns()["waiting"] == 2)
-    for thread in threads:
-        thread.join()
+    start_together(pool, [threading.Thread(target=keep), threading.Thread(target=cancel)])
     pool.close()
     assert cancelled.finish_reason == "cancelled" and cancelled.usage.completion_tokens < 400
     assert results["kept"] == alone[("alpha", QUESTIONS[0])] and sizes[0] == 2
@@ -463,13 +462,7 @@ def test_samples_of_one_prompt_prefill_it_once_and_draw_as_alone(tiny_base, bund
         generation = pool.stream(messages, "alpha", params)
         results[params.seed] = list(generation)
 
-    threads = [threading.Thread(target=worker, args=(p,)) for p in samples]
-    with pool.slot():  # all four queue, then start together
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: pool.turns()["waiting"] == len(threads))
-    for thread in threads:
-        thread.join()
+    start_together(pool, [threading.Thread(target=worker, args=(p,)) for p in samples])
     assert sum(prefilled) == pool.count_tokens(messages)
     assert max(steps) == 4
     pool.close()
@@ -488,14 +481,8 @@ def test_a_sample_whose_copied_cache_is_refused_prefills_its_prompt(
     pool = llama_engine(tiny_base, bundles, sequences=2)
     messages = ask(QUESTIONS[0])
     replies: list[str] = []
-    threads = [threading.Thread(target=lambda: replies.append(
-        pool.generate(messages, "alpha", GREEDY).text)) for _ in range(2)]
-    with pool.slot():  # both queue, then start together
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: pool.turns()["waiting"] == 2)
-    for thread in threads:
-        thread.join()
+    start_together(pool, [threading.Thread(target=lambda: replies.append(
+        pool.generate(messages, "alpha", GREEDY).text)) for _ in range(2)])
     assert sum(prefilled) == 2 * pool.count_tokens(messages)
     pool.close()
     assert replies == [alone[("alpha", QUESTIONS[0])]] * 2
