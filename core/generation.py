@@ -104,6 +104,21 @@ Layers = Sequence[tuple[str, float]]  # (mood name, weight) composed over the pe
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Scene guidance for a batch of requests (context-aware decoding): each reply is steered
+    towards what its prompt says and its ``negatives`` prompt (the same chat without the
+    scene, one per request) does not, at ``weight`` (0: no guidance). Only the torch engine
+    runs it (:mod:`hyperlex.engines.torch.guidance`)."""
+
+    weight: float
+    negatives: Sequence[Sequence[Message]]
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise InvalidParameter(f"guidance weight must be a number >= 0, got {self.weight!r}")
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0

@@ -495,3 +495,18 @@ def test_eval_roundtrip_on_a_real_persona(runner: CliRunner, tmp_path: Path) -> 
         assert len(entry["reply"].split()) >= 5 and "error" not in entry  # a sentence at least
     assert data["metrics"]["poet"]["hyperlexeme_recall"] > 0  # it spoke of the scene
     assert (out / "report.md").is_file() and (out / "roundtrip_scores.png").is_file()
+
+
+def test_eval_roundtrip_with_guidance_decodes_every_reply_guided(
+        runner: CliRunner, tiny_plugin: str, tiny_base: Path) -> None:
+    plain = roundtrip_cli(runner, tiny_base, "--limit", "2", "--json", "--engine", "torch")
+    guided = roundtrip_cli(runner, tiny_base, "--limit", "2", "--json", "--engine", "torch",
+                           "--guidance", "4")
+    assert plain.exit_code == 0 and guided.exit_code == 0, guided.output
+    before, after = json.loads(plain.stdout), json.loads(guided.stdout)
+    assert (before["guidance"], after["guidance"]) == (0.0, 4.0)
+    replies = {data["guidance"]: [r["reply"] for name in data["personas"]
+                                  for r in data["results"][name]] for data in (before, after)}
+    assert replies[0.0] != replies[4.0]
+    refused = roundtrip_cli(runner, tiny_base, "--guidance", "4", "--engine", "llamacpp")
+    assert refused.exit_code == 2 and "--guidance runs on the torch engine" in refused.output

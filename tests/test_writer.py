@@ -204,3 +204,32 @@ def test_a_flipped_negation_ranks_below_any_faithful_rendering() -> None:
     flipped = score(Link(link.src, link.rel, link.dst, polarity=-link.polarity))
     silent = score()
     assert kept.rank > silent.rank > flipped.rank
+
+
+def test_scene_say_with_guidance_says_what_the_guided_engine_decodes(
+        runner, writer_plugin, tiny_base: Path, tiny_bundles: dict[str, Path],
+        tmp_path: Path) -> None:
+    """--guidance W: the reply is the torch engine's guided reply to the scene prompt against
+    the same prompt with an empty scene; llama.cpp refuses it by name."""
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.generation import GenerationParams, Guidance
+    from hyperlex.persona.prompt import unguided_prompt
+
+    scene_file = tmp_path / "scene.json"
+    scene_file.write_text(json.dumps(SCENE.to_dict()))
+    args = ["scene", "say", str(scene_file), "-p", "alpha", "--base", str(tiny_base),
+            "-o", "temperature", "0", "-o", "max_new_tokens", "8"]
+    result = runner.invoke(cli, [*args, "--guidance", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    alpha = Persona.from_dir(tiny_bundles["alpha"])
+    engine = TorchEngine([alpha], base=str(tiny_base), progress=False)
+    params = GenerationParams(temperature=0, max_new_tokens=8)
+    expected = engine.generate_batch(
+        [(scene_prompt(alpha, SCENE, engine), "alpha")], params,
+        guidance=Guidance(3.0, [unguided_prompt(alpha, engine)]))[0].text.strip()
+    plain = engine.generate(scene_prompt(alpha, SCENE, engine), "alpha", params).text.strip()
+    assert json.loads(result.stdout)["reply"] == expected != plain
+    refused = runner.invoke(cli, [*args, "--guidance", "3", "--engine", "llamacpp"])
+    assert refused.exit_code == 2 and "--guidance runs on the torch engine" in refused.output
+    negative = runner.invoke(cli, [*args, "--guidance", "-1"])
+    assert negative.exit_code == 2 and "--guidance" in negative.output

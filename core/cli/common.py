@@ -210,6 +210,21 @@ def warm_up_encoders(host: Host) -> None:
     threading.Thread(target=warm, name="hyperlex-warm-up", daemon=True).start()
 
 
+GUIDANCE_HELP = ("Scene guidance (context-aware decoding): each next word is weighed by how "
+                 "much the scene raises its likelihood, at this weight; 0: none. Torch "
+                 "engine only; docs/verification.md#scene-guidance.")
+
+
+def guidance_option(func: Any) -> Any:
+    return click.option("--guidance", type=click.FloatRange(min=0), default=0.0,
+                        show_default=True, help=GUIDANCE_HELP)(func)
+
+
+def check_guidance(guidance: float, backend: str) -> None:
+    if guidance and backend != "torch":
+        raise click.UsageError(f"--guidance runs on the torch engine, not --engine {backend}")
+
+
 def choose_backend(requested: str, dtype: str, quantize: str | None, merge: bool) -> str:
     """``auto``: llama.cpp when it is installed and no torch-only option was given."""
     from hyperlex.engines.registry import engine_entry

@@ -9,11 +9,13 @@ from typing import Any
 import click
 
 from hyperlex.cli.common import (
+    check_guidance,
     choose_backend,
     compositions,
     emit_json,
     engine_options,
     get_host,
+    guidance_option,
     invocation,
     open_engine,
     report_problems,
@@ -307,7 +309,8 @@ def _eval_scenes(scene_files: tuple[Path, ...], no_shipped: bool, limit: int | N
 
 def _run_roundtrip(engine: Any, chosen: dict[str, Any], explicit: bool, scenes: Any,
                    encoder: Any, encoder_name: str, max_new_tokens: int,
-                   batch_size: int, layers: list[tuple[str, float]]) -> Any:
+                   batch_size: int, layers: list[tuple[str, float]],
+                   guidance: float = 0.0) -> Any:
     from hyperlex.eval.roundtrip import roundtrip, speaking_params
 
     skipped = [n for n in chosen if n in engine.skipped]
@@ -322,7 +325,7 @@ def _run_roundtrip(engine: Any, chosen: dict[str, Any], explicit: bool, scenes: 
     return roundtrip(engine, speakers, scenes, encoder,
                      params=speaking_params(max_new_tokens), batch_size=batch_size,
                      progress=lambda m: click.echo(m, err=True), encoder_name=encoder_name,
-                     layers=tuple(layers))
+                     layers=tuple(layers), guidance=guidance)
 
 
 def _print_roundtrip(report: Any, verbose: bool) -> None:
@@ -363,13 +366,15 @@ def _print_roundtrip(report: Any, verbose: bool) -> None:
               help="Where the replies are generated: torch (batched), or llama.cpp's exact "
                    "mode (an F32 GGUF of the base: the same greedy replies but for near-ties; "
                    "one reply at a time, slower here, see docs/verification.md).")
+@guidance_option
 @engine_options
 def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
                    no_shipped_scenes: bool, encoder: str, compose: tuple[str, ...],
                    verbose: bool, limit: int | None,
                    max_new_tokens: int, batch_size: int, as_json: bool,
                    report_dir: Path | None, thresholds_file: Path | None, backend: str,
-                   base: str | None, dtype: str, quantize: str | None) -> None:
+                   guidance: float, base: str | None, dtype: str,
+                   quantize: str | None) -> None:
     """Scene -> text -> scene: each persona speaks every scene (its contract with the whole
     scene, greedy) and the encoder reads the reply back. Per persona: hyperlexeme recall and
     precision, link F1 (strict and relaxed), and the failure modes: split links,
@@ -377,9 +382,10 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
 
     --compose writer:0.5 adds a row per persona speaking with the scene-writer composed
     over it at weight 0.5. --engine llamacpp generates on llama.cpp's exact mode instead of
-    the torch engine."""
+    the torch engine. --guidance 3 decodes every reply with scene guidance (torch only)."""
     from hyperlex.eval.report import roundtrip_section
 
+    check_guidance(guidance, backend)
     thresholds = _load_gate(thresholds_file)
     host = get_host()
     report_problems(host)
@@ -392,7 +398,7 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
                          only=[*chosen, *(layer for layer, _ in layers)], backend=backend,
                          exact=True)
     report = _run_roundtrip(engine, chosen, bool(names), scenes, reader, encoder,
-                            max_new_tokens, batch_size, layers)
+                            max_new_tokens, batch_size, layers, guidance)
     if as_json:
         emit_json(report.as_dict())
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from hyperlex.cli.common import engine_options
+from hyperlex.cli.common import engine_options, guidance_option
 from hyperlex.errors import HyperlexError
 
 DEFAULT_GOLD = Path("tests") / "data" / "scene_gold.jsonl"
@@ -167,11 +167,12 @@ def evaluate(gold: Path | None, encoder_name: str, as_json: bool, verbose: bool,
               help="Print the reply (and with --check its score) as JSON.")
 @click.option("--engine", "backend", type=click.Choice(["auto", "torch", "llamacpp"]),
               default="auto", show_default=True,
-              help="Inference engine (auto: llama.cpp when installed).")
+              help="Inference engine (auto: llama.cpp when installed; torch with --guidance).")
+@guidance_option
 @engine_options
 def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[str, str], ...],
         check: bool, encoder_name: str, best_of: int, as_json: bool, backend: str,
-        base: str | None, dtype: str, quantize: str | None) -> None:
+        guidance: float, base: str | None, dtype: str, quantize: str | None) -> None:
     """Speak the scene in SCENE.json ('-': standard input) as PERSONA: the scene-writer by
     default, or any persona, with a layer composed over it.
 
@@ -179,6 +180,7 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
     prints under "scene", or one line of an evaluation-scene file)."""
     from hyperlex.agent.moods import parse_mood
     from hyperlex.cli.common import (
+        check_guidance,
         check_option,
         choose_backend,
         get_host,
@@ -186,8 +188,8 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
         sample_capacity,
     )
     from hyperlex.eval.roundtrip import read_back, read_scene_file, score_roundtrip
-    from hyperlex.generation import parse_options
-    from hyperlex.persona.prompt import scene_prompt
+    from hyperlex.generation import Guidance, parse_options
+    from hyperlex.persona.prompt import scene_prompt, unguided_prompt
 
     text = sys.stdin.read() if scene_file == "-" else None
     source = read_scene_file("<stdin>" if scene_file == "-" else scene_file, text)
@@ -204,6 +206,8 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
     if best_of > 1 and params.greedy:
         raise click.UsageError(f"--best-of {best_of} needs sampling: with temperature 0 every "
                                "sample is the same reply (give -o temperature 0.7)")
+    backend = "torch" if guidance and backend == "auto" else backend
+    check_guidance(guidance, backend)
     backend = choose_backend(backend, dtype, quantize, merge=False)
     engine = open_engine(host, base, dtype, quantize,
                          only=[persona, *([composed[0]] if composed else [])], backend=backend,
@@ -211,13 +215,20 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
     engine.check_request(persona, [composed] if composed else [])
     messages = scene_prompt(engine.persona(persona), source, engine)
     layers = (composed,) if composed else ()
+    guided = Guidance(guidance, [unguided_prompt(engine.persona(persona), engine)]) \
+        if guidance else None
     samples: list[dict[str, Any]] = []
     chosen = 0
     if best_of > 1:
         assert encoder is not None
         chosen, samples = _best_rendering(engine, messages, persona, params, layers, best_of,
-                                          source, encoder)
+                                          source, encoder, guided)
         reply = samples[chosen]["text"]
+        if not as_json:
+            click.echo(reply)
+    elif guided is not None:
+        reply = engine.generate_batch([(messages, persona)], params, layers=layers,
+                                      guidance=guided)[0].text.strip()
         if not as_json:
             click.echo(reply)
     elif as_json:
@@ -245,16 +256,22 @@ def say(scene_file: str, persona: str, layer: str | None, options: tuple[tuple[s
 
 
 def _best_rendering(engine: Any, messages: list[Any], persona: str, params: Any,
-                    layers: tuple[Any, ...], n: int, source: Any,
-                    encoder: Any) -> tuple[int, list[dict[str, Any]]]:
-    """``n`` samples of the scene (seeds ``seed + i``, decoded together), each with its
-    round-trip score, and the index of the one whose score ranks first (the earliest on a
-    tie)."""
+                    layers: tuple[Any, ...], n: int, source: Any, encoder: Any,
+                    guidance: Any = None) -> tuple[int, list[dict[str, Any]]]:
+    """``n`` samples of the scene (seeds ``seed + i``, decoded together; one after another
+    under scene ``guidance``), each with its round-trip score, and the index of the one
+    whose score ranks first (the earliest on a tie)."""
     from hyperlex.agent.verify import complete_together, sample_params
     from hyperlex.eval.roundtrip import read_back, score_roundtrip
 
-    texts = [c.text.strip() for c in complete_together(
-        [engine.stream(messages, persona, p, layers=layers) for p in sample_params(params, n)])]
+    if guidance is not None:
+        texts = [engine.generate_batch([(messages, persona)], p, layers=layers,
+                                       guidance=guidance)[0].text.strip()
+                 for p in sample_params(params, n)]
+    else:
+        texts = [c.text.strip() for c in complete_together(
+            [engine.stream(messages, persona, p, layers=layers)
+             for p in sample_params(params, n)])]
     scores = [score_roundtrip(source, read_back(_run(encoder, text)), text) for text in texts]
     best = max(range(n), key=lambda i: (scores[i].rank, -i))
     samples = [{"text": text, "rank": list(score.rank), "score": score.as_dict()}

@@ -1,6 +1,6 @@
 """The engine interface: one base model, many persona adapters, streamed generation.
 
-Backends (torch today; llama.cpp and OpenAI-compatible servers later) implement
+Backends (torch, llama.cpp and OpenAI-compatible servers) implement
 :class:`Engine`. Callers pass complete chat messages (the persona's system message already
 rendered) and the persona whose adapter should be active; ``None`` means the bare base.
 """
@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hyperlex.errors import HyperlexError, PersonaNotAvailable, UnknownPersona
-from hyperlex.generation import Completion, Generation, GenerationParams, Layers, Message
+from hyperlex.generation import (
+    Completion,
+    Generation,
+    GenerationParams,
+    Guidance,
+    Layers,
+    Message,
+)
 
 if TYPE_CHECKING:
     from hyperlex.persona.bundle import Persona
@@ -106,10 +113,16 @@ class Engine(ABC):
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                        params: GenerationParams | None = None,
                        layers: Layers = (),
-                       response_format: ResponseFormat | None = None) -> list[Completion]:
+                       response_format: ResponseFormat | None = None,
+                       guidance: Guidance | None = None) -> list[Completion]:
         """Replies to several (messages, persona) requests, each with the mood ``layers`` (and
         the ``response_format``); backends that can run different personas in one batch
-        override this. The default runs them one after another."""
+        override this. The default runs them one after another. ``guidance`` (scene
+        guidance, a negative prompt per request) is the torch engine's: any other refuses a
+        weight above 0."""
+        if guidance is not None and guidance.weight > 0:
+            raise HyperlexError("scene guidance runs on the torch engine only, not on "
+                                f"{type(self).__name__}: use --engine torch")
         return [self.generate(messages, persona, params, layers=layers,
                               response_format=response_format)
                 for messages, persona in requests]

@@ -75,8 +75,8 @@ from typing import TYPE_CHECKING, Any
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.scene import prf
-from hyperlex.generation import GenerationParams, Layers
-from hyperlex.persona.prompt import SAY_SCENE, scene_prompt
+from hyperlex.generation import GenerationParams, Guidance, Layers
+from hyperlex.persona.prompt import SAY_SCENE, scene_prompt, unguided_prompt
 from hyperlex.scene.agreement import Triple, delta_sets, pair_links
 from hyperlex.scene.encoders import VOICE_LABELS  # not scene content unless the source has them
 from hyperlex.scene.model import Delta, Scene, canonical_label
@@ -458,6 +458,7 @@ class RoundtripReport:
     counts: dict[str, dict[str, int]]
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     encoder: str = "default"
+    guidance: float = 0.0  # the scene guidance the replies were decoded with (0: none)
 
     def mean(self) -> dict[str, float]:
         """The unweighted mean of each metric over the personas speaking alone."""
@@ -490,8 +491,8 @@ class RoundtripReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"personas": self.personas, "scenes": self.scenes, "encoder": self.encoder,
-                "instruction": SAY_SCENE, "metrics": self.metrics, "mean": self.mean(),
-                "counts": self.counts, "results": self.results}
+                "guidance": self.guidance, "instruction": SAY_SCENE, "metrics": self.metrics,
+                "mean": self.mean(), "counts": self.counts, "results": self.results}
 
     def table(self) -> str:
         width = max([12, *(len(name) for name in self.personas)])
@@ -551,11 +552,14 @@ def read_back(delta: Delta | Exception) -> Scene:
 def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalScene],
               encoder: Callable[[str], Delta], params: GenerationParams | None = None,
               batch_size: int = 16, progress: Callable[[str], None] | None = None,
-              encoder_name: str = "default", layers: Layers = ()) -> RoundtripReport:
+              encoder_name: str = "default", layers: Layers = (),
+              guidance: float = 0.0) -> RoundtripReport:
     """Every persona speaks every scene, ``encoder`` reads each reply back, and each pair is
     scored with :func:`score_roundtrip`. Each ``(layer, weight)`` of ``layers`` adds a row
     per persona, ``PERSONA+LAYER:WEIGHT``: the persona speaking with that layer composed
-    over it (the scene-writer over a persona, say); a layer is not composed over itself."""
+    over it (the scene-writer over a persona, say); a layer is not composed over itself.
+    ``guidance`` > 0: every reply is decoded with scene guidance at that weight, against
+    the same prompt with an empty scene (:func:`hyperlex.persona.prompt.unguided_prompt`)."""
     params = params or speaking_params()
     say = progress or (lambda message: None)
     names = sorted(personas)
@@ -573,10 +577,13 @@ def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalSc
                 requests += [(scene_prompt(personas[name], item.scene, engine), name)
                              for item in scenes]
                 owners += [(row, item) for item in scenes]
+        guided = None if not guidance else Guidance(
+            guidance, [unguided_prompt(personas[name], engine) for _, name in requests])
         done = len(replies)
         replies += generate_replies(
             engine, requests, params, batch_size,
-            lambda n, _total, done=done: say(f"generated {done + n}/{total}"), layers=stack)
+            lambda n, _total, done=done: say(f"generated {done + n}/{total}"), layers=stack,
+            guidance=guided)
     names = [row for row, _, _ in rows]
     say("reading the replies back")
     deltas = encode_all(encoder, replies)
@@ -606,4 +613,4 @@ def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalSc
     for name in names:
         metrics[name], counts[name] = aggregate(scores[name])
     return RoundtripReport(names, [s.id for s in scenes], metrics, counts, results,
-                           encoder=encoder_name)
+                           encoder=encoder_name, guidance=guidance)

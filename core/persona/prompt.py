@@ -143,3 +143,11 @@ def scene_prompt(persona: Persona, scene: Scene,
     whole scene, then :func:`say_scene_message`."""
     return build_prompt(whole_scene(persona), say_scene_message(scene), scene=scene,
                         counter=counter)
+
+
+def unguided_prompt(persona: Persona, counter: TokenCounter | None = None) -> list[Message]:
+    """:func:`scene_prompt` for an empty scene: the negative prompt of scene guidance, which
+    amplifies what the scene's facts add to the persona's next word."""
+    from hyperlex.scene.model import Scene
+
+    return scene_prompt(persona, Scene(), counter)

@@ -31,6 +31,7 @@ from hyperlex.generation import (
     Completion,
     Generation,
     GenerationParams,
+    Guidance,
     Layers,
     Message,
     Usage,
@@ -308,22 +309,29 @@ class TorchEngine(Engine):
     def generate_batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                        params: GenerationParams | None = None,
                        layers: Layers = (),
-                       response_format: ResponseFormat | None = None) -> list[Completion]:
+                       response_format: ResponseFormat | None = None,
+                       guidance: Guidance | None = None) -> list[Completion]:
         """One left-padded ``generate`` call for all requests; each row runs with its own
         persona's adapter (PEFT ``adapter_names``; ``"__base__"`` for the bare base), and its
         own grammar matcher with a ``response_format``. With mood ``layers``, rows are grouped
-        by persona and each group runs with its composition."""
+        by persona and each group runs with its composition. With ``guidance``, each row is
+        also steered away from its negative prompt (:mod:`hyperlex.engines.torch.guidance`)."""
         params = params or GenerationParams()
         for _, persona in requests:
             self.check_request(persona)
         self.check_request(None, layers)
+        if guidance is not None and len(guidance.negatives) != len(requests):
+            raise HyperlexError(f"scene guidance needs one negative prompt per request: "
+                                f"{len(guidance.negatives)} for {len(requests)}")
         if not layers:
-            return self._batch(requests, params, None, response_format)
+            return self._batch(requests, params, None, response_format, guidance)
         results: dict[int, Completion] = {}
         for persona in dict.fromkeys(p for _, p in requests):
             rows = [i for i, (_, p) in enumerate(requests) if p == persona]
+            part = None if guidance is None else Guidance(
+                guidance.weight, [guidance.negatives[i] for i in rows])
             done = self._batch([requests[i] for i in rows], params, (persona, tuple(layers)),
-                               response_format)
+                               response_format, part)
             results.update(zip(rows, done, strict=True))
         return [results[i] for i in range(len(requests))]
 
@@ -337,29 +345,50 @@ class TorchEngine(Engine):
                 torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
 
     def generate_rows(self, input_ids: Any, attention: Any, personas: Sequence[str | None],
-                      seed: int | None = None, **kwargs: Any) -> Any:
+                      seed: int | None = None,
+                      guidance: tuple[float, list[list[int]]] | None = None,
+                      **kwargs: Any) -> Any:
         """One ``generate`` in which each row runs with its own persona's adapter (PEFT's
         per-row ``adapter_names``; ``"__base__"``: none), holding the engine; ``seed`` seeds
-        torch's generator first."""
+        torch's generator first; ``guidance``: (weight, each row's negative prompt tokens)."""
         import torch
         from peft import PeftModel
 
         with self._lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
+            adapters = None
             if isinstance(self.model, PeftModel):
                 self._unmerge()  # PEFT's per-row adapters need unmerged layers
                 self._full_weight(personas)
                 self._active = None  # scalings may have changed under the cached composition
-                kwargs["adapter_names"] = [
+                adapters = kwargs["adapter_names"] = [
                     p if p is not None and self.personas[p].adapter_dir is not None
                     else "__base__" for p in personas]
+            if guidance is not None:
+                self._guide(kwargs, self.model, guidance, adapters)
             return self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+
+    def _guide(self, kwargs: dict[str, Any], model: Any,
+               guidance: tuple[float, list[list[int]]], adapters: list[str] | None) -> None:
+        """Add scene guidance to ``generate``'s logits processors after the repetition
+        penalty (which weighs the prompt's own logits) and before a grammar (which must have
+        the last word on what may follow)."""
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        from hyperlex.engines.torch.guidance import SceneGuidance
+
+        weight, negatives = guidance
+        ids, mask = self.left_padded(negatives)
+        processors = kwargs["logits_processor"]
+        after = sum(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors)
+        processors.insert(after, SceneGuidance(model, ids, mask, weight, adapters))
 
     def _batch(self, requests: Sequence[tuple[Sequence[Message], str | None]],
                params: GenerationParams,
                composition: tuple[str | None, tuple[tuple[str, float], ...]] | None,
-               response_format: ResponseFormat | None = None) -> list[Completion]:
+               response_format: ResponseFormat | None = None,
+               guidance: Guidance | None = None) -> list[Completion]:
         """``composition`` None: per-row adapters through PEFT; else one (persona, layers)
         activated for every row."""
         import torch
@@ -371,15 +400,21 @@ class TorchEngine(Engine):
         input_ids, attention = self.left_padded(rows)
         kwargs = generate_kwargs(params, self.tokenizer, width,
                                  self.grammar_processors([response_format] * len(rows)))
+        guided = None
+        if guidance is not None and guidance.weight > 0:
+            guided = (guidance.weight, [self.encode(messages)["input_ids"][0].tolist()
+                                        for messages in guidance.negatives])
         start = time.perf_counter()
         if composition is not None:
             with self.activate(*composition) as model, torch.inference_mode():
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
+                if guided is not None:
+                    self._guide(kwargs, model, guided, None)
                 output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         else:
             output = self.generate_rows(input_ids, attention, [p for _, p in requests],
-                                        seed=params.seed, **kwargs)
+                                        seed=params.seed, guidance=guided, **kwargs)
         seconds = time.perf_counter() - start
         eos = set(eos_ids(self.tokenizer, self.inner_model))
         completions = []
