@@ -152,6 +152,35 @@ def test_the_negation_eval_with_best_of_judges_the_sample_that_keeps_the_fact(en
                                      "kept_in_voice": 1.0}
 
 
+def test_the_negation_eval_with_guidance_answers_against_the_scene_less_chat(engine) -> None:
+    """--guidance W: each reply is the guided one, its negative prompt the same conversation
+    with no scene in the system message."""
+    import dataclasses
+
+    from hyperlex.eval.faithful import chat_guidance
+    from hyperlex.eval.negation import negation_eval
+
+    from hyperlex.scene.model import opening_scene
+
+    alpha = engine.persona("alpha")
+    said = Delta(hyperlexemes=list(SCENE.hyperlexemes.values()), links=list(SCENE.links))
+    statement = EvalScene("t2", opening_scene(said), STATEMENT.reference, "test")
+    report = negation_eval(engine, {"alpha": alpha}, [statement], reads(SCENE),
+                           Voice("alpha"), guidance=4.0)
+    guidance = chat_guidance(alpha, [statement], 4.0, engine)
+    prompt = chat_prompt(alpha, statement, engine)
+    negative = guidance.negatives[0]
+    assert "fox NOT see moon" in prompt[0]["content"]
+    assert "fox" not in negative[0]["content"] and negative[1:] == prompt[1:]
+    params = dataclasses.replace(alpha.contract.params(), seed=0)
+    expected = engine.generate_batch([(prompt, "alpha")], params, guidance=guidance)
+    plain = engine.generate_batch([(prompt, "alpha")], params)
+    assert report.replies["alpha"][0]["reply"] == expected[0].text.strip()
+    assert expected[0].text != plain[0].text
+    assert report.as_dict()["guidance"] == 4.0
+    assert chat_guidance(alpha, [statement], 0.0, engine) is None
+
+
 def test_shipped_statements_each_state_a_negation(host) -> None:
     from hyperlex.eval.negation import load_statements
 

@@ -528,16 +528,19 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report with every reply and its verdict as JSON.")
 @_report_options
+@guidance_option
 @engine_options
 def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose: tuple[str, ...],
                   seed: int, best_of: int, limit: int | None, batch_size: int, as_json: bool,
-                  report_dir: Path | None, thresholds_file: Path | None,
+                  report_dir: Path | None, thresholds_file: Path | None, guidance: float,
                   base: str | None, dtype: str, quantize: str | None) -> None:
     """Does each persona keep a negated fact the user states? Each statement opens a
     conversation ("The old fisherman does not trust the sea."), the persona answers as in
     agent chat (its contract's sampling, seeded), and the default encoder reads the reply
     back. Per persona: the share of replies that keep every negated fact, that flip one, that
-    the fidelity classifier gives to the persona, and that do both (docs/verification.md)."""
+    the fidelity classifier gives to the persona, and that do both (docs/verification.md).
+    --guidance W decodes every reply with scene guidance against the same conversation
+    without its scene."""
     from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
     from hyperlex.eval.negation import load_statements, negation_eval
@@ -558,7 +561,7 @@ def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose:
                          only=[*chosen, *(layer for layer, _ in layers)])
     report = negation_eval(engine, chosen, statements, encoder, classifier, seed, tuple(layers),
                            batch_size, progress=lambda m: click.echo(m, err=True),
-                           best_of=best_of)
+                           best_of=best_of, guidance=guidance)
     if as_json:
         emit_json(report.as_dict())
     else:

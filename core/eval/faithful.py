@@ -38,7 +38,7 @@ from hyperlex.eval.roundtrip import (
     read_back,
     score_roundtrip,
 )
-from hyperlex.generation import GenerationParams, Layers, Message
+from hyperlex.generation import GenerationParams, Guidance, Layers, Message
 from hyperlex.persona.bundle import Persona
 from hyperlex.persona.prompt import build_prompt, scene_prompt
 from hyperlex.scene.model import Delta, opening_scene
@@ -128,10 +128,11 @@ def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
             proposals: Sequence[tuple[Layers, GenerationParams]],
             prompt: Callable[[EvalScene], list[Message]], encoder: Callable[[str], Delta],
             classifier: Any, batch_size: int, progress: Callable[[str], None] | None,
-            numbered: bool = True) -> list[Candidate]:
+            numbered: bool = True, guidance: Guidance | None = None) -> list[Candidate]:
     """Every proposal's reply to every item, read back, scored against the item's scene and
     attributed to a voice. A proposal's label is its layers (``alone``), and with
-    ``numbered`` its place in ``proposals`` (``writer:0.5#1``), which tells samples apart."""
+    ``numbered`` its place in ``proposals`` (``writer:0.5#1``), which tells samples apart.
+    ``guidance``: scene guidance, a negative prompt per item."""
     say = progress or (lambda message: None)
     name = persona.name
     requests = [(prompt(item), name) for item in items]
@@ -142,7 +143,7 @@ def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
         replies = generate_replies(
             engine, requests, params, batch_size,
             lambda done, total, label=label: say(f"{name} ({label}): {done}/{total}"),
-            layers=stack)
+            layers=stack, guidance=guidance)
         candidates += _candidates(name, items, label, replies, encode_all(encoder, replies),
                                   classifier)
     return candidates
@@ -249,6 +250,16 @@ def chat_prompt(persona: Persona, statement: EvalScene, counter: Any) -> list[Me
     return build_prompt(persona, statement.reference, scene=statement.scene, counter=counter)
 
 
+def chat_guidance(persona: Persona, statements: Sequence[EvalScene], weight: float,
+                  counter: Any) -> Guidance | None:
+    """Scene guidance for :func:`chat_prompt`: each negative prompt is the same conversation
+    with no scene in the system message (None at weight 0)."""
+    if not weight:
+        return None
+    return Guidance(weight, [build_prompt(persona, item.reference, counter=counter)
+                             for item in statements])
+
+
 def chat_refusal(candidate: Candidate, persona: str) -> str | None:
     """Why a chat-turn ``candidate`` is not kept (None: it is): it must keep every negated
     fact of the message and be in the persona's voice."""
@@ -265,13 +276,16 @@ def chat_refusal(candidate: Candidate, persona: str) -> str | None:
 def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
                  proposals: Sequence[tuple[Layers, GenerationParams]],
                  encoder: Callable[[str], Delta], classifier: Any, batch_size: int = 16,
-                 progress: Callable[[str], None] | None = None) -> FaithfulRun:
+                 progress: Callable[[str], None] | None = None,
+                 guidance: float = 0.0) -> FaithfulRun:
     """One persona's chat round: each proposal (a layer stack and the parameters to sample
     with) answers every statement; the best kept reply per statement becomes an ordinary
-    ``human``/``scene``/``text`` record."""
+    ``human``/``scene``/``text`` record. ``guidance``: scene guidance's weight
+    (:func:`chat_guidance`)."""
     candidates = _sample(engine, persona, statements, proposals,
                          lambda item: chat_prompt(persona, item, engine), encoder, classifier,
-                         batch_size, progress)
+                         batch_size, progress,
+                         guidance=chat_guidance(persona, statements, guidance, engine))
     return _chat_run(persona.name, statements, candidates)
 
 

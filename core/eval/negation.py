@@ -26,7 +26,13 @@ from typing import Any
 from hyperlex.agent.verify import best, check_reply, sample_params
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
-from hyperlex.eval.faithful import chat_prompt, chat_records, chat_verdicts, states_negation
+from hyperlex.eval.faithful import (
+    chat_guidance,
+    chat_prompt,
+    chat_records,
+    chat_verdicts,
+    states_negation,
+)
 from hyperlex.eval.roundtrip import EvalScene, composed_row, encode_all
 from hyperlex.generation import GenerationParams, Layers
 from hyperlex.persona.bundle import Persona
@@ -74,6 +80,7 @@ class NegationReport:
     statements: int
     replies: dict[str, list[dict[str, Any]]]
     best_of: int = 1
+    guidance: float = 0.0
 
     @property
     def rows(self) -> list[str]:
@@ -92,6 +99,7 @@ class NegationReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"statements": self.statements, "best_of": self.best_of,
+                "guidance": self.guidance,
                 "rows": {row: {**self.rates(row), "replies": self.replies[row]}
                          for row in self.rows}}
 
@@ -108,11 +116,13 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
                   encoder: Callable[[str], Delta], classifier: Any, seed: int = 0,
                   layers: Layers = (), batch_size: int = 16,
                   progress: Callable[[str], None] | None = None,
-                  best_of: int = 1) -> NegationReport:
+                  best_of: int = 1, guidance: float = 0.0) -> NegationReport:
     """Every persona answers every statement alone, and with each ``(layer, weight)`` of
     ``layers`` composed over it; see the module docstring. With ``best_of`` > 1 each reply
-    is the one of ``best_of`` samples that ``agent chat --best-of`` would give."""
-    report = NegationReport(len(statements), {}, best_of)
+    is the one of ``best_of`` samples that ``agent chat --best-of`` would give; with
+    ``guidance`` every reply is decoded with scene guidance at that weight
+    (:func:`hyperlex.eval.faithful.chat_guidance`)."""
+    report = NegationReport(len(statements), {}, best_of, guidance)
     for name in sorted(personas):
         persona = personas[name]
         params = dataclasses.replace(persona.contract.params(), seed=seed)
@@ -122,11 +132,11 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
         for row, stack in stacks:
             if best_of == 1:
                 run = chat_records(engine, persona, statements, [(stack, params)], encoder,
-                                   classifier, batch_size, progress)
+                                   classifier, batch_size, progress, guidance)
             else:
                 replies, readings, attributions = best_replies(
                     engine, persona, statements, stack, params, best_of, encoder, classifier,
-                    batch_size, progress)
+                    batch_size, progress, guidance)
                 run = chat_verdicts(name, statements, f"best of {best_of}", replies, readings,
                                     classifier, attributions)
             report.replies[row] = run.verdicts
@@ -136,7 +146,7 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
 def best_replies(engine: Any, persona: Persona, statements: Sequence[EvalScene], stack: Layers,
                  params: GenerationParams, best_of: int, encoder: Callable[[str], Delta],
                  classifier: Any, batch_size: int = 16,
-                 progress: Callable[[str], None] | None = None
+                 progress: Callable[[str], None] | None = None, guidance: float = 0.0
                  ) -> tuple[list[str], list[Delta | Exception], list[tuple[str, float]]]:
     """Per statement, the reply :mod:`hyperlex.agent.verify` chooses among ``best_of``
     samples (seeds ``seed + i``, each sample batched over the statements), its reading, and
@@ -144,13 +154,14 @@ def best_replies(engine: Any, persona: Persona, statements: Sequence[EvalScene],
     conversation's first user turn (turn 0)."""
     say = progress or (lambda message: None)
     requests = [(chat_prompt(persona, item, engine), persona.name) for item in statements]
+    guided = chat_guidance(persona, statements, guidance, engine)
     samples = []
     for number, sample in enumerate(sample_params(params, best_of)):
         samples.append(generate_replies(
             engine, requests, sample, batch_size,
             lambda done, total, n=number: say(f"{persona.name} (sample {n + 1}/{best_of}): "
                                               f"{done}/{total}"),
-            layers=stack))
+            layers=stack, guidance=guided))
     texts = [sample[j] for j in range(len(statements)) for sample in samples]
     readings = encode_all(encoder, texts)
     attributions = classifier.attribute(texts, persona.name)

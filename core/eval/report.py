@@ -318,7 +318,9 @@ def roundtrip_section(report: RoundtripReport, scene_files: Sequence[str] = ()) 
     sources = ", ".join(f"`{f}`" for f in scene_files) or "the shipped set"
     parts = [
         f"{len(report.scenes)} scenes ({sources}), read back with the `{report.encoder}` "
-        "encoder. Split links: source links with no match (rate over source links); "
+        + (f"encoder; replies decoded with scene guidance {report.guidance:g}. "
+           if report.guidance else "encoder. ")
+        + "Split links: source links with no match (rate over source links); "
         "impoverished: attribute values and associations not found in the reply (rate over "
         "details); logical loss: matched links whose polarity flipped (rate over matched "
         "links).",
@@ -425,7 +427,8 @@ def negation_section(report: NegationReport) -> Section:
     rows = [(row, *(rates[row][k] for k in keys)) for row in report.rows]
     markdown = "\n\n".join([
         f"{report.statements} statements of a negated fact, each answered as in agent chat"
-        + (f" --best-of {report.best_of}." if report.best_of > 1 else "."),
+        + (f" --best-of {report.best_of}" if report.best_of > 1 else "")
+        + (f", with scene guidance {report.guidance:g}." if report.guidance else "."),
         _md_table(("speaker", "kept", "flipped", "in its voice", "kept, in its voice"), rows),
         "![negation](negation.png)",
     ])
