@@ -159,7 +159,6 @@ def test_the_negation_eval_with_guidance_answers_against_the_scene_less_chat(eng
 
     from hyperlex.eval.faithful import chat_guidance
     from hyperlex.eval.negation import negation_eval
-
     from hyperlex.scene.model import opening_scene
 
     alpha = engine.persona("alpha")
