@@ -13,7 +13,10 @@ plausibility constraint of contrastive decoding, Li et al., 2023): without it a 
 ``w`` promotes rare tokens the negative prompt merely finds even rarer.
 
 The negative prompt runs with the same adapters as the row it guides and keeps its own
-key/value cache, so a guided step costs one extra one-token forward per row.
+key/value cache, so a guided step costs one extra one-token forward per row. (transformers'
+``UnbatchedClassifierFreeGuidanceLogitsProcessor`` applies the same rule; it has no
+plausibility constraint, no per-row adapters and no position ids for left-padded
+negatives, which a batch of personas needs.)
 """
 
 from __future__ import annotations
