@@ -212,7 +212,7 @@ def warm_up_encoders(host: Host) -> None:
 
 GUIDANCE_HELP = ("Scene guidance (context-aware decoding): each next word is weighed by how "
                  "much the scene raises its likelihood, at this weight; 0: none. Torch "
-                 "engine only; docs/verification.md#scene-guidance.")
+                 "engine only; docs/verification.md, \"Scene guidance\".")
 
 
 def guidance_option(func: Any) -> Any:
