@@ -458,7 +458,7 @@ def test_eval_all_writes_one_report_for_three_evaluations(
     result = runner.invoke(cli, ["eval", "all", "--base", str(tiny_base), "-p", "gamma",
                                  "-p", "delta", "--limit", "1", "--max-new-tokens", "4",
                                  "--router", "none", "--report", str(out),
-                                 "--thresholds", str(gate)])
+                                 "--thresholds", str(gate), "--guidance", "2"])
     assert result.exit_code == 3, result.output
     for heading in ("## fidelity", "## routing", "## roundtrip"):
         assert heading in result.stdout
@@ -470,6 +470,7 @@ def test_eval_all_writes_one_report_for_three_evaluations(
     assert document["sections"]["routing"]["cases"].endswith("eval/data/routing.jsonl")
     assert document["sections"]["roundtrip"]["personas"] == ["delta", "gamma"]
     assert len(document["sections"]["roundtrip"]["scenes"]) == 1
+    assert document["sections"]["roundtrip"]["guidance"] == 2.0
     assert math.isclose(document["sections"]["routing"]["accuracy"]["explicit"], 1.0)
     markdown = (out / "report.md").read_text()
     for section in ("## Fidelity", "## Routing", "## Round trip"):

@@ -416,14 +416,16 @@ def eval_roundtrip(names: tuple[str, ...], scene_files: tuple[Path, ...],
               help="Automatic router to measure.")
 @_scene_options
 @_report_options
+@guidance_option
 def eval_all(names: tuple[str, ...], max_new_tokens: int, batch_size: int, limit: int | None,
              as_json: bool, base: str | None, dtype: str, quantize: str | None,
              cases: Path | None, router: str, scene_files: tuple[Path, ...],
              no_shipped_scenes: bool, encoder: str, compose: tuple[str, ...], verbose: bool,
-             report_dir: Path | None, thresholds_file: Path | None) -> None:
+             report_dir: Path | None, thresholds_file: Path | None, guidance: float) -> None:
     """Fidelity, routing and roundtrip in one run: one model load, one report and one gate.
 
-    -p and --limit apply to fidelity (held-out prompts) and roundtrip (scenes)."""
+    -p and --limit apply to fidelity (held-out prompts) and roundtrip (scenes); --guidance
+    to roundtrip."""
     from hyperlex.eval.report import fidelity_section, roundtrip_section, routing_section
 
     thresholds = _load_gate(thresholds_file)
@@ -444,7 +446,7 @@ def eval_all(names: tuple[str, ...], max_new_tokens: int, batch_size: int, limit
     fidelity_report = _run_fidelity(host, chosen, engine, limit, max_new_tokens, batch_size)
     click.echo("round trip", err=True)
     roundtrip_report = _run_roundtrip(engine, chosen, True, scenes, reader, encoder,
-                                      max_new_tokens, batch_size, layers)
+                                      max_new_tokens, batch_size, layers, guidance)
     if as_json:
         emit_json({"fidelity": fidelity_report.as_dict(), "routing": routing_report.as_dict(),
                     "roundtrip": roundtrip_report.as_dict()})
