@@ -570,6 +570,9 @@ def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalSc
     owners: list[tuple[str, EvalScene]] = []
     replies: list[str] = []
     total = len(rows) * len(scenes)
+    # one negative prompt per persona: it holds no scene, so every scene shares it
+    negatives = {name: unguided_prompt(personas[name], engine) for name in names} \
+        if guidance else {}
     for stack in dict.fromkeys(stack for _, _, stack in rows):
         requests = []
         for row, name, row_stack in rows:
@@ -578,7 +581,7 @@ def roundtrip(engine: Any, personas: dict[str, Persona], scenes: Sequence[EvalSc
                              for item in scenes]
                 owners += [(row, item) for item in scenes]
         guided = None if not guidance else Guidance(
-            guidance, [unguided_prompt(personas[name], engine) for _, name in requests])
+            guidance, [negatives[name] for _, name in requests])
         done = len(replies)
         replies += generate_replies(
             engine, requests, params, batch_size,
