@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from hyperlex.eval.faithful import chat_prompt, chat_records, chat_statements, faithful_records
+from hyperlex.cli import cli
+from hyperlex.eval.faithful import (
+    Proposal,
+    chat_prompt,
+    chat_records,
+    chat_statements,
+    faithful_records,
+)
 from hyperlex.eval.roundtrip import EvalScene
 from hyperlex.persona.bundle import Persona
 from hyperlex.scene.model import USER, Delta, Hyperlexeme, Link, Scene
@@ -94,7 +101,7 @@ STATEMENT = EvalScene("t1", SCENE, "The fox does not see the moon.", "test")
 
 
 def test_a_chat_turn_that_keeps_the_negation_in_voice_becomes_an_ordinary_record(engine) -> None:
-    run = chat_records(engine, engine.persona("alpha"), [STATEMENT], [((), params())],
+    run = chat_records(engine, engine.persona("alpha"), [STATEMENT], [Proposal((), params())],
                        reads(SCENE), Voice("alpha"))
     assert run.refused == {} and len(run.records) == 1
     example = parse_record(run.records[0])
@@ -109,9 +116,40 @@ def test_a_chat_turn_that_drops_or_flips_the_negation_is_refused(engine) -> None
     positive.links[0].polarity = 1
     only_nodes = Scene(hyperlexemes=dict(SCENE.hyperlexemes))
     for read, reason in ((positive, "polarity flipped"), (only_nodes, "negation lost")):
-        run = chat_records(engine, engine.persona("alpha"), [STATEMENT], [((), params())],
+        run = chat_records(engine, engine.persona("alpha"), [STATEMENT], [Proposal((), params())],
                            reads(read), Voice("alpha"))
         assert run.records == [] and run.refused == {reason: 1}
+
+
+def test_a_guided_proposal_samples_against_the_scene_less_chat(engine) -> None:
+    """A chat round's guided proposal (agent data faithful --chat --guidance W) decodes each
+    statement with scene guidance against the same conversation without its scene, beside
+    the unguided proposal; both are candidates, told apart by their labels."""
+    import dataclasses
+
+    from hyperlex.eval.faithful import chat_guidance
+    from hyperlex.scene.model import opening_scene
+
+    alpha = engine.persona("alpha")
+    said = Delta(hyperlexemes=list(SCENE.hyperlexemes.values()), links=list(SCENE.links))
+    statement = EvalScene("t3", opening_scene(said), STATEMENT.reference, "test")
+    sampled = dataclasses.replace(params(), seed=1)
+    run = chat_records(engine, alpha, [statement],
+                       [Proposal((), sampled), Proposal((), sampled, 3.0)], reads(SCENE),
+                       Voice("alpha"))
+    assert [v["proposal"] for v in run.verdicts] == ["alone#0", "alone guided 3#1"]
+    prompt = chat_prompt(alpha, statement, engine)
+    guided = engine.generate_batch([(prompt, "alpha")], sampled,
+                                   guidance=chat_guidance(alpha, [statement], 3.0, engine))
+    plain = engine.generate_batch([(prompt, "alpha")], sampled)
+    assert [v["reply"] for v in run.verdicts] == [plain[0].text.strip(), guided[0].text.strip()]
+    assert guided[0].text != plain[0].text
+
+
+def test_data_faithful_refuses_chat_options_without_chat(runner) -> None:
+    for args in (["--guidance", "2"], ["--statements", "s.txt"]):
+        result = runner.invoke(cli, ["data", "faithful", *args])
+        assert result.exit_code == 2 and "add --chat" in result.output, result.output
 
 
 def test_chat_statements_state_a_negated_fact_read_as_the_user_said_it() -> None:

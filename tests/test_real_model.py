@@ -397,7 +397,7 @@ def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_repl
     from dataclasses import replace
 
     from hyperlex.engines.embeddings import minilm_embedder
-    from hyperlex.eval.faithful import chat_records, chat_verdicts
+    from hyperlex.eval.faithful import Proposal, chat_records, chat_verdicts
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
     from hyperlex.eval.negation import best_replies, load_statements
     from hyperlex.host import Host
@@ -408,7 +408,8 @@ def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_repl
     classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in engine.personas.items()
                                     if not p.is_layer}, minilm_embedder())
     params = replace(poet.contract.params(), seed=0, max_new_tokens=48)
-    one = chat_records(engine, poet, statements, [((), params)], encoder, classifier).verdicts
+    one = chat_records(engine, poet, statements, [Proposal((), params)], encoder,
+                       classifier).verdicts
     replies, readings, attributions = best_replies(engine, poet, statements, (), params, 4,
                                                    encoder, classifier)
     four = chat_verdicts("poet", statements, "best of 4", replies, readings, classifier,

@@ -215,9 +215,12 @@ GUIDANCE_HELP = ("Scene guidance (context-aware decoding): each next word is wei
                  "engine only; docs/verification.md, \"Scene guidance\".")
 
 
-def guidance_option(func: Any) -> Any:
-    return click.option("--guidance", type=click.FloatRange(min=0), default=0.0,
-                        show_default=True, help=GUIDANCE_HELP)(func)
+def guidance_option(func: Any = None, *, also: str = "") -> Any:
+    """The ``--guidance`` option; ``also``: what it means for this command, after the help."""
+    def decorate(command: Any) -> Any:
+        return click.option("--guidance", type=click.FloatRange(min=0), default=0.0,
+                            show_default=True, help=GUIDANCE_HELP + also)(command)
+    return decorate if func is None else decorate(func)
 
 
 def check_guidance(guidance: float, backend: str) -> None:

@@ -13,6 +13,7 @@ from hyperlex.cli.common import (
     emit_json,
     engine_options,
     get_host,
+    guidance_option,
     size_text,
 )
 from hyperlex.errors import HyperlexError
@@ -425,6 +426,12 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
 @click.option("--samples", type=click.IntRange(1), default=2, show_default=True,
               help="With --chat: sampled replies per proposal and statement (seeds 1..N, the "
                    "persona's own sampling settings).")
+@click.option("--statements", "statements_file", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="With --chat: the user's messages, one per line, each stating a negated "
+                   "fact (default: --count statements cut from the corpus's train split).")
+@guidance_option(also=" With --chat: every proposal is sampled both unguided and guided at "
+                      "this weight.")
 @click.option("--out", default=None, metavar="FILE",
               help="Where the records go, relative to each persona's bundle (overwritten; "
                    "default data/faithful.jsonl, with --chat data/faithful-chat.jsonl).")
@@ -437,7 +444,8 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
 @engine_options
 def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
                   min_recall: float, min_link_recall: float, chat: bool, samples: int,
-                  out: str | None, encoder: str, seed: int,
+                  statements_file: Path | None, guidance: float, out: str | None,
+                  encoder: str, seed: int,
                   max_new_tokens: int, batch_size: int, as_json: bool, base: str | None,
                   dtype: str, quantize: str | None) -> None:
     """Self-distillation data: each persona speaks training scenes alone and with the
@@ -450,14 +458,23 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     """
     from hyperlex.cli.common import compositions, open_engine, report_problems
     from hyperlex.engines.embeddings import minilm_embedder
-    from hyperlex.eval.faithful import chat_records, chat_statements, faithful_records
+    from hyperlex.eval.faithful import (
+        Proposal,
+        chat_records,
+        chat_statements,
+        faithful_records,
+    )
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
+    from hyperlex.eval.negation import load_statements
     from hyperlex.eval.roundtrip import EvalScene, speaking_params
     from hyperlex.training.data import write_records
     from hyperlex.training.synth import scene_records
     from hyperlex.training.train import load_config
 
     out = out or ("data/faithful-chat.jsonl" if chat else "data/faithful.jsonl")
+    for given, flag in ((statements_file, "--statements"), (guidance, "--guidance")):
+        if given and not chat:
+            raise click.UsageError(f"{flag} is for chat turns; add --chat")
     host = get_host()
     report_problems(host)
     speakers = {n: p for n, p in host.personas.items() if not p.is_mood
@@ -476,7 +493,9 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     if encoder not in host.scene_encoders:
         raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
     reader = host.scene_encoders[encoder]
-    if chat:
+    if chat and statements_file is not None:
+        scenes = load_statements(host.scene_encoders["default"], statements_file)
+    elif chat:
         scenes = chat_statements(count, "train", seed, host.scene_encoders["default"])
     else:
         scenes = [EvalScene(item["id"], item["scene"], item["reference"], "synth")
@@ -490,7 +509,8 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     for name, persona in chosen.items():
         if chat:
             own = persona.contract.params()
-            sampled = [(stack, dataclasses.replace(own, seed=s))
+            sampled = [Proposal(stack, dataclasses.replace(own, seed=s), weight)
+                       for weight in dict.fromkeys((0.0, guidance))
                        for stack in proposals for s in range(1, samples + 1)]
             run = chat_records(engine, persona, scenes, sampled, reader, classifier,
                                batch_size, progress=lambda m: click.echo(m, err=True))

@@ -61,6 +61,22 @@ class Candidate:
                 self.voice_probability)
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """One way of sampling candidates: the layer stack composed over the persona (``()``:
+    alone), the sampling parameters, and scene guidance's weight (0: none; the negative
+    prompt is the same prompt without its scene)."""
+
+    layers: Layers
+    params: GenerationParams
+    guidance: float = 0.0
+
+    @property
+    def label(self) -> str:
+        label = ",".join(str(mood_label(layer)) for layer in self.layers) or "alone"
+        return label + (f" guided {self.guidance:g}" if self.guidance else "")
+
+
 @dataclass
 class FaithfulRun:
     """What one persona's round produced: the records, and why the rest were refused."""
@@ -101,7 +117,7 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
                      progress: Callable[[str], None] | None = None) -> FaithfulRun:
     """One persona's round (see the module docstring); ``proposals``: the layer stacks to
     sample under (``()``: the persona alone)."""
-    candidates = _sample(engine, persona, scenes, [(stack, params) for stack in proposals],
+    candidates = _sample(engine, persona, scenes, [Proposal(stack, params) for stack in proposals],
                          lambda item: scene_prompt(persona, item.scene, engine), encoder,
                          classifier, batch_size, progress, numbered=False)
 
@@ -125,25 +141,29 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
 
 
 def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
-            proposals: Sequence[tuple[Layers, GenerationParams]],
-            prompt: Callable[[EvalScene], list[Message]], encoder: Callable[[str], Delta],
-            classifier: Any, batch_size: int, progress: Callable[[str], None] | None,
-            numbered: bool = True, guidance: Guidance | None = None) -> list[Candidate]:
+            proposals: Sequence[Proposal], prompt: Callable[[EvalScene], list[Message]],
+            encoder: Callable[[str], Delta], classifier: Any, batch_size: int,
+            progress: Callable[[str], None] | None, numbered: bool = True,
+            negative: Callable[[EvalScene], list[Message]] | None = None) -> list[Candidate]:
     """Every proposal's reply to every item, read back, scored against the item's scene and
-    attributed to a voice. A proposal's label is its layers (``alone``), and with
+    attributed to a voice. A candidate's proposal is the proposal's label, and with
     ``numbered`` its place in ``proposals`` (``writer:0.5#1``), which tells samples apart.
-    ``guidance``: scene guidance, a negative prompt per item."""
+    ``negative``: an item's negative prompt, for the proposals decoded with guidance."""
     say = progress or (lambda message: None)
     name = persona.name
     requests = [(prompt(item), name) for item in items]
     candidates: list[Candidate] = []
-    for number, (stack, params) in enumerate(proposals):
-        label = ",".join(str(mood_label(layer)) for layer in stack) or "alone"
-        label += f"#{number}" if numbered else ""
+    for number, proposal in enumerate(proposals):
+        label = proposal.label + (f"#{number}" if numbered else "")
+        guidance = None
+        if proposal.guidance:
+            if negative is None:
+                raise ValueError("a guided proposal needs the items' negative prompts")
+            guidance = Guidance(proposal.guidance, [negative(item) for item in items])
         replies = generate_replies(
-            engine, requests, params, batch_size,
+            engine, requests, proposal.params, batch_size,
             lambda done, total, label=label: say(f"{name} ({label}): {done}/{total}"),
-            layers=stack, guidance=guidance)
+            layers=proposal.layers, guidance=guidance)
         candidates += _candidates(name, items, label, replies, encode_all(encoder, replies),
                                   classifier)
     return candidates
@@ -256,8 +276,12 @@ def chat_guidance(persona: Persona, statements: Sequence[EvalScene], weight: flo
     with no scene in the system message (None at weight 0)."""
     if not weight:
         return None
-    return Guidance(weight, [build_prompt(persona, item.reference, counter=counter)
-                             for item in statements])
+    return Guidance(weight, [unscened_chat(persona, item, counter) for item in statements])
+
+
+def unscened_chat(persona: Persona, statement: EvalScene, counter: Any) -> list[Message]:
+    """:func:`chat_prompt` with no scene in the system message: scene guidance's negative."""
+    return build_prompt(persona, statement.reference, counter=counter)
 
 
 def chat_refusal(candidate: Candidate, persona: str) -> str | None:
@@ -274,18 +298,16 @@ def chat_refusal(candidate: Candidate, persona: str) -> str | None:
 
 
 def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
-                 proposals: Sequence[tuple[Layers, GenerationParams]],
-                 encoder: Callable[[str], Delta], classifier: Any, batch_size: int = 16,
-                 progress: Callable[[str], None] | None = None,
-                 guidance: float = 0.0) -> FaithfulRun:
-    """One persona's chat round: each proposal (a layer stack and the parameters to sample
-    with) answers every statement; the best kept reply per statement becomes an ordinary
-    ``human``/``scene``/``text`` record. ``guidance``: scene guidance's weight
-    (:func:`chat_guidance`)."""
+                 proposals: Sequence[Proposal], encoder: Callable[[str], Delta],
+                 classifier: Any, batch_size: int = 16,
+                 progress: Callable[[str], None] | None = None) -> FaithfulRun:
+    """One persona's chat round: each proposal answers every statement (a guided one with
+    :func:`chat_guidance`'s negative prompts); the best kept reply per statement becomes an
+    ordinary ``human``/``scene``/``text`` record."""
     candidates = _sample(engine, persona, statements, proposals,
                          lambda item: chat_prompt(persona, item, engine), encoder, classifier,
                          batch_size, progress,
-                         guidance=chat_guidance(persona, statements, guidance, engine))
+                         negative=lambda item: unscened_chat(persona, item, engine))
     return _chat_run(persona.name, statements, candidates)
 
 

@@ -27,6 +27,7 @@ from hyperlex.agent.verify import best, check_reply, sample_params
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.faithful import (
+    Proposal,
     chat_guidance,
     chat_prompt,
     chat_records,
@@ -131,8 +132,9 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
             for layer, weight in layers if layer != name)]
         for row, stack in stacks:
             if best_of == 1:
-                run = chat_records(engine, persona, statements, [(stack, params)], encoder,
-                                   classifier, batch_size, progress, guidance)
+                run = chat_records(engine, persona, statements,
+                                   [Proposal(stack, params, guidance)], encoder, classifier,
+                                   batch_size, progress)
             else:
                 replies, readings, attributions = best_replies(
                     engine, persona, statements, stack, params, best_of, encoder, classifier,
