@@ -33,7 +33,8 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# Re-trains the built-in cast in four rounds (docs/personas.md#training-the-cast): each
+# Re-trains the built-in cast in four rounds, the dreamer in five
+# (docs/personas.md#training-the-cast): each
 # persona's voice (about 15 min each on 2 cores), the scene-writer on the synthetic corpus,
 # then one self-distillation round: each persona speaks training scenes alone and with the
 # writer over it, the replies that read back to their scene in the persona's voice are kept
@@ -46,6 +47,12 @@ test: lint
 # verified corpora (agent data synth --count 360 --seed 2, 3 and 4, committed); round 4
 # mixes in 80 texts of the bare base's own (agent data replay --count 80 --batch-size 16,
 # committed), which hold its perplexity on plain text at the base's; about 15 min a round.
+# Then the dreamer's chat round: its own replies to ordinary statements of a negated fact,
+# alone and with the writer at 0.5 over it, each also guided (agent data faithful --chat
+# --statements personas/chat-statements.txt --compose writer:0.5 --guidance 1 --samples 1,
+# the first 160 statements, committed as data/faithful-chat.jsonl), kept where they keep
+# the negation in its voice; one epoch on round 4's mix plus them, KL-anchored to round 4
+# except on the new turns (docs/verification.md, "A chat round on ordinary statements").
 CAST := philosopher poet scientist logician dreamer interface
 # the kept replies count twice beside the voice data: a round keeps a handful per persona
 FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
@@ -53,6 +60,9 @@ FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
 HINDSIGHT_ROUND := $(FAITHFUL_ROUND) --extra-data data/hindsight.jsonl
 CHAT_ROUND := $(HINDSIGHT_ROUND) --extra-data data/hindsight-chat.jsonl
 WRITER_ROUND := --init-adapter adapter/ --epochs 1 --lr 0.0005
+DREAMER_CHAT_ROUND := $(CHAT_ROUND) --extra-data data/faithful-chat.jsonl \
+	--extra-data data/faithful-chat.jsonl --anchor-adapter adapter/ \
+	--unanchored-data data/faithful-chat.jsonl
 train-cast: $(STAMP)
 	for p in $(CAST); do $(BIN)/agent train personas/$$p || exit 1; done
 	$(BIN)/agent train personas/writer
@@ -67,6 +77,7 @@ train-cast: $(STAMP)
 		--extra-data data/train-3.jsonl
 	$(BIN)/agent train personas/writer $(WRITER_ROUND) --data data/train-4.jsonl \
 		--extra-data data/replay-80.jsonl
+	$(BIN)/agent train personas/dreamer $(DREAMER_CHAT_ROUND)
 
 # The scene-reader (docs/scene.md#the-scene-reader) in two rounds: the default encoder's
 # readings of 160 synthetic texts and of the cast's sentences, one epoch (about 15 min on 2

@@ -388,6 +388,22 @@ def test_the_negation_eval_answers_held_out_statements_as_agent_chat_does(
     assert row["kept"] == kept / 3
 
 
+def test_the_dreamer_keeps_a_negated_fact_it_is_told_in_its_own_voice(
+        real_home: Path) -> None:
+    """The dreamer's chat round (docs/verification.md, "A chat round on ordinary
+    statements"): told a negated fact, best of 4 keeps it in a reply the classifier gives to
+    the dreamer in at least 2 of the first 6 held-out statements. Round 5 keeps 3 here; the
+    round-4 dreamer (2 of all 48) kept 1, and fails."""
+    import json
+
+    floor = 2
+    done = run_agent(real_home, "eval", "negation", "-p", "dreamer", "--best-of", "4",
+                     "--limit", "6", "--json")
+    replies = json.loads(done.stdout)["rows"]["dreamer"]["replies"]
+    kept_in_voice = [v["statement"] for v in replies if v["refused"] is None]
+    assert len(kept_in_voice) >= floor, [(v["refused"], v["reply"]) for v in replies]
+
+
 def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_reply(
         engine) -> None:
     """agent eval negation --best-of 4 on the real poet (3 statements, 48 tokens): the first
