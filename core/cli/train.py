@@ -509,8 +509,9 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     for name, persona in chosen.items():
         if chat:
             own = persona.contract.params()
+            weights = (0.0, guidance) if guidance else (0.0,)
             sampled = [Proposal(stack, dataclasses.replace(own, seed=s), weight)
-                       for weight in dict.fromkeys((0.0, guidance))
+                       for weight in weights
                        for stack in proposals for s in range(1, samples + 1)]
             run = chat_records(engine, persona, scenes, sampled, reader, classifier,
                                batch_size, progress=lambda m: click.echo(m, err=True))

@@ -152,14 +152,15 @@ def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
     say = progress or (lambda message: None)
     name = persona.name
     requests = [(prompt(item), name) for item in items]
+    negatives = None
+    if any(proposal.guidance for proposal in proposals):
+        if negative is None:
+            raise ValueError("a guided proposal needs the items' negative prompts")
+        negatives = [negative(item) for item in items]  # shared by every guided proposal
     candidates: list[Candidate] = []
     for number, proposal in enumerate(proposals):
         label = proposal.label + (f"#{number}" if numbered else "")
-        guidance = None
-        if proposal.guidance:
-            if negative is None:
-                raise ValueError("a guided proposal needs the items' negative prompts")
-            guidance = Guidance(proposal.guidance, [negative(item) for item in items])
+        guidance = Guidance(proposal.guidance, negatives) if proposal.guidance else None
         replies = generate_replies(
             engine, requests, proposal.params, batch_size,
             lambda done, total, label=label: say(f"{name} ({label}): {done}/{total}"),
