@@ -12,6 +12,7 @@ from hyperlex.cli import cli
 from hyperlex.eval.faithful import (
     Proposal,
     chat_prompt,
+    chat_proposals,
     chat_records,
     chat_statements,
     faithful_records,
@@ -144,6 +145,18 @@ def test_a_guided_proposal_samples_against_the_scene_less_chat(engine) -> None:
     plain = engine.generate_batch([(prompt, "alpha")], sampled)
     assert [v["reply"] for v in run.verdicts] == [plain[0].text.strip(), guided[0].text.strip()]
     assert guided[0].text != plain[0].text
+
+
+def test_a_chat_round_samples_every_stack_with_each_seed_plain_then_guided() -> None:
+    writer = (("scribe", 0.5),)
+    sampled = chat_proposals([(), writer], params(), samples=2, guidance=1.5)
+    assert [(p.label, p.params.seed) for p in sampled] == [
+        ("alone", 1), ("alone", 2), ("scribe:0.5", 1), ("scribe:0.5", 2),
+        ("alone guided 1.5", 1), ("alone guided 1.5", 2),
+        ("scribe:0.5 guided 1.5", 1), ("scribe:0.5 guided 1.5", 2)]
+    assert {p.params.max_new_tokens for p in sampled} == {params().max_new_tokens}
+    unguided = chat_proposals([writer], params(), samples=1)
+    assert [(p.label, p.params.seed) for p in unguided] == [("scribe:0.5", 1)]
 
 
 def test_data_faithful_refuses_chat_options_without_chat(runner) -> None:

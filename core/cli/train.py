@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -415,6 +414,10 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
               default=("writer:0.5", "writer:1"), show_default=True,
               help="Proposals besides the persona alone: LAYER composed over it at WEIGHT "
               "(repeatable).")
+@click.option("--alone/--no-alone", default=True, show_default=True,
+              help="Propose the persona alone as well as the compositions (--no-alone: only "
+                   "the compositions, which keep more of the scene; half the time with one "
+                   "--compose).")
 @click.option("--min-recall", type=click.FloatRange(0, 1), default=0.75, show_default=True,
               help="Hyperlexeme recall a candidate must reach.")
 @click.option("--min-link-recall", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -442,7 +445,7 @@ def data_hindsight(names: tuple[str, ...], count: int, max_hyperlexemes: int, en
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="Print each persona's counts as JSON.")
 @engine_options
-def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
+def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], alone: bool,
                   min_recall: float, min_link_recall: float, chat: bool, samples: int,
                   statements_file: Path | None, guidance: float, out: str | None,
                   encoder: str, seed: int,
@@ -459,7 +462,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     from hyperlex.cli.common import compositions, open_engine, report_problems
     from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.faithful import (
-        Proposal,
+        chat_proposals,
         chat_records,
         chat_statements,
         faithful_records,
@@ -489,7 +492,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
         if not (persona.root / out).resolve().is_relative_to(persona.root.resolve()):
             raise click.BadParameter(f"{out!r} points outside the bundle {persona.root}",
                                      param_hint="'--out'")
-    proposals = [(), *((layer,) for layer in compositions(host, compose))]
+    proposals = [*([()] if alone else []), *((layer,) for layer in compositions(host, compose))]
     if encoder not in host.scene_encoders:
         raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
     reader = host.scene_encoders[encoder]
@@ -508,11 +511,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...],
     summary = []
     for name, persona in chosen.items():
         if chat:
-            own = persona.contract.params()
-            weights = (0.0, guidance) if guidance else (0.0,)
-            sampled = [Proposal(stack, dataclasses.replace(own, seed=s), weight)
-                       for weight in weights
-                       for stack in proposals for s in range(1, samples + 1)]
+            sampled = chat_proposals(proposals, persona.contract.params(), samples, guidance)
             run = chat_records(engine, persona, scenes, sampled, reader, classifier,
                                batch_size, progress=lambda m: click.echo(m, err=True))
         else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hyperlex.agent.moods import mood_label
@@ -75,6 +75,15 @@ class Proposal:
     def label(self) -> str:
         label = ",".join(str(mood_label(layer)) for layer in self.layers) or "alone"
         return label + (f" guided {self.guidance:g}" if self.guidance else "")
+
+
+def chat_proposals(stacks: Sequence[Layers], params: GenerationParams, samples: int,
+                   guidance: float = 0.0) -> list[Proposal]:
+    """A chat round's proposals: every layer stack sampled with seeds 1..``samples``, plain,
+    and again guided at ``guidance`` when it is not 0."""
+    weights = (0.0, guidance) if guidance else (0.0,)
+    return [Proposal(stack, replace(params, seed=seed), weight) for weight in weights
+            for stack in stacks for seed in range(1, samples + 1)]
 
 
 @dataclass
