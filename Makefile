@@ -47,9 +47,10 @@ test: lint
 # verified corpora (agent data synth --count 360 --seed 2, 3 and 4, committed); round 4
 # mixes in 80 texts of the bare base's own (agent data replay --count 80 --batch-size 16,
 # committed), which hold its perplexity on plain text at the base's; about 15 min a round.
-# Then the dreamer's chat round: its own replies to ordinary statements of a negated fact,
-# alone and with the writer at 0.5 over it, each also guided (agent data faithful --chat
-# --statements personas/chat-statements.txt --compose writer:0.5 --guidance 1 --samples 1,
+# Then a chat round on ordinary statements (the dreamer and the poet so far): the
+# persona's own replies to statements of a negated fact, with the writer at 0.5 over it
+# (the dreamer's also alone), each also guided (agent data faithful --chat --statements
+# personas/chat-statements.txt --compose writer:0.5 [--no-alone] --guidance 1 --samples 1,
 # the first 160 statements, committed as data/faithful-chat.jsonl), kept where they keep
 # the negation in its voice; one epoch on round 4's mix plus them, KL-anchored to round 4
 # except on the new turns (docs/verification.md, "A chat round on ordinary statements").
@@ -60,7 +61,8 @@ FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
 HINDSIGHT_ROUND := $(FAITHFUL_ROUND) --extra-data data/hindsight.jsonl
 CHAT_ROUND := $(HINDSIGHT_ROUND) --extra-data data/hindsight-chat.jsonl
 WRITER_ROUND := --init-adapter adapter/ --epochs 1 --lr 0.0005
-DREAMER_CHAT_ROUND := $(CHAT_ROUND) --extra-data data/faithful-chat.jsonl \
+STATEMENT_CAST := dreamer poet
+STATEMENT_ROUND := $(CHAT_ROUND) --extra-data data/faithful-chat.jsonl \
 	--extra-data data/faithful-chat.jsonl --anchor-adapter adapter/ \
 	--unanchored-data data/faithful-chat.jsonl
 train-cast: $(STAMP)
@@ -77,7 +79,7 @@ train-cast: $(STAMP)
 		--extra-data data/train-3.jsonl
 	$(BIN)/agent train personas/writer $(WRITER_ROUND) --data data/train-4.jsonl \
 		--extra-data data/replay-80.jsonl
-	$(BIN)/agent train personas/dreamer $(DREAMER_CHAT_ROUND)
+	for p in $(STATEMENT_CAST); do $(BIN)/agent train personas/$$p $(STATEMENT_ROUND) || exit 1; done
 
 # The scene-reader (docs/scene.md#the-scene-reader) in two rounds: the default encoder's
 # readings of 160 synthetic texts and of the cast's sentences, one epoch (about 15 min on 2

@@ -404,6 +404,19 @@ def test_the_dreamer_keeps_a_negated_fact_it_is_told_in_its_own_voice(
     assert len(kept_in_voice) >= floor, [(v["refused"], v["reply"]) for v in replies]
 
 
+def test_the_poet_keeps_a_negated_fact_it_is_told_in_its_own_voice(real_home: Path) -> None:
+    """The poet's chat round (docs/verification.md, "A chat round on ordinary statements"):
+    told a negated fact, one reply keeps it in the poet's voice in at least 10 of the 48
+    held-out statements. Round 5 keeps 17; the round-4 poet kept 4, and fails."""
+    import json
+
+    floor = 10
+    done = run_agent(real_home, "eval", "negation", "-p", "poet", "--json")
+    replies = json.loads(done.stdout)["rows"]["poet"]["replies"]
+    kept_in_voice = [v["statement"] for v in replies if v["refused"] is None]
+    assert len(kept_in_voice) >= floor, [(v["refused"], v["reply"]) for v in replies]
+
+
 def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_reply(
         engine) -> None:
     """agent eval negation --best-of 4 on the real poet (3 statements, 48 tokens): the first
