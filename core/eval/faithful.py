@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hyperlex.agent.moods import mood_label
+from hyperlex.agent.verify import sample_params
 from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.roundtrip import (
     EvalScene,
@@ -79,11 +80,13 @@ class Proposal:
 
 def chat_proposals(stacks: Sequence[Layers], params: GenerationParams, samples: int,
                    guidance: float = 0.0) -> list[Proposal]:
-    """A chat round's proposals: every layer stack sampled with seeds 1..``samples``, plain,
-    and again guided at ``guidance`` when it is not 0."""
+    """A chat round's proposals: every layer stack sampled with seeds 1..``samples`` (as
+    ``agent chat --best-of`` seeds its samples), plain, and again guided at ``guidance`` when
+    it is not 0."""
     weights = (0.0, guidance) if guidance else (0.0,)
-    return [Proposal(stack, replace(params, seed=seed), weight) for weight in weights
-            for stack in stacks for seed in range(1, samples + 1)]
+    seeded = sample_params(replace(params, seed=1), samples)
+    return [Proposal(stack, sample, weight) for weight in weights
+            for stack in stacks for sample in seeded]
 
 
 @dataclass
