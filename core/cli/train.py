@@ -492,7 +492,8 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], 
         if not (persona.root / out).resolve().is_relative_to(persona.root.resolve()):
             raise click.BadParameter(f"{out!r} points outside the bundle {persona.root}",
                                      param_hint="'--out'")
-    proposals = [*([()] if alone else []), *((layer,) for layer in compositions(host, compose))]
+    composed = [(layer,) for layer in compositions(host, compose)]
+    proposals = [(), *composed] if alone else composed
     if encoder not in host.scene_encoders:
         raise click.BadParameter(f"unknown encoder {encoder!r}", param_hint="'--encoder'")
     reader = host.scene_encoders[encoder]
