@@ -61,7 +61,7 @@ FAITHFUL_ROUND := --init-adapter adapter/ --extra-data data/faithful.jsonl \
 HINDSIGHT_ROUND := $(FAITHFUL_ROUND) --extra-data data/hindsight.jsonl
 CHAT_ROUND := $(HINDSIGHT_ROUND) --extra-data data/hindsight-chat.jsonl
 WRITER_ROUND := --init-adapter adapter/ --epochs 1 --lr 0.0005
-STATEMENT_CAST := dreamer poet
+STATEMENT_CAST := dreamer poet philosopher
 STATEMENT_ROUND := $(CHAT_ROUND) --extra-data data/faithful-chat.jsonl \
 	--extra-data data/faithful-chat.jsonl --anchor-adapter adapter/ \
 	--unanchored-data data/faithful-chat.jsonl

@@ -388,33 +388,34 @@ def test_the_negation_eval_answers_held_out_statements_as_agent_chat_does(
     assert row["kept"] == kept / 3
 
 
-def test_the_dreamer_keeps_a_negated_fact_it_is_told_in_its_own_voice(
-        real_home: Path) -> None:
-    """The dreamer's chat round (docs/verification.md, "A chat round on ordinary
-    statements"): told a negated fact, best of 4 keeps it in a reply the classifier gives to
-    the dreamer in at least 2 of the first 6 held-out statements. Round 5 keeps 3 here; the
-    round-4 dreamer (2 of all 48) kept 1, and fails."""
+# The chat round on ordinary statements (docs/verification.md, "A chat round on ordinary
+# statements"): each slice's floors fail the round-4 adapter. Measured, round 4 -> round 5:
+# the dreamer kept in voice 1 -> 3 (best of 4, first 6 statements); the poet kept in voice
+# 4 -> 17 (one reply, all 48); the philosopher kept 15 -> 27 and kept in voice 8 -> 10 (one
+# reply, all 48; best of 4 on the first 12 gives 5 for both rounds).
+STATEMENT_ROUND_FLOORS = [  # persona, eval negation options, kept, kept in voice
+    ("dreamer", ("--best-of", "4", "--limit", "6"), 0, 2),
+    ("poet", (), 0, 10),
+    ("philosopher", (), 21, 8),
+]
+
+
+@pytest.mark.parametrize(("persona", "args", "kept_floor", "in_voice_floor"),
+                         STATEMENT_ROUND_FLOORS, ids=[p for p, *_ in STATEMENT_ROUND_FLOORS])
+def test_a_persona_keeps_a_negated_fact_it_is_told_in_its_own_voice(
+        real_home: Path, persona: str, args: tuple[str, ...], kept_floor: int,
+        in_voice_floor: int) -> None:
+    """Told a negated fact, the persona keeps it in at least ``kept_floor`` of the held-out
+    statements, and in a reply the classifier gives to it in at least ``in_voice_floor``."""
     import json
 
-    floor = 2
-    done = run_agent(real_home, "eval", "negation", "-p", "dreamer", "--best-of", "4",
-                     "--limit", "6", "--json")
-    replies = json.loads(done.stdout)["rows"]["dreamer"]["replies"]
-    kept_in_voice = [v["statement"] for v in replies if v["refused"] is None]
-    assert len(kept_in_voice) >= floor, [(v["refused"], v["reply"]) for v in replies]
-
-
-def test_the_poet_keeps_a_negated_fact_it_is_told_in_its_own_voice(real_home: Path) -> None:
-    """The poet's chat round (docs/verification.md, "A chat round on ordinary statements"):
-    told a negated fact, one reply keeps it in the poet's voice in at least 10 of the 48
-    held-out statements. Round 5 keeps 17; the round-4 poet kept 4, and fails."""
-    import json
-
-    floor = 10
-    done = run_agent(real_home, "eval", "negation", "-p", "poet", "--json")
-    replies = json.loads(done.stdout)["rows"]["poet"]["replies"]
-    kept_in_voice = [v["statement"] for v in replies if v["refused"] is None]
-    assert len(kept_in_voice) >= floor, [(v["refused"], v["reply"]) for v in replies]
+    done = run_agent(real_home, "eval", "negation", "-p", persona, *args, "--json")
+    replies = json.loads(done.stdout)["rows"][persona]["replies"]
+    kept = [v for v in replies if v["negations_kept"] == v["negations"]]
+    kept_in_voice = [v for v in replies if v["refused"] is None]
+    summary = [(v["refused"], v["reply"]) for v in replies]
+    assert len(kept) >= kept_floor, summary
+    assert len(kept_in_voice) >= in_voice_floor, summary
 
 
 def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_reply(
