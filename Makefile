@@ -47,7 +47,7 @@ test: lint
 # verified corpora (agent data synth --count 360 --seed 2, 3 and 4, committed); round 4
 # mixes in 80 texts of the bare base's own (agent data replay --count 80 --batch-size 16,
 # committed), which hold its perplexity on plain text at the base's; about 15 min a round.
-# Then a chat round on ordinary statements (the dreamer and the poet so far): the
+# Then a chat round on ordinary statements (the dreamer, the poet and the philosopher so far): the
 # persona's own replies to statements of a negated fact, with the writer at 0.5 over it
 # (the dreamer's also alone), each also guided (agent data faithful --chat --statements
 # personas/chat-statements.txt --compose writer:0.5 [--no-alone] --guidance 1 --samples 1,

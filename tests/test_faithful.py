@@ -10,6 +10,7 @@ import pytest
 
 from hyperlex.cli import cli
 from hyperlex.eval.faithful import (
+    NAMES_NO_SUCH_COMMAND,
     Proposal,
     chat_prompt,
     chat_proposals,
@@ -120,6 +121,24 @@ def test_a_chat_turn_that_drops_or_flips_the_negation_is_refused(engine) -> None
         run = chat_records(engine, engine.persona("alpha"), [STATEMENT], [Proposal((), params())],
                            reads(read), Voice("alpha"))
         assert run.records == [] and run.refused == {reason: 1}
+
+
+def test_a_faithful_reply_that_fails_the_reply_check_is_refused_with_its_problem(engine) -> None:
+    """agent data faithful passes a check that the reply names only real commands; a
+    candidate that keeps its scene in the voice but fails it is refused, in both rounds."""
+    def check(reply: str) -> str:
+        return f"`agent chat -p fox`: no persona 'fox' in {len(reply)} chars"
+
+    chat = chat_records(engine, engine.persona("alpha"), [STATEMENT], [Proposal((), params())],
+                        reads(SCENE), Voice("alpha"), reply_check=check)
+    scenes = faithful_records(engine, engine.persona("alpha"), SCENES, [()], reads(SCENE),
+                              Voice("alpha"), params(), reply_check=check)
+    for run, refused in ((chat, 1), (scenes, 2)):
+        assert run.records == [] and run.refused == {NAMES_NO_SUCH_COMMAND: refused}
+        assert all("no persona 'fox'" in v["problem"] for v in run.verdicts)
+    kept = chat_records(engine, engine.persona("alpha"), [STATEMENT], [Proposal((), params())],
+                        reads(SCENE), Voice("alpha"), reply_check=lambda reply: None)
+    assert len(kept.records) == 1 and "problem" not in kept.verdicts[0]
 
 
 def test_a_guided_proposal_samples_against_the_scene_less_chat(engine) -> None:

@@ -452,13 +452,15 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], 
                   max_new_tokens: int, batch_size: int, as_json: bool, base: str | None,
                   dtype: str, quantize: str | None) -> None:
     """Self-distillation data: each persona speaks training scenes alone and with the
-    scene-writer composed over it; the replies that read back to their scene and that the
-    fidelity classifier gives to the persona become its speak_scene records (docs/data.md).
+    scene-writer composed over it; the replies that read back to their scene, that the
+    fidelity classifier gives to the persona and that name no agent command, option or
+    persona that does not exist become its speak_scene records (docs/data.md).
     Train on them with agent train BUNDLE --init-adapter adapter/ --extra-data FILE.
 
     --chat builds chat-turn records instead (docs/verification.md, "Negation in a
     conversation").
     """
+    from hyperlex.cli.command_refs import CommandReferences
     from hyperlex.cli.common import compositions, open_engine, report_problems
     from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.faithful import (
@@ -509,17 +511,21 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], 
                                     if not p.is_layer}, minilm_embedder())
     engine = open_engine(host, base, dtype, quantize,
                          only=[*chosen, *(s[0][0] for s in proposals if s)])
+    commands = CommandReferences(click.get_current_context().find_root().command,
+                                 host.personas)
     summary = []
     for name, persona in chosen.items():
         if chat:
             sampled = chat_proposals(proposals, persona.contract.params(), samples, guidance)
             run = chat_records(engine, persona, scenes, sampled, reader, classifier,
-                               batch_size, progress=lambda m: click.echo(m, err=True))
+                               batch_size, progress=lambda m: click.echo(m, err=True),
+                               reply_check=commands.problem)
         else:
             run = faithful_records(engine, persona, scenes, proposals, reader, classifier,
                                    speaking_params(max_new_tokens), batch_size,
                                    min_recall, min_link_recall,
-                                   progress=lambda m: click.echo(m, err=True))
+                                   progress=lambda m: click.echo(m, err=True),
+                                   reply_check=commands.problem)
         target = persona.root / out
         write_records(target, run.records)
         summary.append({**run.as_dict(), "file": str(target)})
