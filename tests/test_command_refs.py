@@ -47,3 +47,23 @@ def test_a_command_that_does_not_exist_is_named_with_what_is_wrong(
 def test_the_first_wrong_command_of_several_is_named(refs: CommandReferences) -> None:
     reply = "Use `agent personas`, then `agent chat -p chef`, then `agent chat -p cook`."
     assert refs.problem(reply) == "`agent chat -p chef`: no persona 'chef'"
+
+
+def test_the_shipped_self_distilled_records_name_only_commands_that_exist() -> None:
+    """Every persona's committed agent data faithful records pass the check the command
+    applies (those written before it, and any a round keeps by hand)."""
+    import json
+    from pathlib import Path
+
+    from hyperlex.persona.bundle import Persona
+
+    shipped = Path(__file__).parent.parent / "personas"
+    refs = CommandReferences(cli, [Persona.from_dir(yaml.parent).name
+                                   for yaml in shipped.glob("*/persona.yaml")])
+    files = sorted(shipped.glob("*/data/faithful*.jsonl"))
+    assert files
+    wrong = [(f"{path.parent.parent.name}/{path.name}:{number}", problem)
+             for path in files
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if (problem := refs.problem(json.loads(line)["text"]))]
+    assert wrong == []
