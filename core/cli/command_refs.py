@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable
+from typing import Any
 
 import click
 
@@ -68,7 +69,7 @@ class CommandReferences:
             return None
         return self._unknown_persona(command, values)
 
-    def _unknown_persona(self, command: click.Command, values: dict) -> str | None:
+    def _unknown_persona(self, command: click.Command, values: dict[str, Any]) -> str | None:
         for param in command.params:
             if "--persona" not in getattr(param, "opts", ()):
                 continue

@@ -14,11 +14,13 @@ writer in, no candidate of the dreamer or the interface was both faithful and th
 
 A candidate is **accepted** when it keeps the scene (hyperlexeme recall and relaxed link
 recall at least the thresholds, no polarity flipped) *and* the classifier gives it to the
-persona. The best accepted candidate per scene (links kept, then hyperlexemes, then how
-surely it is the persona's voice) becomes a ``speak_scene`` training record; the persona is
-then trained on them beside its voice data (``agent train --extra-data``), starting from its
-adapter (``--init-adapter``), and the loop repeats while it still gains. This is STaR / RAFT
-/ ReST: sample, keep what a reward accepts, fine-tune on it.
+persona (and, where the caller checks it, names no command that does not exist: the
+interface's replies point at commands). The best accepted candidate per scene (links kept,
+then hyperlexemes, then how surely it is the persona's voice) becomes a ``speak_scene``
+training record; the persona is then trained on them beside its voice data (``agent train
+--extra-data``), starting from its adapter (``--init-adapter``), and the loop repeats while
+it still gains. This is STaR / RAFT / ReST: sample, keep what a reward accepts, fine-tune on
+it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from hyperlex.scene.model import Delta, opening_scene
 MIN_HYPERLEXEME_RECALL = 0.75
 MIN_LINK_RECALL = 0.5
 NAMES_NO_SUCH_COMMAND = "named a command that does not exist"
-ReplyCheck = Callable[[str], str | None]  # a reply -> what is wrong with it (None: nothing)
+ReplyProblem = Callable[[str], str | None]  # a reply -> what is wrong with it (None: nothing)
 
 
 @dataclass
@@ -129,7 +131,7 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
                      min_recall: float = MIN_HYPERLEXEME_RECALL,
                      min_link_recall: float = MIN_LINK_RECALL,
                      progress: Callable[[str], None] | None = None,
-                     reply_check: ReplyCheck | None = None) -> FaithfulRun:
+                     reply_check: ReplyProblem | None = None) -> FaithfulRun:
     """One persona's round (see the module docstring); ``proposals``: the layer stacks to
     sample under (``()``: the persona alone); ``reply_check``: as :func:`_select` takes it."""
     candidates = _sample(engine, persona, scenes, [Proposal(stack, params) for stack in proposals],
@@ -203,7 +205,7 @@ def _select(name: str, items: Sequence[EvalScene], candidates: list[Candidate],
             refuse: Callable[[Candidate], str | None],
             verdict: Callable[[Candidate], dict[str, Any]],
             record: Callable[[EvalScene, Candidate], dict[str, Any]],
-            reply_check: ReplyCheck | None = None) -> FaithfulRun:
+            reply_check: ReplyProblem | None = None) -> FaithfulRun:
     """The run: a verdict per candidate, and a record of the best accepted one per item.
     ``reply_check``: what else is wrong with a reply that keeps its scene in the voice (a
     command that does not exist, :mod:`hyperlex.cli.command_refs`); such a candidate is
@@ -325,7 +327,7 @@ def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
                  proposals: Sequence[Proposal], encoder: Callable[[str], Delta],
                  classifier: Any, batch_size: int = 16,
                  progress: Callable[[str], None] | None = None,
-                 reply_check: ReplyCheck | None = None) -> FaithfulRun:
+                 reply_check: ReplyProblem | None = None) -> FaithfulRun:
     """One persona's chat round: each proposal answers every statement (a guided one with
     :func:`chat_guidance`'s negative prompts); the best kept reply per statement becomes an
     ordinary ``human``/``scene``/``text`` record (``reply_check``: as :func:`_select`)."""
@@ -348,7 +350,7 @@ def chat_verdicts(persona: str, statements: Sequence[EvalScene], label: str,
 
 
 def _chat_run(name: str, statements: Sequence[EvalScene], candidates: list[Candidate],
-              reply_check: ReplyCheck | None = None) -> FaithfulRun:
+              reply_check: ReplyProblem | None = None) -> FaithfulRun:
     def verdict(candidate: Candidate) -> dict[str, Any]:
         return {"statement": candidate.scene.reference,
                 "negations": candidate.score.negations,
