@@ -358,3 +358,54 @@ def test_a_missing_or_misshapen_anchor_is_refused(bundle: Path, tiny_base: Path)
               base=str(tiny_base), progress=False)
     with pytest.raises(HyperlexError, match="anchor_weight must be > 0"):
         load_config(bundle, {"anchor_weight": 0})
+
+
+# echoed openings: a chat reply that opens by saying the user's message back ----------------
+
+@pytest.mark.parametrize(("human", "reply", "echoed"), [
+    ("The owl does not hunt.", "The owl does not hunt. It sleeps.", "The owl does not hunt"),
+    ("The owl does not hunt. The mice run.", "The owl does not hunt. The mice run, and it "
+     "watches.", "The owl does not hunt. The mice run"),
+    ("The owl does not hunt. The mice run.", "The owl does not hunt; the mice are safe.",
+     "The owl does not hunt"),
+    ("The owl does not hunt.", "the owl does not hunt, they say.", "the owl does not hunt"),
+    ("The owl does not hunt.", "Owls rest at night, and this one does not hunt.", ""),
+    ("The owl does not hunt.", "The owl does", ""),
+])
+def test_the_echoed_opening_is_the_users_sentences_said_back_word_for_word(
+        human: str, reply: str, echoed: str) -> None:
+    from hyperlex.training.train import echoed_opening
+
+    assert reply[:echoed_opening(human, reply)] == echoed
+
+
+def test_without_echo_loss_only_what_follows_the_echoed_opening_is_trained(
+        bundle: Path, tiny_base: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from hyperlex.training.data import Example
+    from hyperlex.training.train import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    persona = Persona.from_dir(bundle)
+    echo = Example(human="The owl does not hunt.", text="The owl does not hunt. It sleeps.")
+    ids, trained = encode_example(tokenizer, persona, echo, 256)
+    same_ids, masked = encode_example(tokenizer, persona, echo, 256, echo_loss=False)
+    assert same_ids == ids
+
+    def targets(labels: list[int]) -> str:
+        return tokenizer.decode([t for t in labels if t != -100])
+
+    assert targets(trained).startswith("The owl does not hunt. It sleeps.")
+    assert targets(masked).startswith(". It sleeps.")
+    other = Example(human="The owl does not hunt.", text="Owls rest at night.")
+    assert encode_example(tokenizer, persona, other, 256, echo_loss=False) == \
+        encode_example(tokenizer, persona, other, 256)
+
+
+def test_echo_loss_is_a_training_option(bundle: Path) -> None:
+    (bundle / "train.yaml").write_text("echo_loss: false\n")
+    assert load_config(bundle).echo_loss is False
+    assert load_config(bundle, {"echo_loss": True}).echo_loss is True
+    with pytest.raises(HyperlexError, match="echo_loss must be bool"):
+        load_config(bundle, {"echo_loss": "sometimes"})
