@@ -49,10 +49,6 @@ from hyperlex.errors import HyperlexError
               metavar="FILE",
               help="A training file (--data or --extra-data) whose records the anchor does not "
                    "hold: the round's new data, learnt freely (repeatable).")
-@click.option("--echo-loss/--no-echo-loss", default=None,
-              help="--no-echo-loss: no loss on the opening of a chat reply that says the "
-                   "human's message back word for word; the rest of the reply still trains "
-                   "(default: from train.yaml, else on; docs/data.md, 'Echoed openings').")
 @click.option("--qlora/--no-qlora", default=None,
               help="QLoRA: 4-bit NF4 base through bitsandbytes (default: from train.yaml).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import resource
 import shutil
 import signal
@@ -74,9 +73,6 @@ class TrainConfig:
     # rows per forward/backward pass, their gradients accumulated up to batch_size (0: the
     # most that fit the memory budget; hyperlex.training.memory)
     micro_batch_size: int = 0
-    # train on the opening of a reply that says the human's message back word for word
-    # (False: no loss there, the rest of the reply still trains; see echoed_opening)
-    echo_loss: bool = True
 
     def updated(self, values: dict[str, Any], where: str) -> TrainConfig:
         """A copy with ``values`` applied, each checked and converted; errors name ``where``."""
@@ -146,45 +142,18 @@ def bundle_chat_examples(root: Path, besides: Path | None = None) -> list[Exampl
 
 
 def encode_example(tokenizer: Any, persona: Persona, example: Example,
-                   max_length: int, echo_loss: bool = True) -> tuple[list[int], list[int]]:
+                   max_length: int) -> tuple[list[int], list[int]]:
     """Token ids for one exchange, and labels that mask everything but the reply. The prompt
     is the one a conversation gives ``persona`` (:func:`hyperlex.persona.prompt.example_prompt`,
     scene budget counted with this tokenizer). A plain record is its text alone, every token
-    but the first a target, as :meth:`TorchEngine.text_nll` scores text. Without
-    ``echo_loss`` a chat reply's :func:`echoed_opening` is masked too."""
+    but the first a target, as :meth:`TorchEngine.text_nll` scores text."""
     if example.plain:
         ids = tokenizer(example.text)["input_ids"][:max_length]
         return ids, [-100] + ids[1:]
     prompt = example_prompt(persona, example, ChatTemplateCounter(tokenizer))
     prompt_ids, full_ids = encode_exchange(tokenizer, prompt, example.text)
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
-    echoed = echoed_opening(example.human, example.text) if example.is_chat else 0
-    if echoed and not echo_loss:
-        opening = tokenizer(example.text[:echoed], add_special_tokens=False)["input_ids"]
-        start = len(prompt_ids)
-        if full_ids[start:start + len(opening)] == opening:
-            labels[start:start + len(opening)] = [-100] * len(opening)
     return full_ids[:max_length], labels[:max_length]
-
-
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
-
-
-def echoed_opening(human: str, reply: str) -> int:
-    """How many characters of ``reply`` open by saying ``human`` back word for word: its
-    first sentences, up to their last word (the punctuation after it is the reply's own),
-    compared without case; 0 when the reply does not open so.
-
-    Why it matters: a reply that copies the user's message tends to go on copying what follows
-    the message in the prompt, the end of the turn, and a round whose records open with such
-    copies teaches the copy more than what follows it (docs/verification.md, "The interface:
-    tried, not shipped"); ``echo_loss: false`` trains only what follows."""
-    sentences = _SENTENCE_BREAK.split(human.strip())
-    for count in range(len(sentences), 0, -1):
-        said = " ".join(sentences[:count]).rstrip(".!?;:, ")
-        if said and reply[:len(said)].lower() == said.lower():
-            return len(said)
-    return 0
 
 
 def batches(examples: list[tuple[list[int], list[int]]], size: int,
@@ -415,8 +384,8 @@ def train(bundle: Path, config: TrainConfig, base: str | None = None, resume: bo
     pad_id = pad_token_id(tokenizer)
 
     def encode(items: list[Example], path: Path) -> list[tuple[list[int], list[int]]]:
-        encoded = [encode_example(tokenizer, persona, e, config.max_length,
-                                  config.echo_loss) for e in items]
+        encoded = [encode_example(tokenizer, persona, e,
+                                  config.max_length) for e in items]
         cut = [e.line for e, (_, labels) in zip(items, encoded, strict=True)
                if all(label == -100 for label in labels)]
         if cut:
