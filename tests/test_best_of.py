@@ -70,6 +70,18 @@ def test_the_ranking_puts_facts_before_voice_and_voice_before_order() -> None:
     assert best([check(0, kept=1), check(1, kept=1)]).index == 0
 
 
+def test_a_sample_naming_a_command_that_does_not_exist_ranks_below_one_that_loses_a_fact(
+        ) -> None:
+    def check(index: int, flipped: int = 0, kept: int = 0, problem: str | None = None):
+        return ReplyCheck(index, facts=1, facts_kept=kept, flipped=flipped, negations=1,
+                          negations_kept=kept, voice=0.5, problem=problem)
+
+    wrong = "`agent chat -p postman`: no persona 'postman'"
+    assert best([check(0, kept=1, problem=wrong), check(1)]).index == 1
+    assert best([check(0, problem=wrong), check(1, flipped=1)]).index == 0
+    assert best([check(0, kept=1, problem=wrong), check(1, kept=1, problem=wrong)]).index == 0
+
+
 @pytest.mark.parametrize("bad", [0, 17, "3", True, 2.0])
 def test_best_of_outside_1_to_16_is_refused_by_name(bad) -> None:
     with pytest.raises(HyperlexError, match="best_of must be a whole number from 1 to 16"):
@@ -143,6 +155,23 @@ def test_the_voice_score_breaks_a_tie_between_samples_that_keep_the_facts(engine
     turn = controller_with(engine, KeepsOnly(), best_of=3, voice=voice).send(
         "hello there").complete()
     assert seen == ["alpha"] and turn.annotations["best_of"]["chosen"] == 1
+
+
+def test_the_reply_problem_check_sends_a_sample_below_the_others(engine) -> None:
+    """agent chat and agent serve pass the CLI's command check: a sample it finds wrong is
+    kept only if every sample is, and its problem is in the turn's annotations."""
+    first = controller_with(engine, KeepsOnly(), best_of=3).send("hello there").complete()
+    texts = [s["text"] for s in first.annotations["best_of"]["samples"]]
+    assert first.annotations["best_of"]["chosen"] == 0
+
+    def problem(text: str) -> str | None:
+        return None if text == texts[2] else "`agent nope`: no command 'agent nope'"
+
+    turn = controller_with(engine, KeepsOnly(), best_of=3, reply_problem=problem).send(
+        "hello there").complete()
+    report = turn.annotations["best_of"]
+    assert report["chosen"] == 2 and turn.reply == texts[2].strip()
+    assert [s["problem"] for s in report["samples"]] == [problem(t) for t in texts]
 
 
 def test_one_turn_may_ask_for_best_of_but_not_greedy_or_with_a_json_reply(engine) -> None:

@@ -19,6 +19,7 @@ from hyperlex.agent.router import DEFAULT_ROUTER, RouteDecision, TurnRouter
 from hyperlex.agent.verify import (
     BestOfGeneration,
     ReplyCheck,
+    ReplyProblem,
     VoiceScore,
     check_best_of,
     check_reply,
@@ -91,6 +92,7 @@ class Controller:
         session: str | None = None,
         best_of: int = 1,
         voice: VoiceScore | None = None,
+        reply_problem: ReplyProblem | None = None,
     ):
         """``persona`` pins a persona ("auto": route; None: route, or keep the persona a resumed
         session had pinned). ``router`` names a registered router (None: no automatic
@@ -102,12 +104,15 @@ class Controller:
 
         ``best_of`` > 1 samples that many replies per turn and keeps the one that agrees
         best with the user's facts (:mod:`hyperlex.agent.verify`), ranking by ``voice``
-        (the probability that a text is a persona's) among equals."""
+        (the probability that a text is a persona's) among equals, and below the others a
+        sample in which ``reply_problem`` finds something wrong (a command that does not
+        exist)."""
         self.host = host
         self.engine = engine
         self.overrides = dict(overrides or {})
         self.best_of = check_best_of(best_of)
         self.voice = voice
+        self.reply_problem = reply_problem
         self.scene = Scene()
         self.history: list[Message] = []
         self.turns: list[Turn] = []
@@ -251,7 +256,8 @@ class Controller:
             reading = self.read(text, persona)
             if readings is not None:
                 readings[text.strip()] = reading
-            checks.append(check_reply(self.scene, turn, reading or Delta(), i, voice))
+            problem = self.reply_problem(text) if self.reply_problem is not None else None
+            checks.append(check_reply(self.scene, turn, reading or Delta(), i, voice, problem))
         return checks
 
     # turns -----------------------------------------------------------------------------------

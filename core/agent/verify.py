@@ -9,11 +9,13 @@ and keeps the one that agrees best with the user, judged in this order:
 1. it reverses none of the user's facts in the scene (a negation lost or invented on a link
    the user stated, or of unknown provenance; matched as the round trip matches links:
    :mod:`hyperlex.scene.agreement`);
-2. it restates the most negated facts of the user's message, with their negation;
-3. it is most the persona's own, when a ``voice`` score is given (the probability that the
+2. it names no command that does not exist, when a ``problem`` check is given (``agent
+   chat`` and ``agent serve`` give the CLI's: :mod:`hyperlex.cli.command_refs`);
+3. it restates the most negated facts of the user's message, with their negation;
+4. it is most the persona's own, when a ``voice`` score is given (the probability that the
    text is the persona's, from the fidelity classifier);
-4. it restates the most of the user's facts;
-5. it came first.
+5. it restates the most of the user's facts;
+6. it came first.
 
 The chosen reply streams whole once every sample is done; the turn's ``annotations``
 record each sample's check (``best_of``). The host owns this policy: the samples are
@@ -35,6 +37,9 @@ from hyperlex.scene.model import Delta, Scene
 
 # texts, persona -> the probability that each text is the persona's
 VoiceScore = Callable[[list[str], str], list[float]]
+# a reply -> what is wrong with it beyond the scene, e.g. a command that does not exist
+# (None: nothing)
+ReplyProblem = Callable[[str], str | None]
 MAX_BEST_OF = 16
 
 
@@ -49,11 +54,12 @@ class ReplyCheck:
     negations: int  # negated links of the user's message this turn
     negations_kept: int
     voice: float | None = None
+    problem: str | None = None  # what a ReplyProblem check found wrong
 
     @property
     def rank(self) -> tuple[float, ...]:
-        return (-self.flipped, self.negations_kept, self.voice or 0.0, self.facts_kept,
-                -self.index)
+        return (-self.flipped, -(self.problem is not None), self.negations_kept,
+                self.voice or 0.0, self.facts_kept, -self.index)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,9 +72,11 @@ def check_best_of(n: int) -> int:
 
 
 def check_reply(scene: Scene, turn: int, reading: Delta, index: int = 0,
-                voice: float | None = None) -> ReplyCheck:
+                voice: float | None = None, problem: str | None = None) -> ReplyCheck:
     """Compare what a reply says (``reading``, its scene encoder's delta) with the user's
-    facts in ``scene``; ``turn`` is the index of the turn whose user message it answers."""
+    facts in ``scene``; ``turn`` is the index of the turn whose user message it answers;
+    ``voice`` and ``problem``: what the voice score and a :data:`ReplyProblem` check said of
+    it."""
     facts = [link for link in scene.links if link.is_fact]
     negated_now = [link for link in facts if link.turn == turn and link.polarity < 0]
     labels = scene.hyperlexemes.values()
@@ -81,7 +89,7 @@ def check_reply(scene: Scene, turn: int, reading: Delta, index: int = 0,
     return ReplyCheck(
         index=index, facts=len(source), facts_kept=len(agree), flipped=len(pairs) - len(agree),
         negations=len(negated), negations_kept=sum(1 for s in agree if s in negated),
-        voice=voice)
+        voice=voice, problem=problem)
 
 
 def best(checks: Sequence[ReplyCheck]) -> ReplyCheck:

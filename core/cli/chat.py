@@ -150,12 +150,14 @@ def chat(
     engine = open_engine(host, base, dtype, quantize, merge=merge, backend=chosen,
                          base_url=base_url, api_key=api_key_from(api_key_env),
                          **sample_capacity(chosen, best_of))
+    from hyperlex.cli.command_refs import CommandReferences
     from hyperlex.eval.fidelity import voice_scorer
 
     controller = Controller(host, engine, persona=persona, overrides=overrides,
                             router=None if router == "none" else router, mood=mood,
                             store=None if no_store else Store(), session=session,
-                            best_of=best_of, voice=voice_scorer(engine.personas))
+                            best_of=best_of, voice=voice_scorer(engine.personas),
+                            reply_problem=CommandReferences.of_this_cli(host.personas).problem)
     if controller.session is not None:
         resumed = f", resumed at turn {controller.first_index}" if controller.first_index else ""
         click.echo(f"session {controller.session}{resumed}", err=True)

@@ -5,7 +5,9 @@ commands in backticks (`` `agent chat -p philosopher` ``). A self-distillation r
 keeps such replies teaches whatever they name, so ``agent data faithful`` refuses a
 candidate that names an ``agent`` command, subcommand, option or persona that does not
 exist (measured on the interface's chat round: 42 of 65 records named one, most often
-``agent chat -p`` with the statement's subject as the persona).
+``agent chat -p`` with the statement's subject as the persona); and ``agent chat``,
+``agent serve`` and ``agent eval negation`` rank such a best-of sample below the others
+(:mod:`hyperlex.agent.verify`).
 
 The check parses each backticked span that starts with ``agent`` with the CLI itself (click's
 own option parser: unknown commands and options fail, while a command or option named
@@ -33,6 +35,12 @@ class CommandReferences:
     def __init__(self, root: click.Group, personas: Iterable[str]):
         self.root = root
         self.personas = frozenset(personas)
+
+    @classmethod
+    def of_this_cli(cls, personas: Iterable[str]) -> CommandReferences:
+        """The check for the running ``agent`` command (its root group, plugin commands
+        included)."""
+        return cls(click.get_current_context().find_root().command, personas)
 
     def problem(self, text: str) -> str | None:
         """What is wrong with the first command line ``text`` names in backticks (None:

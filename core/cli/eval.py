@@ -543,6 +543,7 @@ def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose:
     the fidelity classifier gives to the persona, and that do both (docs/verification.md).
     --guidance W decodes every reply with scene guidance against the same conversation
     without its scene."""
+    from hyperlex.cli.command_refs import CommandReferences
     from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
     from hyperlex.eval.negation import load_statements, negation_eval
@@ -563,7 +564,8 @@ def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose:
                          only=[*chosen, *(layer for layer, _ in layers)])
     report = negation_eval(engine, chosen, statements, encoder, classifier, seed, tuple(layers),
                            batch_size, progress=lambda m: click.echo(m, err=True),
-                           best_of=best_of, guidance=guidance)
+                           best_of=best_of, guidance=guidance,
+                           reply_problem=CommandReferences.of_this_cli(host.personas).problem)
     if as_json:
         emit_json(report.as_dict())
     else:

@@ -119,11 +119,13 @@ def serve(host: str, port: int, api_key: str | None, api_keys: Path | None,
     if not engine.personas:
         raise HyperlexError("no personas could be loaded (agent personas shows why)")
     store = None if no_store else Store()
+    from hyperlex.cli.command_refs import CommandReferences
     from hyperlex.eval.fidelity import voice_scorer
 
     service = PersonaService(app, engine, router=None if router == "none" else router,
                              store=store, overrides=overrides,
-                             voice=voice_scorer(engine.personas))
+                             voice=voice_scorer(engine.personas),
+                             reply_problem=CommandReferences.of_this_cli(app.personas).problem)
     service.warm_up()
     try:
         server = Server(service, host, port, keys=keys, limits=limits, log=not quiet,

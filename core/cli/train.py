@@ -511,8 +511,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], 
                                     if not p.is_layer}, minilm_embedder())
     engine = open_engine(host, base, dtype, quantize,
                          only=[*chosen, *(s[0][0] for s in proposals if s)])
-    commands = CommandReferences(click.get_current_context().find_root().command,
-                                 host.personas)
+    commands = CommandReferences.of_this_cli(host.personas)
     summary = []
     for name, persona in chosen.items():
         if chat:

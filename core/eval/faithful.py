@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hyperlex.agent.moods import mood_label
-from hyperlex.agent.verify import sample_params
+from hyperlex.agent.verify import ReplyProblem, sample_params
 from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.roundtrip import (
     EvalScene,
@@ -49,7 +49,6 @@ from hyperlex.scene.model import Delta, opening_scene
 MIN_HYPERLEXEME_RECALL = 0.75
 MIN_LINK_RECALL = 0.5
 NAMES_NO_SUCH_COMMAND = "named a command that does not exist"
-ReplyProblem = Callable[[str], str | None]  # a reply -> what is wrong with it (None: nothing)
 
 
 @dataclass

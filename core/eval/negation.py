@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hyperlex.agent.verify import best, check_reply, sample_params
+from hyperlex.agent.verify import ReplyProblem, best, check_reply, sample_params
 from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.faithful import (
@@ -117,12 +117,14 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
                   encoder: Callable[[str], Delta], classifier: Any, seed: int = 0,
                   layers: Layers = (), batch_size: int = 16,
                   progress: Callable[[str], None] | None = None,
-                  best_of: int = 1, guidance: float = 0.0) -> NegationReport:
+                  best_of: int = 1, guidance: float = 0.0,
+                  reply_problem: ReplyProblem | None = None) -> NegationReport:
     """Every persona answers every statement alone, and with each ``(layer, weight)`` of
     ``layers`` composed over it; see the module docstring. With ``best_of`` > 1 each reply
     is the one of ``best_of`` samples that ``agent chat --best-of`` would give; with
     ``guidance`` every reply is decoded with scene guidance at that weight
-    (:func:`hyperlex.eval.faithful.chat_guidance`)."""
+    (:func:`hyperlex.eval.faithful.chat_guidance`); ``reply_problem`` ranks best of n as
+    ``agent chat`` does (a sample naming a command that does not exist below the others)."""
     report = NegationReport(len(statements), {}, best_of, guidance)
     for name in sorted(personas):
         persona = personas[name]
@@ -138,7 +140,7 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
             else:
                 replies, readings, attributions = best_replies(
                     engine, persona, statements, stack, params, best_of, encoder, classifier,
-                    batch_size, progress, guidance)
+                    batch_size, progress, guidance, reply_problem)
                 run = chat_verdicts(name, statements, f"best of {best_of}", replies, readings,
                                     classifier, attributions)
             report.replies[row] = run.verdicts
@@ -148,7 +150,8 @@ def negation_eval(engine: Any, personas: dict[str, Persona], statements: Sequenc
 def best_replies(engine: Any, persona: Persona, statements: Sequence[EvalScene], stack: Layers,
                  params: GenerationParams, best_of: int, encoder: Callable[[str], Delta],
                  classifier: Any, batch_size: int = 16,
-                 progress: Callable[[str], None] | None = None, guidance: float = 0.0
+                 progress: Callable[[str], None] | None = None, guidance: float = 0.0,
+                 reply_problem: ReplyProblem | None = None
                  ) -> tuple[list[str], list[Delta | Exception], list[tuple[str, float]]]:
     """Per statement, the reply :mod:`hyperlex.agent.verify` chooses among ``best_of``
     samples (seeds ``seed + i``, each sample batched over the statements), its reading, and
@@ -170,7 +173,8 @@ def best_replies(engine: Any, persona: Persona, statements: Sequence[EvalScene],
     chosen = []
     for j, item in enumerate(statements):
         group = range(j * best_of, (j + 1) * best_of)
-        checks = [check_reply(item.scene, 0, _delta(readings[k]), i, attributions[k][1])
+        checks = [check_reply(item.scene, 0, _delta(readings[k]), i, attributions[k][1],
+                              reply_problem(texts[k]) if reply_problem else None)
                   for i, k in enumerate(group)]
         chosen.append(group[best(checks).index])
     return ([texts[k] for k in chosen], [readings[k] for k in chosen],

@@ -41,7 +41,7 @@ from hyperlex.serve.openai_api import (
 
 if TYPE_CHECKING:
     from hyperlex.agent.store import Store
-    from hyperlex.agent.verify import VoiceScore
+    from hyperlex.agent.verify import ReplyProblem, VoiceScore
     from hyperlex.host import Host
 
 AUTO = "auto"
@@ -103,11 +103,15 @@ class PersonaService:
 
     def __init__(self, host: Host, engine: Engine, *, router: str | None = DEFAULT_ROUTER,
                  store: Store | None = None, overrides: dict[str, Any] | None = None,
-                 max_conversations: int = 1000, voice: VoiceScore | None = None):
+                 max_conversations: int = 1000, voice: VoiceScore | None = None,
+                 reply_problem: ReplyProblem | None = None):
         """``voice``: the probability that a text is a persona's, which ranks a request's
-        ``best_of`` samples among equals (:mod:`hyperlex.agent.verify`)."""
+        ``best_of`` samples among equals; ``reply_problem``: what is wrong with a sample (a
+        command that does not exist), which ranks it below the others
+        (:mod:`hyperlex.agent.verify`)."""
         self.host = host
         self.voice = voice
+        self.reply_problem = reply_problem
         self.engine = engine
         self.router = router
         self.store = store
@@ -227,7 +231,8 @@ class PersonaService:
     def _controller(self, session: str | None, tenant: str = DEFAULT_TENANT) -> Controller:
         store = self.store.for_tenant(tenant) if session is not None and self.store else None
         return Controller(self.host, self.engine, overrides=self.overrides,
-                          router=self.router, store=store, session=session, voice=self.voice)
+                          router=self.router, store=store, session=session, voice=self.voice,
+                          reply_problem=self.reply_problem)
 
     def conversation(self, tenant: str, name: str) -> dict[str, Any]:
         """``tenant``'s conversation ``name`` as saved (the session document: turns, scene),
