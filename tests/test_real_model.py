@@ -418,6 +418,26 @@ def test_a_persona_keeps_a_negated_fact_it_is_told_in_its_own_voice(
     assert len(kept_in_voice) >= in_voice_floor, summary
 
 
+def test_best_of_keeps_the_real_interface_from_pointing_at_commands_that_do_not_exist(
+        real_home: Path) -> None:
+    """agent eval negation -p interface --best-of 4 on the first 12 statements ranks as
+    agent chat --best-of does: a sample naming an agent command, option or persona that does
+    not exist goes below the others. Measured: 7 of the 12 chosen replies named one
+    ("Try `agent chat -p hunter`") before the check, none with it."""
+    import json
+
+    from hyperlex.cli import cli
+    from hyperlex.cli.command_refs import CommandReferences
+    from hyperlex.host import Host
+
+    done = run_agent(real_home, "eval", "negation", "-p", "interface", "--best-of", "4",
+                     "--limit", "12", "--json")
+    replies = json.loads(done.stdout)["rows"]["interface"]["replies"]
+    refs = CommandReferences(cli, Host().personas)
+    wrong = [(problem, v["reply"]) for v in replies if (problem := refs.problem(v["reply"]))]
+    assert len(replies) == 12 and len(wrong) <= 1, wrong
+
+
 def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_reply(
         engine) -> None:
     """agent eval negation --best-of 4 on the real poet (3 statements, 48 tokens): the first
