@@ -123,21 +123,21 @@ def test_a_chat_turn_that_drops_or_flips_the_negation_is_refused(engine) -> None
         assert run.records == [] and run.refused == {reason: 1}
 
 
-def test_a_faithful_reply_that_fails_the_reply_check_is_refused_with_its_problem(engine) -> None:
+def test_a_faithful_reply_that_fails_the_reply_problem_is_refused_with_its_problem(engine) -> None:
     """agent data faithful passes a check that the reply names only real commands; a
     candidate that keeps its scene in the voice but fails it is refused, in both rounds."""
     def check(reply: str) -> str:
         return f"`agent chat -p fox`: no persona 'fox' in {len(reply)} chars"
 
     chat = chat_records(engine, engine.persona("alpha"), [STATEMENT], [Proposal((), params())],
-                        reads(SCENE), Voice("alpha"), reply_check=check)
+                        reads(SCENE), Voice("alpha"), reply_problem=check)
     scenes = faithful_records(engine, engine.persona("alpha"), SCENES, [()], reads(SCENE),
-                              Voice("alpha"), params(), reply_check=check)
+                              Voice("alpha"), params(), reply_problem=check)
     for run, refused in ((chat, 1), (scenes, 2)):
         assert run.records == [] and run.refused == {NAMES_NO_SUCH_COMMAND: refused}
         assert all("no persona 'fox'" in v["problem"] for v in run.verdicts)
     kept = chat_records(engine, engine.persona("alpha"), [STATEMENT], [Proposal((), params())],
-                        reads(SCENE), Voice("alpha"), reply_check=lambda reply: None)
+                        reads(SCENE), Voice("alpha"), reply_problem=lambda reply: None)
     assert len(kept.records) == 1 and "problem" not in kept.verdicts[0]
 
 

@@ -518,13 +518,13 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], 
             sampled = chat_proposals(proposals, persona.contract.params(), samples, guidance)
             run = chat_records(engine, persona, scenes, sampled, reader, classifier,
                                batch_size, progress=lambda m: click.echo(m, err=True),
-                               reply_check=commands.problem)
+                               reply_problem=commands.problem)
         else:
             run = faithful_records(engine, persona, scenes, proposals, reader, classifier,
                                    speaking_params(max_new_tokens), batch_size,
                                    min_recall, min_link_recall,
                                    progress=lambda m: click.echo(m, err=True),
-                                   reply_check=commands.problem)
+                                   reply_problem=commands.problem)
         target = persona.root / out
         write_records(target, run.records)
         summary.append({**run.as_dict(), "file": str(target)})

@@ -130,9 +130,9 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
                      min_recall: float = MIN_HYPERLEXEME_RECALL,
                      min_link_recall: float = MIN_LINK_RECALL,
                      progress: Callable[[str], None] | None = None,
-                     reply_check: ReplyProblem | None = None) -> FaithfulRun:
+                     reply_problem: ReplyProblem | None = None) -> FaithfulRun:
     """One persona's round (see the module docstring); ``proposals``: the layer stacks to
-    sample under (``()``: the persona alone); ``reply_check``: as :func:`_select` takes it."""
+    sample under (``()``: the persona alone); ``reply_problem``: as :func:`_select` takes it."""
     candidates = _sample(engine, persona, scenes, [Proposal(stack, params) for stack in proposals],
                          lambda item: scene_prompt(persona, item.scene, engine), encoder,
                          classifier, batch_size, progress, numbered=False)
@@ -153,7 +153,7 @@ def faithful_records(engine: Any, persona: Persona, scenes: Sequence[EvalScene],
 
     return _select(persona.name, scenes, candidates,
                    lambda c: refusal(c, persona.name, min_recall, min_link_recall),
-                   verdict, record, reply_check)
+                   verdict, record, reply_problem)
 
 
 def _sample(engine: Any, persona: Persona, items: Sequence[EvalScene],
@@ -204,16 +204,16 @@ def _select(name: str, items: Sequence[EvalScene], candidates: list[Candidate],
             refuse: Callable[[Candidate], str | None],
             verdict: Callable[[Candidate], dict[str, Any]],
             record: Callable[[EvalScene, Candidate], dict[str, Any]],
-            reply_check: ReplyProblem | None = None) -> FaithfulRun:
+            reply_problem: ReplyProblem | None = None) -> FaithfulRun:
     """The run: a verdict per candidate, and a record of the best accepted one per item.
-    ``reply_check``: what else is wrong with a reply that keeps its scene in the voice (a
+    ``reply_problem``: what else is wrong with a reply that keeps its scene in the voice (a
     command that does not exist, :mod:`hyperlex.cli.command_refs`); such a candidate is
     refused as :data:`NAMES_NO_SUCH_COMMAND`, with the problem in its verdict."""
     run = FaithfulRun(name, [], len(candidates))
     best: dict[str, Candidate] = {}
     for candidate in candidates:
         reason = refuse(candidate)
-        problem = reply_check(candidate.reply) if reply_check and reason is None else None
+        problem = reply_problem(candidate.reply) if reply_problem and reason is None else None
         if problem is not None:
             reason = NAMES_NO_SUCH_COMMAND
         run.verdicts.append({
@@ -326,15 +326,15 @@ def chat_records(engine: Any, persona: Persona, statements: Sequence[EvalScene],
                  proposals: Sequence[Proposal], encoder: Callable[[str], Delta],
                  classifier: Any, batch_size: int = 16,
                  progress: Callable[[str], None] | None = None,
-                 reply_check: ReplyProblem | None = None) -> FaithfulRun:
+                 reply_problem: ReplyProblem | None = None) -> FaithfulRun:
     """One persona's chat round: each proposal answers every statement (a guided one with
     :func:`chat_guidance`'s negative prompts); the best kept reply per statement becomes an
-    ordinary ``human``/``scene``/``text`` record (``reply_check``: as :func:`_select`)."""
+    ordinary ``human``/``scene``/``text`` record (``reply_problem``: as :func:`_select`)."""
     candidates = _sample(engine, persona, statements, proposals,
                          lambda item: chat_prompt(persona, item, engine), encoder, classifier,
                          batch_size, progress,
                          negative=lambda item: unscened_chat(persona, item, engine))
-    return _chat_run(persona.name, statements, candidates, reply_check)
+    return _chat_run(persona.name, statements, candidates, reply_problem)
 
 
 def chat_verdicts(persona: str, statements: Sequence[EvalScene], label: str,
@@ -349,7 +349,7 @@ def chat_verdicts(persona: str, statements: Sequence[EvalScene], label: str,
 
 
 def _chat_run(name: str, statements: Sequence[EvalScene], candidates: list[Candidate],
-              reply_check: ReplyProblem | None = None) -> FaithfulRun:
+              reply_problem: ReplyProblem | None = None) -> FaithfulRun:
     def verdict(candidate: Candidate) -> dict[str, Any]:
         return {"statement": candidate.scene.reference,
                 "negations": candidate.score.negations,
@@ -362,4 +362,4 @@ def _chat_run(name: str, statements: Sequence[EvalScene], candidates: list[Candi
                          "voice_probability": round(chosen.voice_probability, 3)}}
 
     return _select(name, statements, candidates, lambda c: chat_refusal(c, name), verdict,
-                   record, reply_check)
+                   record, reply_problem)
