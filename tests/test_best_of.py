@@ -202,16 +202,18 @@ def test_the_voice_scorer_reads_reference_replies_only_when_first_asked(tmp_path
                     f'{{"human": "Say it.", "text": "{text}"}}\n' for text in replies))
         return Persona.from_dir(root)
 
+    from sklearn.preprocessing import FunctionTransformer
+
     calls = []
 
-    def embed(texts: list[str]):  # "sea" words one way, "stone" words the other
+    def features(texts: list[str]):  # "sea" words one way, "stone" words the other
         calls.append(len(texts))
         return [[t.count("sea") + 0.1, t.count("stone") + 0.1] for t in texts]
 
     personas = {"sailor": bundle("sailor", ["sea sea", "the sea", "sea and sea"]),
                 "mason": bundle("mason", ["stone", "stone stone", "a stone"]),
                 "mute": bundle("mute", None)}
-    score = voice_scorer(personas, embed)
+    score = voice_scorer(personas, FunctionTransformer(features))
     assert calls == []
     sailor, mason = score(["sea sea sea", "stone stone"], "sailor")
     assert sailor > 0.5 > mason

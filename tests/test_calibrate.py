@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from sklearn.preprocessing import FunctionTransformer
 
 from hyperlex.errors import HyperlexError, UnknownPersona
 from hyperlex.eval.calibrate import (
@@ -221,13 +222,13 @@ def test_parse_scales() -> None:
 
 # the sweep -----------------------------------------------------------------------------------
 
-def planted_embed(marked: set[str]):
-    """A deterministic stand-in for sentence embeddings: alpha's references and the ``marked``
-    replies land on one point, everything else on another."""
-    def embed(texts: list[str]) -> np.ndarray:
+def planted_features(marked: set[str]) -> FunctionTransformer:
+    """Deterministic stand-in features for the classifier: alpha's references and the
+    ``marked`` replies land on one point, everything else on another."""
+    def features(texts: list[str]) -> np.ndarray:
         return np.array([[1.0, 0.0] if t in marked or t in REFERENCES["alpha"] else [0.0, 1.0]
                          for t in texts])
-    return embed
+    return FunctionTransformer(features)
 
 
 def heldout() -> list[Example]:
@@ -252,7 +253,7 @@ def test_the_sweep_recommends_the_scale_whose_replies_are_recognised(engine) -> 
     assert marked, "the scales should change at least one greedy reply"
     messages: list[str] = []
     report = calibrate(engine, persona, heldout(), REFERENCES, scales=scales,
-                       embed=planted_embed(marked), params=PARAMS, bound=math.inf,
+                       features=planted_features(marked), params=PARAMS, bound=math.inf,
                        batch_size=4, progress=messages.append)
     assert [p.scale for p in report.points] == list(scales)
     hits = {p.scale: p.hits for p in report.points}
@@ -270,7 +271,7 @@ def test_the_sweep_recommends_the_scale_whose_replies_are_recognised(engine) -> 
 def test_the_sweep_says_when_no_scale_keeps_perplexity_within_the_bound(engine) -> None:
     persona = engine.personas["alpha"]
     report = calibrate(engine, persona, heldout(), REFERENCES, scales=(0.5, 1.0),
-                       embed=planted_embed(set()), params=PARAMS, limit=2, bound=0.01)
+                       features=planted_features(set()), params=PARAMS, limit=2, bound=0.01)
     assert not report.qualified
     lowest = min(report.points, key=lambda p: p.ppl_ratio)
     assert report.recommended == lowest.scale
@@ -282,10 +283,10 @@ def test_the_sweep_says_when_no_scale_keeps_perplexity_within_the_bound(engine) 
 def test_the_sweep_needs_an_attached_adapter_and_two_personas(engine) -> None:
     with pytest.raises(HyperlexError, match="'plain' has no adapter to scale"):
         calibrate(engine, engine.personas["plain"], heldout(), {**REFERENCES, "plain": ["x"]},
-                  embed=planted_embed(set()))
+                  features=planted_features(set()))
     with pytest.raises(HyperlexError, match="at least one other persona"):
         calibrate(engine, engine.personas["alpha"], heldout(),
-                  {"alpha": REFERENCES["alpha"]}, embed=planted_embed(set()))
+                  {"alpha": REFERENCES["alpha"]}, features=planted_features(set()))
 
 
 # writing the scale into the bundle -----------------------------------------------------------
@@ -317,9 +318,9 @@ def test_write_scale_refuses_object_bundles_and_read_only_files(
 @pytest.fixture
 def calibrate_cli(plugin_site: Path, tiny_base: Path, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch):
-    """``agent eval calibrate`` over two fresh tiny bundles with data, the fake embeddings in
-    place of MiniLM; returns a runner function and the bundles."""
-    import hyperlex.engines.embeddings as embeddings
+    """``agent eval calibrate`` over two fresh tiny bundles with data, the planted features in
+    place of the classifier's; returns a runner function and the bundles."""
+    import hyperlex.eval.fidelity as fidelity
     from hyperlex.cli import cli, eval_group
     from hyperlex.cli.calibrate import calibrate as command
 
@@ -334,7 +335,7 @@ def calibrate_cli(plugin_site: Path, tiny_base: Path, tmp_path: Path,
         bundles[name] = bundle
     install_plugin(plugin_site, "hyperlex-cal", "hx_cal", bundles_plugin(*bundles.values()))
     monkeypatch.setenv("HYPERLEX_LOAD_PLUGINS", "hyperlex-cal")
-    monkeypatch.setattr(embeddings, "minilm_embedder", lambda: planted_embed(set()))
+    monkeypatch.setattr(fidelity, "style_features", lambda: planted_features(set()))
     monkeypatch.setitem(eval_group.commands, "calibrate", command)  # as hyperlex.cli does
 
     def run(*args: str):
@@ -351,7 +352,7 @@ def test_calibrate_command_prints_the_table_and_writes_the_scale(calibrate_cli) 
     assert result.exit_code == 0, result.output
     assert "| 0.5 |" in result.stdout and "| 1 |" in result.stdout
     assert "recommended scale" in result.stdout
-    # nothing is recognised (planted embeddings): the tie goes to the scale closest to 1
+    # nothing is recognised (planted features): the tie goes to the scale closest to 1
     assert file.read_text() == before + "scale: 1.0  # set by agent eval calibrate\n"
     assert "wrote 'scale: 1.0" in result.stderr and "scale 0.5: generated 3/3" in result.stderr
     assert Persona.from_dir(bundles["alpha"]).scale == 1.0

@@ -1,4 +1,4 @@
-"""`agent eval fidelity` pieces on the tiny model, with the real MiniLM embeddings."""
+"""`agent eval fidelity` pieces on the tiny model, with the real stylometric classifier."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from hyperlex.engines.embeddings import minilm_embedder
 from hyperlex.eval.fidelity import PersonaClassifier, fidelity, gain_recovery, macro_f1
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
@@ -23,34 +22,36 @@ REFERENCES = {
 }
 
 
-@pytest.fixture(scope="module")
-def embed():
-    return minilm_embedder()
-
-
 def test_gain_recovery_formula() -> None:
     assert gain_recovery(3.0, 2.0, 2.2) == pytest.approx(0.8)
     assert gain_recovery(3.0, 2.0, 1.5) == pytest.approx(1.5)
     assert gain_recovery(3.0, 3.1, 2.0) is None  # the prompt gains nothing
 
 
-def test_classifier_identifies_personas_from_minilm_embeddings(embed) -> None:
-    classifier = PersonaClassifier(REFERENCES, embed)
-    predicted = classifier.predict(["Tides whisper to the shore under the moon.",
-                                    "Solve the equation by dividing both sides by two."])
-    assert predicted == ["alpha", "beta"]
-    score, matrix = macro_f1(["alpha", "beta"], predicted, ["alpha", "beta"])
+def test_the_classifier_hears_the_voice_not_the_subject() -> None:
+    # the poet never wrote of bread, the logician never of the sea: the voice is in how
+    # each writes, and each held-out reply is about the other's subject
+    classifier = PersonaClassifier({
+        "poet": ["the sea — slow, silver, singing.", "a lamp — low, amber, waiting.",
+                 "the road — long, dusty, turning."],
+        "logician": ["If the bread is warm, then the oven is on.",
+                     "If the clock is wrong, then the train is late.",
+                     "If the river is high, then the bridge is closed."]})
+    predicted = classifier.predict(["the bread — warm, golden, rising.",
+                                    "If the sea is calm, then the harbour is quiet."])
+    assert predicted == ["poet", "logician"]
+    score, matrix = macro_f1(["poet", "logician"], predicted, ["logician", "poet"])
     assert score == 1.0 and matrix == [[1, 0], [0, 1]]
 
 
-def test_fidelity_report_covers_every_condition(embed, tiny_base: Path,
+def test_fidelity_report_covers_every_condition(tiny_base: Path,
                                                 tiny_bundles: dict[str, Path]) -> None:
     from hyperlex.engines.torch.engine import TorchEngine
 
     personas = {n: Persona.from_dir(p) for n, p in tiny_bundles.items()}
     engine = TorchEngine(list(personas.values()), base=str(tiny_base))
     heldout = {n: [Example(human="What is time?", text=REFERENCES[n][0])] for n in personas}
-    report = fidelity(engine, personas, heldout, REFERENCES, embed=embed,
+    report = fidelity(engine, personas, heldout, REFERENCES,
                       params=GenerationParams(temperature=0, max_new_tokens=6))
     assert set(report.macro_f1) == {"base", "prompted", "adapter"}
     assert all(0 <= v <= 1 for v in report.macro_f1.values())
@@ -59,21 +60,24 @@ def test_fidelity_report_covers_every_condition(embed, tiny_base: Path,
         assert set(report.nll[name]) == {"base", "prompted", "adapter"}
         assert report.neutral_ppl_ratio[name] > 0
     assert "| alpha |" in report.table()
+    # the judge itself, on the held-out references (each one of its training replies here)
+    assert report.reference_f1 == 1.0 and "| references |" in report.table()
     assert set(json.loads(json.dumps(report.as_dict()))["met"]) == {
         "macro_f1", "gain_recovery", "neutral_ppl_ratio"}
 
 
-def test_attribution_is_the_prediction_and_the_probability_from_one_embedding() -> None:
-    from hyperlex.eval.fidelity import PersonaClassifier
+def test_attribution_is_the_prediction_and_the_probability_from_one_pass() -> None:
+    from sklearn.preprocessing import FunctionTransformer
 
     calls = []
 
-    def embed(texts: list[str]) -> list[list[float]]:
+    def features(texts: list[str]) -> list[list[float]]:
         calls.append(len(texts))
         return [[float("sea" in t), float("proof" in t)] for t in texts]
 
     classifier = PersonaClassifier({"poet": ["the sea sings", "sea and moon"],
-                                    "logician": ["a proof holds", "proof by cases"]}, embed)
+                                    "logician": ["a proof holds", "proof by cases"]},
+                                   FunctionTransformer(features))
     texts = ["the sea at night", "a short proof"]
     calls.clear()
     attributed = classifier.attribute(texts, "poet")

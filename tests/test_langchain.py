@@ -417,6 +417,23 @@ def test_agent_best_of_answers_with_the_chosen_sample_and_says_which(engine) -> 
         make_agent(engine, best_of=0)
 
 
+def test_agent_best_of_ranks_a_sample_its_reply_problem_check_finds_wrong_below_the_rest(
+        engine) -> None:
+    options = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3}
+    first = make_agent(engine, persona="alpha", options=options, best_of=3).invoke("Tell me.")
+    texts = [s["text"] for s in first.response_metadata["best_of"]["samples"]]
+    keep = next(i for i in (2, 1) if i != first.response_metadata["best_of"]["chosen"])
+
+    def problem(text: str) -> str | None:
+        return None if text == texts[keep] else "`agent nope`: no command 'agent nope'"
+
+    reply = make_agent(engine, persona="alpha", options=options, best_of=3,
+                       reply_problem=problem).invoke("Tell me.")
+    report = reply.response_metadata["best_of"]
+    assert report["chosen"] == keep and reply.content == texts[keep].strip()
+    assert [s["problem"] for s in report["samples"]] == [problem(t) for t in texts]
+
+
 def test_agent_invoke_says_who_answered_and_why(engine, store) -> None:
     reply = make_agent(engine, store).invoke("write a poem about rain", thread("t1"))
     assert isinstance(reply, AIMessage) and reply.content and reply.name == "beta"

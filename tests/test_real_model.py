@@ -446,7 +446,6 @@ def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_repl
     facts, neither does the chosen one, and it keeps at least as many negations."""
     from dataclasses import replace
 
-    from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.faithful import Proposal, chat_records, chat_verdicts
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
     from hyperlex.eval.negation import best_replies, load_statements
@@ -456,7 +455,7 @@ def test_best_of_ranks_the_real_poets_chosen_sample_at_least_as_high_as_one_repl
     statements = load_statements(encoder)[:3]
     poet = engine.personas["poet"]
     classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in engine.personas.items()
-                                    if not p.is_layer}, minilm_embedder())
+                                    if not p.is_layer})
     params = replace(poet.contract.params(), seed=0, max_new_tokens=48)
     one = chat_records(engine, poet, statements, [Proposal((), params)], encoder,
                        classifier).verdicts

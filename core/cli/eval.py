@@ -475,7 +475,6 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
               thresholds_file: Path | None) -> None:
     """How far a mood layer shifts each persona's valence, and whether the persona stays
     recognisable (fidelity classifier accuracy), on the held-out prompts."""
-    from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.fidelity import evaluation_params, load_sets
     from hyperlex.eval.mood import mood_shift
     from hyperlex.eval.report import mood_section
@@ -498,8 +497,7 @@ def eval_mood(mood: str, weight: float, names: tuple[str, ...], max_new_tokens: 
     report = mood_shift(
         engine, chosen, {n: sets[n][0][:limit] for n in chosen},
         {n: s[1] for n, s in sets.items()}, mood, weight, load_sets(installed[mood])[1],
-        host.scene_encoders["default"], minilm_embedder(),
-        params=evaluation_params(max_new_tokens),
+        host.scene_encoders["default"], params=evaluation_params(max_new_tokens),
         batch_size=batch_size, progress=lambda m: click.echo(m, err=True))
     if as_json:
         emit_json(report.as_dict())
@@ -544,7 +542,6 @@ def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose:
     --guidance W decodes every reply with scene guidance against the same conversation
     without its scene."""
     from hyperlex.cli.command_refs import CommandReferences
-    from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.fidelity import PersonaClassifier, load_sets
     from hyperlex.eval.negation import load_statements, negation_eval
     from hyperlex.eval.report import negation_section
@@ -558,8 +555,7 @@ def eval_negation(names: tuple[str, ...], statements_file: Path | None, compose:
     chosen = _chosen(candidates, names)
     layers = compositions(host, compose)
     click.echo("fitting the voice classifier", err=True)
-    classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in candidates.items()},
-                                   minilm_embedder())
+    classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in candidates.items()})
     engine = open_engine(host, base, dtype, quantize,
                          only=[*chosen, *(layer for layer, _ in layers)])
     report = negation_eval(engine, chosen, statements, encoder, classifier, seed, tuple(layers),

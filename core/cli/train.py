@@ -462,7 +462,6 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], 
     """
     from hyperlex.cli.command_refs import CommandReferences
     from hyperlex.cli.common import compositions, open_engine, report_problems
-    from hyperlex.engines.embeddings import minilm_embedder
     from hyperlex.eval.faithful import (
         chat_proposals,
         chat_records,
@@ -508,7 +507,7 @@ def data_faithful(names: tuple[str, ...], count: int, compose: tuple[str, ...], 
                   for item in scene_records(count, "train", seed)]
     click.echo("fitting the voice classifier", err=True)
     classifier = PersonaClassifier({n: load_sets(p)[1] for n, p in speakers.items()
-                                    if not p.is_layer}, minilm_embedder())
+                                    if not p.is_layer})
     engine = open_engine(host, base, dtype, quantize,
                          only=[*chosen, *(s[0][0] for s in proposals if s)])
     commands = CommandReferences.of_this_cli(host.personas)

@@ -1,4 +1,4 @@
-"""Sentence embeddings for routing and fidelity: all-MiniLM-L6-v2, offline."""
+"""Sentence embeddings for routing: all-MiniLM-L6-v2, offline."""
 
 from __future__ import annotations
 

@@ -5,9 +5,8 @@ adapter as trained, 0.5 half its effect, 1.5 half as much again. For each scale 
 the persona answers its held-out prompts (greedy, the contract as system message) and three
 numbers are measured:
 
-- fidelity: the share of those replies that the fidelity classifier (MiniLM + logistic
-  regression fitted on every persona's training replies, as ``agent eval fidelity`` does)
-  attributes to this persona;
+- fidelity: the share of those replies that the fidelity classifier (fitted on every
+  persona's training replies, as ``agent eval fidelity`` does) attributes to this persona;
 - held-out NLL: the mean negative log-likelihood per token of the persona's held-out
   reference replies;
 - neutral perplexity ratio: the perplexity of neutral prose with the adapter active over the
@@ -34,6 +33,7 @@ from hyperlex.errors import HyperlexError
 from hyperlex.eval.batched import generate_replies
 from hyperlex.eval.fidelity import (
     TARGETS,
+    Features,
     PersonaClassifier,
     evaluation_params,
     neutral_text,
@@ -141,7 +141,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 def calibrate(engine: Any, persona: Persona, heldout: Sequence[Example],
               references: dict[str, list[str]], scales: Iterable[float] = DEFAULT_SCALES,
-              embed: Callable[[list[str]], Any] | None = None,
+              features: Features | None = None,
               params: GenerationParams | None = None, limit: int | None = None,
               batch_size: int = 16, bound: float = PPL_BOUND,
               progress: Callable[[str], None] | None = None) -> CalibrationReport:
@@ -162,12 +162,8 @@ def calibrate(engine: Any, persona: Persona, heldout: Sequence[Example],
                             f"least one other persona; got: {', '.join(sorted(references))}")
     if name not in engine.scales:
         engine.set_scale(name, 1.0)  # raises why the persona's adapter is not attached
-    if embed is None:
-        from hyperlex.engines.embeddings import minilm_embedder
-
-        embed = minilm_embedder()
     params = params or evaluation_params()
-    classifier = PersonaClassifier(references, embed)
+    classifier = PersonaClassifier(references, features)
     requests = [(persona_messages(persona, e, engine), name) for e in examples]
     neutral = neutral_text()
     say("scoring neutral text on the bare base")

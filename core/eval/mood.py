@@ -5,10 +5,11 @@ mood adapter composed over it. Two numbers per persona and condition:
 
 - valence: the default scene encoder's field valence of each reply (affect lexicon, with
   negation), averaged;
-- tone: the probability, from a MiniLM + logistic-regression classifier fitted on the mood's
-  training replies against every persona's, that a reply is in the mood's tone;
-- identity: the share of replies the fidelity classifier (MiniLM + logistic regression fitted
-  on every persona's training replies) attributes to the right persona.
+- tone: the probability, from the fidelity classifier's kind of classifier
+  (:class:`hyperlex.eval.fidelity.PersonaClassifier`) fitted on the mood's training replies
+  against every persona's, that a reply is in the mood's tone;
+- identity: the share of replies the fidelity classifier (fitted on every persona's training
+  replies) attributes to the right persona.
 
 A mood works when valence moves in its direction and identity barely drops.
 """
@@ -20,7 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hyperlex.eval.batched import generate_replies
-from hyperlex.eval.fidelity import PersonaClassifier, evaluation_params, persona_messages
+from hyperlex.eval.fidelity import (
+    Features,
+    PersonaClassifier,
+    evaluation_params,
+    persona_messages,
+)
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
 
@@ -70,7 +76,7 @@ class MoodReport:
 def mood_shift(engine: Any, personas: dict[str, Persona], prompts: dict[str, list[Any]],
                references: dict[str, list[str]], mood: str, weight: float,
                mood_references: list[str], encoder: Callable[[str], Any],
-               embed: Callable[[list[str]], Any], params: GenerationParams | None = None,
+               features: Features | None = None, params: GenerationParams | None = None,
                batch_size: int = 16,
                progress: Callable[[str], None] | None = None) -> MoodReport:
     """Generate with and without ``mood`` for every persona's ``prompts`` (held-out examples)
@@ -78,9 +84,9 @@ def mood_shift(engine: Any, personas: dict[str, Persona], prompts: dict[str, lis
     replies, ``mood_references`` the mood's."""
     params = params or evaluation_params()
     say = progress or (lambda message: None)
-    classifier = PersonaClassifier(references, embed)
+    classifier = PersonaClassifier(references, features)
     everyone = [text for texts in references.values() for text in texts]
-    in_tone = PersonaClassifier({mood: mood_references, "__personas__": everyone}, embed)
+    in_tone = PersonaClassifier({mood: mood_references, "__personas__": everyone}, features)
     valence: dict[str, dict[str, float]] = {}
     tone: dict[str, dict[str, float]] = {}
     identity: dict[str, dict[str, float]] = {}

@@ -56,7 +56,7 @@ from hyperlex.structured import ResponseFormat, bounded_strings, from_openai
 if TYPE_CHECKING:
     from hyperlex.agent.controller import Controller
     from hyperlex.agent.store import Store
-    from hyperlex.agent.verify import VoiceScore
+    from hyperlex.agent.verify import ReplyProblem, VoiceScore
     from hyperlex.host import Host
     from hyperlex.persona.bundle import Persona
 
@@ -678,7 +678,10 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
     options (``max_new_tokens``, ``temperature``, ...) over every persona's contract;
     ``best_of``: sample that many replies per turn and answer with the one that keeps the
     user's facts best (``agent chat --best-of``; each sample's check is in the reply's
-    ``response_metadata["best_of"]``).
+    ``response_metadata["best_of"]``); ``reply_problem``: a check of each sample's text that
+    returns what is wrong with it or None, whose samples rank below the others as ``agent
+    chat`` ranks a sample naming an ``agent`` command that does not exist (pass
+    ``CommandReferences(hyperlex.cli.cli, personas).problem`` for that check).
     """
 
     def __init__(
@@ -695,11 +698,13 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
         name: str | None = None,
         max_threads: int = 256,
         best_of: int = 1,
+        reply_problem: ReplyProblem | None = None,
     ):
         from hyperlex.agent.verify import check_best_of
 
         self.name = name or "HyperlexAgent"
         self.best_of = check_best_of(best_of)
+        self.reply_problem = reply_problem
         self._voice: VoiceScore | None = None
         self.base = base
         self.persona = persona
@@ -779,7 +784,8 @@ class HyperlexAgent(Runnable[AgentInput, AIMessage]):
         controller = Controller(self.host, engine, persona=self.persona,
                                 overrides=self.options, router=self.router, mood=self.mood,
                                 store=self.store if session else None, session=session,
-                                best_of=self.best_of, voice=self._voice)
+                                best_of=self.best_of, voice=self._voice,
+                                reply_problem=self.reply_problem)
         return _Thread(controller, engine)
 
     def _thread(self, thread_id: Any) -> _Thread:
