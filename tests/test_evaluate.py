@@ -86,3 +86,30 @@ def test_attribution_is_the_prediction_and_the_probability_from_one_pass() -> No
     assert [p for _, p in attributed] == classifier.probability(texts, "poet")
     assert attributed[0][1] > 0.5 > attributed[1][1]
     assert classifier.attribute([], "poet") == []
+
+
+def test_mood_shift_scores_every_persona_alone_and_with_the_mood(
+        tiny_base: Path, tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+    from hyperlex.engines.torch.engine import TorchEngine
+    from hyperlex.eval.mood import CONDITIONS, mood_shift
+    from hyperlex.host import Host
+
+    from .conftest import write_bundle
+
+    gloom = write_bundle(tmp_path, "gloom", adapter_seed=7, tiny_base=tiny_base,
+                         extra_yaml="kind: mood\n")
+    personas = {n: Persona.from_dir(p) for n, p in tiny_bundles.items()}
+    engine = TorchEngine([*personas.values(), Persona.from_dir(gloom)], base=str(tiny_base),
+                         progress=False)
+    prompts = {n: [Example(human="What is time?", text=REFERENCES[n][0])] for n in personas}
+    sad = ["Grey rain, and nothing left.", "The lamp is out, the room is cold."]
+    report = mood_shift(engine, personas, prompts, REFERENCES, "gloom", 1.0, sad,
+                        Host().scene_encoders["default"],
+                        params=GenerationParams(temperature=0, max_new_tokens=6))
+    for table in (report.valence, report.tone, report.identity):
+        assert set(table) == set(personas)
+        assert all(set(table[n]) == set(CONDITIONS) for n in personas)
+    assert all(0.0 <= report.tone[n][c] <= 1.0 and 0.0 <= report.identity[n][c] <= 1.0
+               for n in personas for c in CONDITIONS)
+    assert all(-1.0 <= report.valence[n][c] <= 1.0 for n in personas for c in CONDITIONS)
+    assert [s["human"] for s in report.samples["alpha"]] == ["What is time?"]
