@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hyperlex.errors import HyperlexError
 from hyperlex.eval.fidelity import PersonaClassifier, fidelity, gain_recovery, macro_f1
 from hyperlex.generation import GenerationParams
 from hyperlex.persona.bundle import Persona
@@ -42,6 +43,12 @@ def test_the_classifier_hears_the_voice_not_the_subject() -> None:
     assert predicted == ["poet", "logician"]
     score, matrix = macro_f1(["poet", "logician"], predicted, ["logician", "poet"])
     assert score == 1.0 and matrix == [[1, 0], [0, 1]]
+
+
+def test_a_classifier_with_nothing_to_learn_from_says_so() -> None:
+    with pytest.raises(HyperlexError, match="cannot fit the voice classifier on the reference "
+                                            "replies of a, b: too few or too short"):
+        PersonaClassifier({"a": ["x"], "b": ["y"]})
 
 
 def test_fidelity_report_covers_every_condition(tiny_base: Path,

@@ -117,7 +117,12 @@ class PersonaClassifier:
         targets = [name for name in self.labels for _ in references[name]]
         self.model = make_pipeline(style_features() if features is None else clone(features),
                                    LogisticRegression(max_iter=3000, C=10.0))
-        self.model.fit(texts, targets)
+        try:
+            self.model.fit(texts, targets)
+        except ValueError as exc:  # e.g. no character n-gram shared by two replies
+            raise HyperlexError(f"cannot fit the voice classifier on the reference replies of "
+                                f"{', '.join(self.labels)}: too few or too short to tell the "
+                                f"voices apart ({exc})") from None
 
     def predict(self, texts: list[str]) -> list[str]:
         return [str(label) for label in self.model.predict(texts)]
