@@ -2,7 +2,9 @@
 turn that samples four replies and checks each against the user's facts, over a turn with
 one reply; the samples decode together, in four sequences of one context, as ``agent chat
 --best-of 4`` opens the engine. V2: that turn against the same with one sequence, where the
-samples take turns."""
+samples take turns. V3: what the first such turn pays once, fitting the voice classifier on
+the cast's reference replies and scoring the four samples, against the sentence-embedding
+classifier it replaced (docs/verification.md, "The voice classifier")."""
 
 from __future__ import annotations
 
@@ -48,6 +50,40 @@ def best_of_rows(config: Config, cast: Cast) -> list[Row]:
             ratio=together[0] / apart[0], target="<= 0.8x", met=together[0] / apart[0] <= 0.8,
             details=details),
     ]
+
+
+def voice_rows(config: Config) -> list[Row]:
+    """V3: the stylometric classifier's fit and four scores, against all-MiniLM-L6-v2 loaded,
+    the references embedded and a logistic regression fitted on them, then the same scores;
+    each from cold (a new classifier, a new embedder) per repeat."""
+    from sklearn.linear_model import LogisticRegression
+
+    from hyperlex.engines.embeddings import minilm_embedder
+    from hyperlex.eval.fidelity import PersonaClassifier, load_sets
+    from hyperlex.host import Host
+
+    references = {n: load_sets(p)[1] for n, p in Host().personas.items()
+                  if not p.is_layer and p.adapter_dir is not None}
+    samples = [STATEMENT] * BEST_OF
+
+    def stylometric() -> None:
+        PersonaClassifier(references).probability(samples, "poet")
+
+    def embeddings() -> None:
+        embed = minilm_embedder()
+        texts = [t for name in sorted(references) for t in references[name]]
+        labels = [name for name in sorted(references) for _ in references[name]]
+        LogisticRegression(max_iter=2000).fit(embed(texts), labels).predict_proba(
+            embed(samples))
+
+    repeats = 1 if config.quick else min(config.repeats, 3)
+    ours, ours_samples = median_time(stylometric, repeats)
+    theirs, their_samples = median_time(embeddings, repeats)
+    return [Row("V3", "the first --best-of turn's voice classifier: fit and score (vs "
+                "sentence embeddings)", ours, theirs, unit="s", alt_label="MiniLM",
+                ratio=ours / theirs, target="<= 0.5x", met=ours / theirs <= 0.5,
+                details={"references": sum(map(len, references.values())),
+                         "stylometric": ours_samples, "minilm": their_samples})]
 
 
 def turn_time(host: Any, engine: Any, persona: Any, best_of: int,

@@ -16,8 +16,8 @@ from typing import Any
 
 ORDER = ("P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P5", "P5h", "P6f32", "P6bf16",
          "P6nf4", "P7", "P7m", "P7q", "P7qc", "P7q3", "L1", "L2", "L2t", "L6", "L7", "L5", "G1",
-         "G2", "V1", "V2", "S1", "S2", "S3", "S2f", "S3f", "S2b", "S3b", "S3p", "S4", "S5", "S6",
-         "S7", "S8", "H1", "H2")
+         "G2", "V1", "V2", "V3", "S1", "S2", "S3", "S2f", "S3f", "S2b", "S3b", "S3p", "S4", "S5",
+         "S6", "S7", "S8", "H1", "H2")
 # what --only accepts
 MEASUREMENTS = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P7", "L", "G", "V", "S", "H")
 
@@ -168,7 +168,7 @@ def run(config: Config, only: Sequence[str] | None = None,
             ("P7", lambda: training.training(config, Path(config.workdir or tmp))),
             ("L", lambda: llamacpp.llamacpp_rows(config, cast)),
             ("G", lambda: structured.grammar_rows(config, cast)),
-            ("V", lambda: best_of.best_of_rows(config, cast)),
+            ("V", lambda: best_of.best_of_rows(config, cast) + best_of.voice_rows(config)),
             ("S", lambda: serve.serve_load(config, cast)),
             ("H", lambda: hostile.hostile_rows(config, cast)),
         ]

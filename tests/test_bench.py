@@ -21,7 +21,7 @@ def test_quick_bench_reports_every_row(tiny_base: Path, tiny_bundles: dict[str, 
     rows = {r["id"]: r for r in report["rows"]}
     llama = ["L1", "L2", "L2t", "L6", "L7", "L5"]
     grammar = ["G1"] if rows["L2"]["note"] else ["G1", "G2"]
-    best_of = [] if rows["L2"]["note"] else ["V1", "V2"]
+    best_of = ["V3"] if rows["L2"]["note"] else ["V1", "V2", "V3"]
     assert list(rows) == ["P1", "P1n", "P1b", "P2", "P2m", "P3", "P4a", "P4b", "P6f32",
                           "P6bf16", "P6nf4", "P7", "P7m", "P7q", "P7qc", "P7q3", *llama, *grammar,
                           *best_of]
@@ -36,6 +36,7 @@ def test_quick_bench_reports_every_row(tiny_base: Path, tiny_bundles: dict[str, 
     assert sum(isinstance(rows[p]["met"], bool) for p in ("P6f32", "P6bf16", "P6nf4")) == 1
     assert rows["P2"]["details"]["merge_s"] > 0
     assert rows["P7"]["details"]["runs"]["hand"]["steps"] == 2
+    assert rows["V3"]["details"]["references"] > 0
 
     p1 = rows["P1"]["details"]
     assert p1["identical_logits"] is True
